@@ -1,0 +1,18 @@
+"""deqdiff: deep equilibrium models with implicit differentiation of every order."""
+
+from . import solvers
+from .engine import FixedPointInfo, fixed_point, linear_solve
+from .solvers import ConvergenceError, ConvergenceWarning, SolveInfo, register_solver
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "FixedPointInfo",
+    "SolveInfo",
+    "fixed_point",
+    "linear_solve",
+    "register_solver",
+    "solvers",
+]

@@ -1,0 +1,193 @@
+"""The fixed-point node ``z* = f(z*, θ)``, differentiable to every order by implicit solves.
+
+By the implicit function theorem (seed 001, eq. deq-jacobian), with ``J = ∂f/∂z`` at z*:
+
+* forward mode:  ``ż = (I − J)⁻¹ (∂f/∂θ · θ̇)``;
+* reverse mode:  ``wᵀ = wᵀJ + z̄ᵀ`` (seed 001, eq. deq-backward-fixed-point), ``θ̄ = wᵀ ∂f/∂θ``.
+
+The solves go through the differentiable ``linear_solve`` with ``A = I − J(z*, θ)`` whose
+parameters are ``(z*, θ)``; z* itself is this node's output, so differentiating a
+derivative once more re-enters this node — the recursion that yields every order. The
+forward iterations run without a graph: nothing of them is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..solvers.base import SolveInfo, get_solver, report_failure
+from .functional import forbid_nested_forward, jvp_by_vjp, partial_in
+from .linear_solve import solve_with_operator
+from .operators import FixedPointJacobian
+from .validation import check_fixed_point_inputs
+
+__all__ = ["FixedPointSpec", "FixedPointInfo", "fixed_point", "fixed_point_node"]
+
+
+@dataclass
+class FixedPointInfo:
+    """Statistics of a fixed point: the forward solve and every derivative solve run
+    through it since (appended as autograd reaches them)."""
+
+    forward: SolveInfo | None = None
+    derivatives: list[SolveInfo] = field(default_factory=list)
+
+
+@dataclass
+class FixedPointSpec:
+    """Everything about a fixed-point problem that is not a tensor input."""
+
+    f: Callable[..., Tensor]
+    batch_ndim: int
+    solver: str | Callable
+    tol: float
+    atol: float
+    max_iter: int
+    options: dict
+    on_fail: str
+    store_trajectory: bool
+    derivative: dict  # config of the derivative linear solves
+    info: FixedPointInfo
+
+    def operator(self, z: Tensor, params) -> FixedPointJacobian:
+        cfg = dict(self.derivative, record=self.info.derivatives.append)
+        return FixedPointJacobian(self.f, z.shape, self.batch_ndim, config=cfg)
+
+    def vmapped(self, in_dims, size) -> "FixedPointSpec":
+        f = torch.func.vmap(self.f, in_dims=(0, *in_dims))
+        return replace(self, f=f, batch_ndim=self.batch_ndim + 1)
+
+
+def _forward_solve(spec: FixedPointSpec, z0: Tensor, params) -> Tensor:
+    shape = z0.shape
+    S = math.prod(shape[: spec.batch_ndim])
+    N = math.prod(shape[spec.batch_ndim :])
+    solver = get_solver(spec.solver, "forward")
+    params = tuple(p.detach() for p in params)
+
+    def g(rows: Tensor) -> Tensor:
+        return spec.f(rows.reshape(shape), *params).reshape(S, N)
+
+    with torch.no_grad():
+        z, info = solver(
+            g, z0.detach().reshape(S, N), tol=spec.tol, atol=spec.atol, max_iter=spec.max_iter,
+            store_trajectory=spec.store_trajectory, **spec.options,
+        )
+    spec.info.forward = info
+    report_failure(info, spec.on_fail, "fixed-point forward solve")
+    return z.reshape(shape)
+
+
+class _FixedPoint(torch.autograd.Function):
+    @staticmethod
+    def forward(spec: FixedPointSpec, z0: Tensor, *params: Tensor) -> Tensor:
+        return _forward_solve(spec, z0, params)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec, _, *params = inputs
+        ctx.spec = spec
+        ctx.save_for_backward(output, *params)
+        ctx.save_for_forward(output, *params)
+
+    @staticmethod
+    def backward(ctx, z_bar: Tensor):
+        z, *params = ctx.saved_tensors
+        op = _operator(ctx, z, params)
+        w = solve_with_operator(op.T, z_bar, (z, *params))  # (I − J)ᵀ w = z̄
+        idx = [i for i, n in enumerate(ctx.needs_input_grad[2:]) if n]
+        grads: list[Tensor | None] = [None] * len(params)
+        if idx:
+            _, pull = torch.func.vjp(partial_in(ctx.spec.f, (z, *params), [i + 1 for i in idx]), *(params[i] for i in idx))
+            for i, g in zip(idx, pull(w)):
+                grads[i] = g
+        return (None, None, *grads)
+
+    @staticmethod
+    def jvp(ctx, _, z0_dot, *p_dot):
+        forbid_nested_forward()
+        z, *params = ctx.saved_tensors
+        idx = [i for i, t in enumerate(p_dot) if t is not None]
+        if not idx:
+            return torch.zeros_like(z)
+        rhs = jvp_by_vjp(
+            partial_in(ctx.spec.f, (z, *params), [i + 1 for i in idx]),
+            [params[i] for i in idx], [p_dot[i] for i in idx],
+        )
+        return solve_with_operator(_operator(ctx, z, params), rhs, (z, *params))  # (I − J) ż = ∂f/∂θ·θ̇
+
+    @staticmethod
+    def vmap(info, in_dims, spec, z0, *params):
+        size = info.batch_size
+        z_dim, p_dims = in_dims[1], in_dims[2:]
+        z0 = z0.movedim(z_dim, 0) if z_dim is not None else z0.expand(size, *z0.shape)
+        params = tuple(p if d is None else p.movedim(d, 0) for p, d in zip(params, p_dims))
+        spec_v = spec.vmapped(tuple(None if d is None else 0 for d in p_dims), size)
+        return _FixedPoint.apply(spec_v, z0, *params), 0
+
+
+def _operator(ctx, z: Tensor, params) -> FixedPointJacobian:
+    """``I − J`` at the fixed point, built once per node and shared by all its solves."""
+    if getattr(ctx, "operator", None) is None:
+        ctx.operator = ctx.spec.operator(z, params)
+    return ctx.operator
+
+
+def fixed_point_node(spec: FixedPointSpec, z0: Tensor, params) -> Tensor:
+    return _FixedPoint.apply(spec, z0, *params)
+
+
+def fixed_point(
+    f: Callable[..., Tensor],
+    z0: Tensor,
+    *params: Tensor,
+    solver: str | Callable = "anderson",
+    tol: float = 1e-6,
+    atol: float = 0.0,
+    max_iter: int = 200,
+    batch_ndim: int = 0,
+    on_fail: str = "warn",
+    return_info: bool = False,
+    store_trajectory: bool = False,
+    backward_solver: str | Callable = "auto",
+    backward_tol: float | None = None,
+    backward_atol: float | None = None,
+    backward_max_iter: int | None = None,
+    backward_options: dict | None = None,
+    **options,
+):
+    """Return z* with ``z* = f(z*, *params)``, differentiable to every order in ``params``.
+
+    ``f(z, *params)`` must be a plain function of its arguments: every tensor z* depends
+    on (weights, inputs, time …) is passed in ``params``. The leading ``batch_ndim`` dims of
+    ``z0`` index independent problems (f must not mix them); each converges on its own.
+
+    Tolerance: problem ``s`` has converged when ``‖f(z)_s − z_s‖₂ ≤ atol + tol·‖f(z)_s‖₂``
+    (relative residual, thesis eq. 4.2). Derivative solves with ``I − ∂f/∂z`` stop at
+    ``‖b − A x‖₂ ≤ backward_atol + backward_tol·‖b‖₂`` and default to the forward
+    tolerances. ``on_fail`` ("warn", "raise", "ignore") says what a solve that ends above
+    tolerance does. ``options`` go to the forward solver (e.g. ``m``, ``damping``).
+
+    With ``return_info=True`` returns ``(z*, FixedPointInfo)``; its ``derivatives`` list
+    fills as autograd runs derivative solves through this fixed point.
+    """
+    check_fixed_point_inputs(f, z0, params, batch_ndim)
+    derivative = dict(
+        solver=backward_solver, tol=tol if backward_tol is None else backward_tol,
+        atol=atol if backward_atol is None else backward_atol,
+        max_iter=10 * max_iter if backward_max_iter is None else backward_max_iter,
+        options=dict(backward_options or {}), on_fail=on_fail, kind="derivative",
+    )
+    info = FixedPointInfo()
+    spec = FixedPointSpec(
+        f=f, batch_ndim=batch_ndim, solver=solver, tol=tol, atol=atol, max_iter=max_iter,
+        options=options, on_fail=on_fail, store_trajectory=store_trajectory,
+        derivative=derivative, info=info,
+    )
+    z = fixed_point_node(spec, z0, params)
+    return (z, info) if return_info else z

@@ -1,0 +1,150 @@
+"""The differentiable linear solve ``x = A(p)⁻¹ b`` whose derivatives are again linear solves.
+
+With ``A(p) x = b``:
+
+* reverse mode, cotangent ``x̄``:  ``u = A(p)⁻ᵀ x̄``,  ``b̄ = u``,  ``p̄ = −∂_p ⟨u, A(p) x⟩``;
+* forward mode, tangents ``(ḃ, ṗ)``:  ``ẋ = A(p)⁻¹ (ḃ − (∂_p A(p) x)·ṗ)``.
+
+Both rules call the same solve again (with ``Aᵀ`` or ``A``) and express the rest with
+differentiable PyTorch operations, so every order of reverse, forward and mixed
+differentiation reduces to further linear solves with the operator at the same point.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..solvers.base import get_solver, report_failure
+from .functional import forbid_nested_forward, jvp_by_vjp, partial_in
+from .operators import FunctionOperator, LinearOperator, VmappedOperator
+
+__all__ = ["linear_solve", "solve_with_operator"]
+
+
+def _numeric_solve(op: LinearOperator, b: Tensor, params) -> Tensor:
+    cfg = op.config
+    solver = get_solver(_pick_solver(cfg.get("solver", "auto"), op), "linear")
+    rows = b.detach().reshape(op.rows, op.row_size)
+    with torch.no_grad():
+        x, info = solver(
+            op.bind(params, b), rows, None, tol=cfg.get("tol", 1e-8), atol=cfg.get("atol", 0.0),
+            max_iter=cfg.get("max_iter", 1000), **cfg.get("options", {}),
+        )
+    info.kind = cfg.get("kind", "linear") + (" (transposed)" if op.transposed else "")
+    if cfg.get("record") is not None:
+        cfg["record"](info)
+    report_failure(info, cfg.get("on_fail", "warn"), f"linear solve '{info.kind}'")
+    return x.reshape(b.shape)
+
+
+DENSE_MAX_ROW_SIZE = 64
+
+
+def _pick_solver(name, op: LinearOperator):
+    """``"auto"``: a dense batched LU for small rows (cheap, exact, shared by every solve
+    at the same point), GMRES otherwise."""
+    if name != "auto":
+        return name
+    return "dense" if op.row_size <= DENSE_MAX_ROW_SIZE else "gmres"
+
+
+class _LinearSolve(torch.autograd.Function):
+    @staticmethod
+    def forward(op: LinearOperator, b: Tensor, *params: Tensor) -> Tensor:
+        return _numeric_solve(op, b, params)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        op, _, *params = inputs
+        ctx.op = op
+        ctx.save_for_backward(output, *params)
+        ctx.save_for_forward(output, *params)
+
+    @staticmethod
+    def backward(ctx, x_bar: Tensor):
+        x, *params = ctx.saved_tensors
+        u = _LinearSolve.apply(ctx.op.T, x_bar, *params)
+        p_bar = _param_cotangent(ctx.op, u, x, params, ctx.needs_input_grad[2:])
+        return (None, u, *p_bar)
+
+    @staticmethod
+    def jvp(ctx, _, b_dot: Tensor | None, *p_dot: Tensor | None) -> Tensor:
+        forbid_nested_forward()
+        x, *params = ctx.saved_tensors
+        rhs = b_dot if b_dot is not None else torch.zeros_like(x)
+        if any(t is not None for t in p_dot):
+            rhs = rhs - _operator_tangent(ctx.op, x, params, p_dot)
+        return _LinearSolve.apply(ctx.op, rhs, *params)
+
+    @staticmethod
+    def vmap(info, in_dims, op, b, *params):
+        size = info.batch_size
+        b_dim, p_dims = in_dims[1], in_dims[2:]
+        b = b.movedim(b_dim, 0) if b_dim is not None else b.expand(size, *b.shape)
+        params = tuple(p if d is None else p.movedim(d, 0) for p, d in zip(params, p_dims))
+        op_v = VmappedOperator(op, p_dims, size)
+        return _LinearSolve.apply(op_v, b, *params), 0
+
+
+def _param_cotangent(op, u, x, params, needs) -> list[Tensor | None]:
+    """``p̄ = −∂_p ⟨u, A(p) x⟩`` for the parameters that need a gradient (partial in p; the
+    result keeps its dependence on ``u``, ``x`` and ``p`` for the next order)."""
+    idx = [i for i, n in enumerate(needs) if n]
+    if not idx:
+        return [None] * len(params)
+    form = partial_in(lambda *p: -op.bilinear(u, x, *p), params, idx)
+    _, pullback = torch.func.vjp(form, *(params[i] for i in idx))
+    grads = pullback(torch.ones((), dtype=x.dtype, device=x.device))
+    out: list[Tensor | None] = [None] * len(params)
+    for i, g in zip(idx, grads):
+        out[i] = g
+    return out
+
+
+def _operator_tangent(op, x, params, p_dot) -> Tensor:
+    """``(∂_p A(p) x)·ṗ`` (with ``Aᵀ`` for a transposed operator)."""
+    idx = [i for i, t in enumerate(p_dot) if t is not None]
+    oriented = partial_in(lambda *p: op.oriented_apply(x, *p), params, idx)
+    return jvp_by_vjp(oriented, [params[i] for i in idx], [p_dot[i] for i in idx])
+
+
+def solve_with_operator(op: LinearOperator, b: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """Differentiable ``A(params)⁻¹ b`` for an operator object (engine-internal entry)."""
+    return _LinearSolve.apply(op, b, *params)
+
+
+def linear_solve(
+    matvec: Callable[..., Tensor],
+    b: Tensor,
+    *params: Tensor,
+    solver: str | Callable = "auto",
+    tol: float = 1e-8,
+    atol: float = 0.0,
+    max_iter: int = 1000,
+    batch_ndim: int = 0,
+    on_fail: str = "warn",
+    return_info: bool = False,
+    **options,
+):
+    """Solve ``A(params) x = b`` where ``A(params) v = matvec(v, *params)`` is linear in ``v``.
+
+    ``x`` is differentiable to every order in ``b`` and ``params`` (reverse, forward,
+    ``torch.func`` transforms): its derivatives are linear solves with ``Aᵀ``/``A``.
+    The leading ``batch_ndim`` dims of ``b`` index independent systems (``A`` must not mix
+    them); each stops when ``‖b − A x‖₂ ≤ atol + tol·‖b‖₂``. ``solver`` is a registered
+    linear solver ("gmres", "bicgstab", "richardson", "anderson", "dense", ...) or "auto"
+    (dense LU for rows of at most 64 unknowns, GMRES otherwise).
+    With ``return_info=True`` also returns the list of ``SolveInfo`` of this solve and of
+    the derivative solves run later through it.
+    """
+    records: list = []
+    config = dict(
+        solver=solver, tol=tol, atol=atol, max_iter=max_iter, on_fail=on_fail,
+        options=options, kind="linear", record=records.append,
+    )
+    op = FunctionOperator(matvec, b.shape, batch_ndim, config=config)
+    x = _LinearSolve.apply(op, b, *params)
+    return (x, records) if return_info else x

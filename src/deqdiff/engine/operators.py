@@ -1,0 +1,214 @@
+"""Linear operators A(p) for the differentiable linear solve.
+
+An operator is a linear map ``v ↦ A(p) v`` on tensors of a fixed ``shape`` whose leading
+``batch_ndim`` dimensions index independent rows (``A`` is block diagonal over them). It
+holds structure, never tensors, and serves two masters:
+
+* autodiff needs ``A(p) v`` as a differentiable function of ``v`` and ``p``: ``apply``;
+* the solvers need numbers: ``linearize(params)`` returns a :class:`Linearization` — the
+  products ``A v`` and ``Aᵀ u`` at fixed parameter values, built once (one linearization
+  of ``f`` for a fixed point) and reused by every iteration, plus dense blocks and a batched
+  LU on demand. It is cached on the operator and shared with ``A.T``, so all derivative
+  solves at one fixed point reuse the same work.
+
+Tensors reach the numerics only through ``linearize(params)`` called from a solve's forward,
+where they are plain tensors even under ``torch.func`` transforms.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .functional import jvp_by_vjp
+from .validation import is_transformed
+
+__all__ = ["LinearOperator", "FunctionOperator", "FixedPointJacobian", "VmappedOperator", "Linearization"]
+
+
+class Linearization:
+    """``A`` at fixed numeric parameters. ``mv``/``rmv`` act on user-shaped tensors."""
+
+    def __init__(self, shape, batch_ndim: int, mv: Callable, rmv: Callable, like: Tensor):
+        self.shape, self.batch_ndim = torch.Size(shape), batch_ndim
+        self.rows = math.prod(self.shape[:batch_ndim])
+        self.row_size = math.prod(self.shape[batch_ndim:])
+        self.mv, self.rmv, self.like = mv, rmv, like
+        self._blocks: Tensor | None = None
+        self._lu: tuple[Tensor, Tensor] | None = None
+
+    def blocks(self) -> Tensor:
+        """Dense per-row matrices ``(S, N, N)`` of ``A``: row ``i`` of every block is ``Aᵀeᵢ``,
+        so ``N`` pullbacks batched by ``vmap`` build them in one pass."""
+        if self._blocks is None:
+            S, N = self.rows, self.row_size
+            eye = torch.eye(N, dtype=self.like.dtype, device=self.like.device)
+            basis = eye[:, None, :].expand(N, S, N).reshape((N, *self.shape))
+            rows = torch.func.vmap(self.rmv)(basis)
+            self._blocks = rows.reshape(N, S, N).transpose(0, 1).contiguous()
+        return self._blocks
+
+    def lu(self) -> tuple[Tensor, Tensor]:
+        if self._lu is None:
+            self._lu = torch.linalg.lu_factor(self.blocks())
+        return self._lu
+
+
+class StackedLinearization(Linearization):
+    """``size`` copies of one linearization along a new leading row dimension (many
+    right-hand sides, one operator): products are vmapped, blocks and LU are the base's."""
+
+    def __init__(self, base: Linearization, size: int):
+        super().__init__(
+            (size, *base.shape), base.batch_ndim + 1,
+            torch.func.vmap(base.mv), torch.func.vmap(base.rmv), base.like,
+        )
+        self.base = base
+
+    def blocks(self) -> Tensor:
+        return self.base.blocks()
+
+    def lu(self):
+        return self.base.lu()
+
+
+class BoundOperator:
+    """What a linear solver sees: ``A`` (or ``Aᵀ``) on ``(S, N)`` row matrices."""
+
+    def __init__(self, lin: Linearization, transposed: bool):
+        self.lin, self.transposed = lin, transposed
+        self.rows, self.row_size = lin.rows, lin.row_size
+
+    def mv(self, v: Tensor) -> Tensor:
+        fn = self.lin.rmv if self.transposed else self.lin.mv
+        return fn(v.reshape(self.lin.shape)).reshape(self.rows, self.row_size)
+
+    def blocks(self) -> Tensor:
+        """Dense blocks of the operator as applied (transposed if this is ``Aᵀ``)."""
+        b = self.lin.blocks()
+        return b.transpose(-1, -2) if self.transposed else b
+
+    def dense_solve(self, b: Tensor) -> Tensor:
+        """Solve on ``(S, N)`` rows with the cached batched LU; a leading stack of
+        right-hand sides broadcasts over shared blocks."""
+        LU, piv = self.lin.lu()
+        rhs = b.reshape(-1, *LU.shape[:-1], 1)
+        return torch.linalg.lu_solve(LU, piv, rhs, adjoint=self.transposed).reshape(b.shape)
+
+
+class LinearOperator:
+    """Base class; subclasses define ``apply`` and may specialise ``_linearize``."""
+
+    def __init__(self, shape, batch_ndim: int, *, transposed: bool = False,
+                 cache: dict | None = None, config: dict | None = None):
+        self.shape = torch.Size(shape)
+        self.batch_ndim = int(batch_ndim)
+        self.transposed = transposed
+        self.cache = {} if cache is None else cache
+        self.config = {} if config is None else config
+        self.rows = math.prod(self.shape[: self.batch_ndim])
+        self.row_size = math.prod(self.shape[self.batch_ndim :])
+
+    def apply(self, v: Tensor, *params: Tensor) -> Tensor:
+        """``A(params) v`` (never transposed), differentiable in ``v`` and ``params``."""
+        raise NotImplementedError
+
+    def _linearize(self, params: Sequence[Tensor], like: Tensor) -> Linearization:
+        """Generic: ``A v`` by evaluating ``apply``; ``Aᵀu`` by one stored vjp of the linear
+        map ``v ↦ A v``."""
+        zero = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
+        _, pull = torch.func.vjp(lambda v: self.apply(v, *params), zero)
+        return Linearization(self.shape, self.batch_ndim, lambda v: self.apply(v, *params),
+                             lambda u: pull(u)[0], like)
+
+    def linearize(self, params: Sequence[Tensor], like: Tensor) -> Linearization:
+        """Numeric ``A`` at ``params`` (plain tensors), cached when nothing is transformed."""
+        if "lin" in self.cache:
+            return self.cache["lin"]
+        params = tuple(p.detach() for p in params)
+        lin = self._linearize(params, like.detach())
+        if not any(is_transformed(t) for t in (like, *params)):
+            self.cache["lin"] = lin
+        return lin
+
+    def bind(self, params: Sequence[Tensor], like: Tensor) -> BoundOperator:
+        return BoundOperator(self.linearize(params, like), self.transposed)
+
+    @property
+    def T(self) -> "LinearOperator":
+        """The transposed operator; shares this one's cache."""
+        twin = self.__class__.__new__(self.__class__)
+        twin.__dict__.update(self.__dict__)
+        twin.transposed = not self.transposed
+        return twin
+
+    def bilinear(self, u: Tensor, x: Tensor, *params: Tensor) -> Tensor:
+        """``⟨u, A(params) x⟩`` for this operator (``⟨u, Aᵀx⟩ = ⟨x, A u⟩`` when transposed),
+        differentiable in every argument."""
+        if self.transposed:
+            u, x = x, u
+        return (u * self.apply(x, *params)).sum()
+
+    def oriented_apply(self, x: Tensor, *params: Tensor) -> Tensor:
+        """``A(params) x`` or ``A(params)ᵀ x``, differentiable in ``params``."""
+        if not self.transposed:
+            return self.apply(x, *params)
+        _, pull = torch.func.vjp(lambda v: self.apply(v, *params), torch.zeros_like(x))
+        return pull(x)[0]
+
+
+class FunctionOperator(LinearOperator):
+    """``A(p) v = matvec(v, *p)`` for a user function linear in ``v``."""
+
+    def __init__(self, matvec: Callable, shape, batch_ndim, **kw):
+        super().__init__(shape, batch_ndim, **kw)
+        self.matvec = matvec
+
+    def apply(self, v: Tensor, *params: Tensor) -> Tensor:
+        return self.matvec(v, *params)
+
+
+class FixedPointJacobian(LinearOperator):
+    """``A = I − ∂f/∂z`` at ``(z, θ)``: the operator of every derivative solve of a fixed
+    point ``z* = f(z*, θ)``. Parameters are ``(z, *θ)``."""
+
+    def __init__(self, f: Callable, shape, batch_ndim, **kw):
+        super().__init__(shape, batch_ndim, **kw)
+        self.f = f
+
+    def apply(self, v: Tensor, z: Tensor, *theta: Tensor) -> Tensor:
+        return v - jvp_by_vjp(lambda zz: self.f(zz, *theta), (z,), (v,))
+
+    def _linearize(self, params, like) -> Linearization:
+        """One vjp of ``f`` at z* gives ``Jᵀu``; the vjp of that linear map gives ``J v``
+        (the double-vjp trick): no iteration re-evaluates ``f``."""
+        z, *theta = params
+        _, f_vjp = torch.func.vjp(lambda zz: self.f(zz, *theta), z)
+        _, f_jvp = torch.func.vjp(lambda w: f_vjp(w)[0], torch.zeros_like(z))
+        return Linearization(self.shape, self.batch_ndim, lambda v: v - f_jvp(v)[0],
+                             lambda u: u - f_vjp(u)[0], like)
+
+
+class VmappedOperator(LinearOperator):
+    """A stack of ``size`` operators along a new leading row dimension: what a
+    ``torch.func.vmap`` over a solve sees. ``in_dims`` marks the parameters that carry the
+    stack (moved to dim 0); when none does (many right-hand sides, one operator, as in
+    ``jacrev``) the base linearization, blocks and LU are shared, not rebuilt."""
+
+    def __init__(self, base: LinearOperator, in_dims: Sequence[int | None], size: int):
+        self.base, self.in_dims, self.size = base, tuple(in_dims), size
+        self.shared = all(d is None for d in self.in_dims)
+        super().__init__((size, *base.shape), base.batch_ndim + 1, transposed=base.transposed,
+                         config=base.config)
+        self._apply = torch.func.vmap(base.apply, in_dims=(0, *(None if d is None else 0 for d in in_dims)))
+
+    def apply(self, v: Tensor, *params: Tensor) -> Tensor:
+        return self._apply(v, *params)
+
+    def _linearize(self, params, like) -> Linearization:
+        if self.shared:
+            return StackedLinearization(self.base.linearize(params, like[0]), self.size)
+        return super()._linearize(params, like)

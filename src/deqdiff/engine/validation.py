@@ -1,0 +1,66 @@
+"""Input checks that turn silent misuse into errors naming the problem."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_fixed_point_inputs", "is_transformed"]
+
+
+def is_transformed(t: Tensor) -> bool:
+    """True inside a ``torch.func`` transform (values are wrapped, data checks impossible)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def check_fixed_point_inputs(f: Callable, z0: Tensor, params: Sequence, batch_ndim: int) -> None:
+    """Validate ``fixed_point(f, z0, *params)``: types, dtype/device agreement, finiteness,
+    the shape of ``f(z0, *params)`` and that ``f`` hides no tensor requiring grad."""
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    if not isinstance(z0, Tensor):
+        raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
+    if not z0.is_floating_point():
+        raise TypeError(f"z0 must have a floating dtype, got {z0.dtype}")
+    if not 0 <= batch_ndim <= z0.ndim:
+        raise ValueError(f"batch_ndim={batch_ndim} is out of range for z0 of shape {tuple(z0.shape)}")
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(
+                f"params[{i}] is a {type(p).__name__}; every parameter passed to fixed_point must be a "
+                "tensor (pass constants through a closure or functools.partial instead)"
+            )
+        if p.device != z0.device:
+            raise ValueError(f"params[{i}] is on {p.device} but z0 is on {z0.device}")
+        if p.is_floating_point() and p.dtype != z0.dtype:
+            raise TypeError(f"params[{i}] has dtype {p.dtype} but z0 has dtype {z0.dtype}; cast them to one dtype")
+    if is_transformed(z0) or any(is_transformed(p) for p in params):
+        return  # values are symbolic under vmap/grad transforms: checked at the outer call
+    if not torch.isfinite(z0).all():
+        raise ValueError("z0 contains NaN or Inf")
+    for i, p in enumerate(params):
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) contains NaN or Inf")
+    with torch.enable_grad():
+        out = f(z0.detach(), *(p.detach() for p in params))
+    if not isinstance(out, Tensor):
+        raise TypeError(f"f must return a tensor, got {type(out).__name__}")
+    if out.shape != z0.shape:
+        raise ValueError(
+            f"f(z0, *params) has shape {tuple(out.shape)} but z0 has shape {tuple(z0.shape)}: "
+            "a fixed point needs f to map the state onto a state of the same shape"
+        )
+    if out.dtype != z0.dtype or out.device != z0.device:
+        raise TypeError(
+            f"f(z0, *params) returns {out.dtype} on {out.device}, z0 is {z0.dtype} on {z0.device}"
+        )
+    if out.requires_grad:
+        raise ValueError(
+            "f's output requires grad although z0 and every parameter were detached: f captures a "
+            "tensor that requires grad from its closure. Pass such tensors explicitly as params "
+            "(fixed_point(f, z0, *params)) so that derivatives with respect to them are correct"
+        )
+    if not torch.isfinite(out).all():
+        raise ValueError("f(z0, *params) contains NaN or Inf")

@@ -1,0 +1,94 @@
+"""Anderson acceleration (type II) for z = g(z).
+
+With residuals F_k = g(z_k) − z_k and the last m_k = min(m, k) differences
+ΔZ = [z_{i+1} − z_i], ΔF = [F_{i+1} − F_i] (columns, per row), each step solves the
+regularized least-squares problem
+
+    γ = argmin ‖F_k − ΔF γ‖² + λ‖γ‖²   ⇔   (ΔFᵀΔF + λ I) γ = ΔFᵀ F_k
+
+and mixes  z_{k+1} = z_k + β F_k − (ΔZ + β ΔF) γ.
+The first step (empty history) is the damped Picard step z_1 = z_0 + β F_0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .base import SolveInfo, Tracker, register_solver, row_norm
+
+
+def anderson_weights(dF: Tensor, F: Tensor, lam: float, running: Tensor) -> Tensor:
+    """Per-row Tikhonov-regularized least-squares weights γ ``(S, m_k)``.
+
+    ``dF`` is ``(S, N, m_k)``, ``F`` is ``(S, N)``. The regularization is relative:
+    λ_s = lam · tr(ΔF_sᵀΔF_s)/m_k (invariant to the scale of the residuals). Rows not
+    running, rows with a zero history and rows whose system is singular get γ = 0
+    (a plain mixing step), so no row can poison the batched solve."""
+    gram = torch.bmm(dF.transpose(1, 2), dF)  # (S, m_k, m_k)
+    rhs = torch.bmm(dF.transpose(1, 2), F.unsqueeze(2))  # (S, m_k, 1)
+    mk = dF.shape[2]
+    eye = torch.eye(mk, dtype=F.dtype, device=F.device).expand_as(gram)
+    trace = gram.diagonal(dim1=1, dim2=2).sum(1)
+    usable = running & (trace > 0)
+    reg = (lam / mk) * trace
+    gram = torch.where(usable[:, None, None], gram + reg[:, None, None] * eye, eye)
+    gamma, _ = torch.linalg.solve_ex(gram, rhs)
+    gamma = gamma.squeeze(2)
+    ok = usable & torch.isfinite(gamma).all(1)
+    return torch.where(ok[:, None], gamma, torch.zeros_like(gamma))
+
+
+@register_solver("anderson")
+def anderson(
+    g: Callable[[Tensor], Tensor],
+    z0: Tensor,
+    *,
+    tol: float = 1e-6,
+    atol: float = 0.0,
+    max_iter: int = 100,
+    scale: Tensor | None = None,
+    store_trajectory: bool = False,
+    m: int = 5,
+    beta: float = 1.0,
+    lam: float = 1e-8,
+) -> tuple[Tensor, SolveInfo]:
+    """Anderson acceleration with memory ``m`` ≥ 1, mixing ``beta`` ∈ (0, 1] and relative
+    Tikhonov regularization ``lam`` ≥ 0 (see :func:`anderson_weights`).
+
+    The history is a ring buffer of the last ``m`` differences (the least-squares
+    problem does not depend on the column order). All rows advance in lockstep, so the
+    history length m_k is shared; the weights are per row and converged rows are frozen."""
+    if int(m) != m or m < 1:
+        raise ValueError(f"anderson memory m must be an integer >= 1, got {m}")
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"anderson mixing beta must be in (0, 1], got {beta}")
+    if lam < 0:
+        raise ValueError(f"anderson regularization lam must be >= 0, got {lam}")
+    m = int(m)
+    S, N = z0.shape
+    dZ = z0.new_zeros(S, N, m)
+    dF = z0.new_zeros(S, N, m)
+    track = Tracker(z0, tol, atol, store_trajectory)
+    z, z_prev, F_prev = z0, z0, z0
+    for k in range(max_iter + 1):
+        gz = g(z)
+        F = gz - z
+        running = track.update(k, z, row_norm(F), row_norm(gz) if scale is None else scale)
+        if track.finished or k == max_iter:
+            break
+        if k == 0:
+            step = beta * F
+        else:
+            col = (k - 1) % m
+            dZ[:, :, col] = z - z_prev
+            dF[:, :, col] = F - F_prev
+            mk = min(k, m)
+            gamma = anderson_weights(dF[:, :, :mk], F, lam, running)
+            correction = torch.bmm(dZ[:, :, :mk] + beta * dF[:, :, :mk], gamma.unsqueeze(2))
+            step = beta * F - correction.squeeze(2)
+        z_prev, F_prev = z, F
+        z = torch.where(running[:, None], z + step, z)
+    return track.result, track.info("anderson", "forward", m=m, beta=beta, lam=lam)

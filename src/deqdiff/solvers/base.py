@@ -1,0 +1,226 @@
+"""Shared conventions of every solver: the batched state layout, the stopping rule, the
+statistics object and the registry.
+
+Layout. Every solver works on a 2-D state ``(S, N)``: ``S`` independent samples (rows) of
+``N`` unknowns. Rows never mix: every per-iteration coefficient (Anderson weights, Broyden
+updates, Krylov bases, step sizes) is computed per row, a row stops being updated once it
+has converged, and so a batch gives the same answer as solving each row alone.
+
+Stopping rule (per row ``s``).
+* forward solves of ``z = g(z)``: ``‖g(z)_s − z_s‖₂ ≤ atol + tol·scale_s`` with
+  ``scale_s = ‖g(z)_s‖₂`` (the relative residual of thesis eq. 4.2) unless a fixed
+  ``scale`` is given;
+* linear solves of ``A x = b``: ``‖b_s − (A x)_s‖₂ ≤ atol + tol·‖b_s‖₂``.
+The iterate whose residual met the rule is the one returned.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SolveInfo",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "Tracker",
+    "register_solver",
+    "get_solver",
+    "available_solvers",
+    "report_failure",
+]
+
+
+class ConvergenceError(RuntimeError):
+    """A solve stopped at ``max_iter`` without meeting its tolerance."""
+
+    def __init__(self, message: str, info: "SolveInfo"):
+        super().__init__(message)
+        self.info = info
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """Warning category for solves that did not meet their tolerance."""
+
+
+@dataclass
+class SolveInfo:
+    """Statistics of one solve (forward, or one derivative solve).
+
+    ``iterations``, ``residual``, ``rel_residual`` and ``converged`` are per row ``(S,)``;
+    ``abs_trace``/``rel_trace`` are ``(K, S)``: the residual of each row at every iteration
+    (a converged row keeps its final value); ``trajectory`` holds the iterates ``z^[k]``
+    (shape ``(S, N)`` each) when requested.
+    """
+
+    solver: str
+    kind: str
+    tol: float
+    atol: float
+    iterations: Tensor
+    residual: Tensor
+    rel_residual: Tensor
+    converged: Tensor
+    abs_trace: Tensor
+    rel_trace: Tensor
+    trajectory: list[Tensor] | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+    @property
+    def max_residual(self) -> float:
+        return float(self.residual.max()) if self.residual.numel() else 0.0
+
+    @property
+    def max_iterations(self) -> int:
+        return int(self.iterations.max()) if self.iterations.numel() else 0
+
+    def summary(self) -> str:
+        ok = int(self.converged.sum())
+        return (
+            f"{self.kind} solve ({self.solver}): {ok}/{self.converged.numel()} rows converged, "
+            f"max residual {self.max_residual:.3e} (rel {float(self.rel_residual.max()):.3e}), "
+            f"max iterations {self.max_iterations}, tol {self.tol:g}, atol {self.atol:g}"
+        )
+
+
+class Tracker:
+    """Per-row convergence bookkeeping shared by every solver loop.
+
+    ``update(k, z, res_abs, scale)`` records the residual of iterate ``z`` (iteration
+    ``k``), freezes rows that just met ``atol + tol·scale`` (their answer is copied into
+    ``best``) and returns the boolean mask of rows still running.
+    """
+
+    def __init__(self, z0: Tensor, tol: float, atol: float, store_trajectory: bool = False):
+        S = z0.shape[0]
+        self.tol, self.atol = float(tol), float(atol)
+        self.result = z0.clone()
+        self.done = torch.zeros(S, dtype=torch.bool, device=z0.device)
+        self.iterations = torch.zeros(S, dtype=torch.long, device=z0.device)
+        self.residual = torch.full((S,), math.inf, dtype=z0.dtype, device=z0.device)
+        self.rel_residual = torch.full((S,), math.inf, dtype=z0.dtype, device=z0.device)
+        self.abs_trace: list[Tensor] = []
+        self.rel_trace: list[Tensor] = []
+        self.trajectory: list[Tensor] | None = [] if store_trajectory else None
+
+    def update(self, k: int, z: Tensor, res_abs: Tensor, scale: Tensor) -> Tensor:
+        running = ~self.done
+        rel = res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+        self.residual = torch.where(running, res_abs, self.residual)
+        self.rel_residual = torch.where(running, rel, self.rel_residual)
+        self.iterations = torch.where(running, torch.full_like(self.iterations, k), self.iterations)
+        self.result = torch.where(running[:, None], z, self.result)
+        self.abs_trace.append(self.residual.clone())
+        self.rel_trace.append(self.rel_residual.clone())
+        if self.trajectory is not None:
+            self.trajectory.append(self.result.clone())
+        newly = running & (res_abs <= self.atol + self.tol * scale)
+        self.done = self.done | newly
+        return ~self.done
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.done.all())
+
+    def info(self, solver: str, kind: str, **extra) -> SolveInfo:
+        S = self.done.shape[0]
+        empty = torch.zeros(0, S, dtype=self.residual.dtype, device=self.residual.device)
+        return SolveInfo(
+            solver=solver,
+            kind=kind,
+            tol=self.tol,
+            atol=self.atol,
+            iterations=self.iterations,
+            residual=self.residual,
+            rel_residual=self.rel_residual,
+            converged=self.done.clone(),
+            abs_trace=torch.stack(self.abs_trace) if self.abs_trace else empty,
+            rel_trace=torch.stack(self.rel_trace) if self.rel_trace else empty,
+            trajectory=self.trajectory,
+            extra=dict(extra),
+        )
+
+
+def report_failure(info: SolveInfo, on_fail: str, what: str) -> None:
+    """Raise or warn (``on_fail`` = ``"raise"``/``"warn"``/``"ignore"``) when ``info`` has
+    rows that did not converge; the message names the residual and iterations reached."""
+    if info.all_converged or on_fail == "ignore":
+        return
+    bad = (~info.converged).nonzero().flatten()
+    worst = int(bad[info.residual[bad].argmax()])
+    msg = (
+        f"{what} did not converge: {bad.numel()}/{info.converged.numel()} rows above tolerance "
+        f"after {info.max_iterations} iterations of '{info.solver}'; worst row {worst} has "
+        f"residual {float(info.residual[worst]):.3e} (relative {float(info.rel_residual[worst]):.3e}) "
+        f"vs tol={info.tol:g}, atol={info.atol:g}. Increase max_iter, loosen tol, or choose "
+        f"another solver."
+    )
+    if on_fail == "raise":
+        raise ConvergenceError(msg, info)
+    if on_fail == "warn":
+        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
+        return
+    raise ValueError(f"on_fail must be 'raise', 'warn' or 'ignore', got {on_fail!r}")
+
+
+class ForwardSolver(Protocol):
+    """``solver(g, z0, *, tol, atol, max_iter, scale=None, store_trajectory=False, **options)
+    -> (z, SolveInfo)`` for ``z = g(z)`` on ``(S, N)`` states (called under ``no_grad``)."""
+
+    def __call__(self, g: Callable[[Tensor], Tensor], z0: Tensor, **kwargs) -> tuple[Tensor, SolveInfo]: ...
+
+
+class LinearSolver(Protocol):
+    """``solver(op, b, x0, *, tol, atol, max_iter, **options) -> (x, SolveInfo)`` for
+    ``A x = b``; ``op.mv(v)`` applies ``A`` row-wise to ``(S, N)`` and ``op.blocks()``
+    returns the dense per-row matrices ``(S, N, N)`` (only dense solvers call it)."""
+
+    def __call__(self, op, b: Tensor, x0: Tensor | None, **kwargs) -> tuple[Tensor, SolveInfo]: ...
+
+
+_REGISTRY: dict[str, dict[str, Callable]] = {"forward": {}, "linear": {}}
+
+
+def register_solver(name: str, kind: str = "forward", *, overwrite: bool = False):
+    """Decorator registering a forward (``kind="forward"``) or linear (``kind="linear"``)
+    solver under ``name`` so that ``fixed_point(..., solver=name)`` or
+    ``linear_solve(..., solver=name)`` finds it."""
+    if kind not in _REGISTRY:
+        raise ValueError(f"kind must be 'forward' or 'linear', got {kind!r}")
+
+    def deco(fn: Callable) -> Callable:
+        if name in _REGISTRY[kind] and not overwrite:
+            raise ValueError(f"a {kind} solver named {name!r} is already registered")
+        _REGISTRY[kind][name] = fn
+        return fn
+
+    return deco
+
+
+def get_solver(name: str | Callable, kind: str = "forward") -> Callable:
+    if callable(name):
+        return name
+    try:
+        return _REGISTRY[kind][name]
+    except KeyError:
+        raise ValueError(
+            f"unknown {kind} solver {name!r}; available: {sorted(_REGISTRY[kind])}"
+        ) from None
+
+
+def available_solvers(kind: str = "forward") -> list[str]:
+    return sorted(_REGISTRY[kind])
+
+
+def row_norm(v: Tensor) -> Tensor:
+    """Euclidean norm of each row of an ``(S, N)`` tensor."""
+    return torch.linalg.vector_norm(v, dim=1)

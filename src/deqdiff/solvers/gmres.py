@@ -1,0 +1,117 @@
+"""Restarted GMRES(m) for A x = b, batched over independent rows.
+
+Each cycle starts from the true residual r = b − A x, β = ‖r‖, v_1 = r/β, and builds per
+row the Arnoldi relation A V_j = V_{j+1} H̄_j by modified Gram–Schmidt. Givens rotations
+reduce H̄_j to upper-triangular R_j while rotating β e_1 into g, so the least-squares
+residual min_y ‖β e_1 − H̄_j y‖ = |g_{j+1}| is known without forming x. A row stops
+extending its basis when that estimate meets the tolerance or on happy breakdown
+(h_{j+1,j} ≈ 0); then x + V_j R_j⁻¹ g_{1:j} is formed and its true residual decides
+whether the row has converged (if not, it restarts with the others at the end of the
+cycle). ``max_iter`` counts Arnoldi steps (one matvec each); the true residuals cost
+the extra matvecs reported in ``extra["matvecs"]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import SolveInfo, Tracker, register_solver, row_norm
+from .linear import linear_start
+
+
+def _givens(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row rotation (c, s) with [c s; −s c]·[a; b] = [r; 0]; identity where a = b = 0."""
+    r = torch.hypot(a, b)
+    nz = r > 0
+    safe = torch.where(nz, r, 1.0)
+    return torch.where(nz, a / safe, 1.0), torch.where(nz, b / safe, 0.0), r
+
+
+def _krylov_update(x: Tensor, V: Tensor, R: Tensor, g: Tensor, length: Tensor) -> Tensor:
+    """x + V y with R y = g on the first ``length[s]`` Krylov directions of each row;
+    unused (or numerically singular) directions get y = 0 via an identity block."""
+    j = R.shape[1]
+    idx = torch.arange(j, device=x.device)
+    use = idx[None, :] < length[:, None]  # (S, j)
+    diag = R.diagonal(dim1=1, dim2=2)
+    use = use & (diag.abs() > 0)
+    eye = torch.eye(j, dtype=R.dtype, device=R.device)
+    keep = use[:, :, None] & use[:, None, :]
+    Rm = torch.where(keep, R, eye)
+    y = torch.linalg.solve_triangular(Rm, torch.where(use, g, 0.0).unsqueeze(2), upper=True)
+    return x + torch.bmm(V, y).squeeze(2)
+
+
+@register_solver("gmres", "linear")
+def gmres(
+    op,
+    b: Tensor,
+    x0: Tensor | None = None,
+    *,
+    tol: float = 1e-6,
+    atol: float = 0.0,
+    max_iter: int = 200,
+    restart: int = 20,
+) -> tuple[Tensor, SolveInfo]:
+    """GMRES restarted every ``restart`` ≥ 1 Arnoldi steps (capped at N)."""
+    if int(restart) != restart or restart < 1:
+        raise ValueError(f"gmres restart must be an integer >= 1, got {restart}")
+    S, N = b.shape
+    m = min(int(restart), N)
+    eps = torch.finfo(b.dtype).eps
+    x, r, bnorm = linear_start(op, b, x0)
+    thresh = atol + tol * bnorm
+    track = Tracker(x, tol, atol)
+    res = torch.where(bnorm == 0, 0.0, row_norm(r))
+    running = track.update(0, x, res, bnorm)
+    k, matvecs = 0, int(x0 is not None)
+    V = b.new_zeros(S, N, m + 1)
+    R = b.new_zeros(S, m, m)
+    while not track.finished and k < max_iter:
+        beta = row_norm(r)
+        V.zero_(), R.zero_()
+        V[:, :, 0] = r / torch.where(beta > 0, beta, 1.0)[:, None]
+        gvec = b.new_zeros(S, m + 1)
+        gvec[:, 0] = beta
+        cs, sn = b.new_ones(S, m), b.new_zeros(S, m)
+        active = running.clone()  # rows still extending their basis in this cycle
+        length = torch.zeros(S, dtype=torch.long, device=b.device)
+        for j in range(m):
+            k += 1
+            w = op.mv(V[:, :, j])
+            matvecs += 1
+            wnorm = row_norm(w)
+            h = b.new_zeros(S, j + 2)
+            for i in range(j + 1):  # modified Gram–Schmidt
+                h[:, i] = (w * V[:, :, i]).sum(1)
+                w = w - h[:, i, None] * V[:, :, i]
+            h[:, j + 1] = row_norm(w)
+            breakdown = h[:, j + 1] <= 10 * eps * wnorm
+            V[:, :, j + 1] = torch.where(breakdown[:, None], 0.0, w / torch.where(breakdown, 1.0, h[:, j + 1])[:, None])
+            for i in range(j):  # previous rotations
+                hi = cs[:, i] * h[:, i] + sn[:, i] * h[:, i + 1]
+                h[:, i + 1] = -sn[:, i] * h[:, i] + cs[:, i] * h[:, i + 1]
+                h[:, i] = hi
+            cs[:, j], sn[:, j], h[:, j] = _givens(h[:, j], h[:, j + 1])
+            R[:, : j + 1, j] = h[:, : j + 1]
+            gvec[:, j + 1] = -sn[:, j] * gvec[:, j]
+            gvec[:, j] = cs[:, j] * gvec[:, j]
+            est = gvec[:, j + 1].abs()
+            length = torch.where(active, j + 1, length)
+            closing = active & ((est <= thresh) | breakdown)
+            active = active & ~closing
+            res = torch.where(active, est, res)
+            cycle_end = j == m - 1 or k == max_iter or not active.any()
+            x_new = x
+            if closing.any() or cycle_end:
+                x_new = _krylov_update(x, V[:, :, : j + 1], R[:, : j + 1, : j + 1], gvec[:, : j + 1], length)
+                r_new = b - op.mv(x_new)
+                matvecs += 1
+                true = torch.where(bnorm == 0, 0.0, row_norm(r_new))
+                res = torch.where(closing | (cycle_end & running), true, res)
+            running = track.update(k, x_new, res, bnorm)
+            if cycle_end:
+                x, r = x_new, r_new
+                break
+    return track.result, track.info("gmres", "linear", restart=m, matvecs=matvecs)

@@ -1,0 +1,98 @@
+"""Linear solvers for A x = b on ``(S, N)`` right-hand sides, and their shared helpers.
+
+Stopping rule per row: ‖b − A x‖ ≤ atol + tol‖b‖; rows with b = 0 return x = 0 at
+iteration 0. Richardson and Anderson have no loop of their own: they run the forward
+solvers on the affine map g(x) = x + ω(b − A x), whose residual g(x) − x = ω(b − A x) is
+the scaled linear residual (see :func:`forward_as_linear`). Krylov solvers live in
+``gmres.py`` and ``bicgstab.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .anderson import anderson
+from .base import SolveInfo, Tracker, register_solver, row_norm
+from .fixed_point_iteration import fixed_point_iteration
+
+
+def linear_start(op, b: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Initial guess (zeros if ``x0`` is None, and exactly 0 on rows with b = 0), its
+    residual r = b − A x0 (exactly 0 on rows with b = 0) and ‖b‖ per row."""
+    bnorm = row_norm(b)
+    zero_b = (bnorm == 0)[:, None]
+    x = torch.zeros_like(b) if x0 is None else torch.where(zero_b, 0.0, x0.to(b))
+    r = b if x0 is None else torch.where(zero_b, 0.0, b - op.mv(x))
+    return x, r, bnorm
+
+
+def forward_as_linear(forward: Callable, name: str) -> Callable:
+    """Turn a forward solver into a linear one by solving x = g(x) = x + ω(b − A x).
+
+    The forward solve runs with ``scale = ω‖b‖`` and ``atol = ω·atol``, so its rule
+    ‖g(x) − x‖ ≤ ω·atol + tol·ω‖b‖ is exactly ‖b − A x‖ ≤ atol + tol‖b‖. The returned
+    info is relabelled (``name``, kind "linear") with absolute residuals divided by ω.
+    Remaining options are passed to the forward solver."""
+
+    def solve(
+        op,
+        b: Tensor,
+        x0: Tensor | None,
+        *,
+        tol: float = 1e-6,
+        atol: float = 0.0,
+        max_iter: int = 200,
+        omega: float = 1.0,
+        **options,
+    ) -> tuple[Tensor, SolveInfo]:
+        if not omega > 0:
+            raise ValueError(f"{name}: relaxation omega must be > 0, got {omega}")
+        x, _, bnorm = linear_start(op, b, x0)
+        x, info = forward(
+            lambda v: v + omega * (b - op.mv(v)),
+            x,
+            tol=tol,
+            atol=omega * atol,
+            max_iter=max_iter,
+            scale=omega * bnorm,
+            **options,
+        )
+        info = replace(
+            info,
+            solver=name,
+            kind="linear",
+            atol=atol,
+            residual=info.residual / omega,
+            abs_trace=info.abs_trace / omega,
+            extra={**info.extra, "omega": omega},
+        )
+        return x, info
+
+    solve.__name__ = solve.__qualname__ = name
+    solve.__doc__ = (
+        f"Linear solve of A x = b by the forward solver '{forward.__name__}' on "
+        f"g(x) = x + ω(b − A x) (relaxation ``omega`` > 0; other options go to the forward solver)."
+    )
+    return solve
+
+
+richardson = register_solver("richardson", "linear")(forward_as_linear(fixed_point_iteration, "richardson"))
+anderson_linear = register_solver("anderson", "linear")(forward_as_linear(anderson, "anderson"))
+
+
+@register_solver("dense", "linear")
+def dense(
+    op, b: Tensor, x0: Tensor | None = None, *, tol: float = 1e-6, atol: float = 0.0, max_iter: int = 1
+) -> tuple[Tensor, SolveInfo]:
+    """Direct solve x = A⁻¹ b through ``op.dense_solve(b)`` (the operator's cached
+    factorization); one ``op.mv`` gives the true residual for the info. ``x0`` and
+    ``max_iter`` are ignored; iterations = 1."""
+    bnorm = row_norm(b)
+    x = torch.where((bnorm == 0)[:, None], 0.0, op.dense_solve(b))
+    track = Tracker(x, tol, atol)
+    track.update(1, x, row_norm(b - op.mv(x)), bnorm)
+    return track.result, track.info("dense", "linear")

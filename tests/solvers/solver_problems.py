@@ -1,0 +1,67 @@
+"""Shared test problems and the test-only dense operator for the solver tests (float64)."""
+
+from __future__ import annotations
+
+import torch
+
+FORWARD = ["fixed_point", "anderson", "broyden", "newton_krylov"]
+LINEAR = ["richardson", "anderson", "gmres", "bicgstab", "dense"]
+
+
+class DenseOp:
+    """Test-only linear operator holding explicit per-row matrices (S, N, N)."""
+
+    def __init__(self, A: torch.Tensor):
+        self.A = A
+        self.mv_calls = 0
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        self.mv_calls += 1
+        return torch.bmm(self.A, v.unsqueeze(2)).squeeze(2)
+
+    def dense_solve(self, b: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(self.A, b)
+
+    def row(self, i: int) -> "DenseOp":
+        return DenseOp(self.A[i : i + 1])
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def orthogonal(S: int, N: int, g: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(S, N, N, generator=g, dtype=dtype))
+    return q * torch.sign(r.diagonal(dim1=1, dim2=2)).unsqueeze(1)
+
+
+def with_norm(S: int, N: int, norm, g: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    """Random (S, N, N) matrices with spectral norm ``norm`` (scalar or (S,))."""
+    M = torch.randn(S, N, N, generator=g, dtype=dtype)
+    M = M / torch.linalg.matrix_norm(M, ord=2)[:, None, None]
+    return M * torch.as_tensor(norm, dtype=dtype).reshape(-1, 1, 1)
+
+
+def affine_problem(S: int, N: int, norms, seed: int = 0):
+    """g(z) = A_s z + c_s per row with ‖A_s‖ = norms[s]; returns (g, z_star, A, c)."""
+    g = gen(seed)
+    A = with_norm(S, N, norms, g)
+    c = torch.randn(S, N, generator=g, dtype=torch.float64)
+    I = torch.eye(N, dtype=torch.float64)
+    z_star = torch.linalg.solve(I - A, c)
+    return (lambda z: torch.bmm(A, z.unsqueeze(2)).squeeze(2) + c), z_star, A, c
+
+
+def tanh_problem(S: int, N: int, norms, seed: int = 0):
+    """g(z) = tanh(A_s z + x_s) with ‖A_s‖ = norms[s]; returns (g, A, x)."""
+    g = gen(seed)
+    A = with_norm(S, N, norms, g)
+    x = torch.randn(S, N, generator=g, dtype=torch.float64)
+    return (lambda z: torch.tanh(torch.bmm(A, z.unsqueeze(2)).squeeze(2) + x)), A, x
+
+
+def make_map(kind: str, A: torch.Tensor, c: torch.Tensor):
+    """Row-wise map ``A_s z + c_s`` (kind "affine") or ``tanh(A_s z + c_s)`` ("tanh")."""
+    if kind == "affine":
+        return lambda z: torch.bmm(A, z.unsqueeze(2)).squeeze(2) + c
+    return lambda z: torch.tanh(torch.bmm(A, z.unsqueeze(2)).squeeze(2) + c)
