@@ -2,11 +2,13 @@
 
 from . import solvers
 from .engine import FixedPointInfo, fixed_point, linear_solve
+from .layers import DEQ
 from .solvers import ConvergenceError, ConvergenceWarning, SolveInfo, register_solver
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEQ",
     "ConvergenceError",
     "ConvergenceWarning",
     "FixedPointInfo",

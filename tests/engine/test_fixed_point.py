@@ -1,0 +1,109 @@
+"""Every order of reverse-mode differentiation of ``fixed_point`` against independent
+references: dense (I − J)⁻¹ formulas, unrolled autodiff, gradcheck/gradgradcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deqdiff
+from tests.conftest import make_problem, rel_err, tanh_cell, unrolled
+
+TIGHT = dict(tol=1e-12, max_iter=500)
+
+
+def deq(z0, *params, **kw):
+    return deqdiff.fixed_point(tanh_cell, z0, *params, **{**TIGHT, **kw})
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden", "newton_krylov"])
+def test_forward_solution_is_fixed_point(gen, solver):
+    z0, p = make_problem(gen)
+    z = deq(z0, *p, solver=solver)
+    assert rel_err(tanh_cell(z, *p), z) < 1e-11
+    assert rel_err(z, unrolled(tanh_cell, z0, *p)) < 1e-11
+
+
+def test_jacobian_matches_dense_ift_formula(gen):
+    z0, (A, B, x, b) = make_problem(gen)
+    jac = torch.autograd.functional.jacobian(lambda x: deq(z0, A, B, x, b), x)
+    with torch.no_grad():
+        z = deq(z0, A, B, x, b)
+        D = torch.diag(1 - z**2)
+        ref = torch.linalg.solve(torch.eye(5) - D @ A, D @ B)  # (I − J)⁻¹ ∂f/∂x
+    assert rel_err(jac, ref) < 1e-10
+
+
+@pytest.mark.parametrize("backward_solver", ["dense", "gmres", "bicgstab", "richardson", "anderson"])
+def test_orders_one_to_three_match_unrolled(gen, backward_solver):
+    z0, p = make_problem(gen)
+    w = torch.randn(5, generator=gen)
+
+    def derivatives(fn):
+        z = fn(z0, *p)
+        L = (w * z).sum() + (z**3).sum()
+        g = torch.autograd.grad(L, p, create_graph=True)
+        s = sum((gi**2).sum() for gi in g)  # second order: gradient of ‖∇L‖²
+        h = torch.autograd.grad(s, p, create_graph=True)
+        t = sum((hi * hi.detach().sign()).sum() for hi in h)  # third order
+        k = torch.autograd.grad(t, p)
+        return g, h, k
+
+    got = derivatives(lambda *a: deq(*a, backward_solver=backward_solver))
+    ref = derivatives(lambda *a: unrolled(tanh_cell, *a))
+    for order, (a, r) in enumerate(zip(got, ref), start=1):
+        for ai, ri in zip(a, r):
+            assert rel_err(ai, ri) < 1e-8, f"order {order}"
+
+
+def test_gradcheck_and_gradgradcheck(gen):
+    z0, p = make_problem(gen, n=4, m=2)
+    assert torch.autograd.gradcheck(lambda *a: deq(z0, *a), p)
+    assert torch.autograd.gradgradcheck(lambda *a: deq(z0, *a), p)
+
+
+def test_mixed_pattern_dzdx_then_grad_wrt_A(gen):
+    """PINN pattern: dz*/dx by reverse mode with create_graph, then a loss on it w.r.t. A."""
+    z0, p = make_problem(gen, batch=6)
+    A, B, x, b = p
+
+    def pattern(fn):
+        z = fn(z0, *p)
+        (dzdx,) = torch.autograd.grad(z[:, 0].sum(), x, create_graph=True)
+        return torch.autograd.grad((dzdx**2).sum(), (A, B, b))
+
+    for a, r in zip(pattern(lambda *a: deq(*a, batch_ndim=1)), pattern(lambda *a: unrolled(tanh_cell, *a))):
+        assert rel_err(a, r) < 1e-9
+
+
+def test_backward_memory_does_not_record_forward_iterations(gen):
+    z0, p = make_problem(gen, rho=0.95)
+    z = deq(z0, *p, solver="fixed_point", tol=1e-10, max_iter=2000)
+    # the graph of z* is one node fed directly by the parameters, whatever the iterations
+    assert type(z.grad_fn).__name__ == "_FixedPointBackward"
+    parents = [fn for fn, _ in z.grad_fn.next_functions]
+    assert parents[0] is None  # z0 does not enter the graph
+    assert [type(fn).__name__ for fn in parents[1:]] == ["AccumulateGrad"] * len(p)
+
+
+def test_info_reports_forward_and_derivative_solves(gen):
+    z0, p = make_problem(gen)
+    z, info = deq(z0, *p, return_info=True, store_trajectory=True)
+    assert info.forward.all_converged and info.forward.max_residual <= 1e-12 * 2
+    assert len(info.forward.trajectory) == info.forward.max_iterations + 1
+    assert info.forward.abs_trace.shape[0] == info.forward.max_iterations + 1
+    (g,) = torch.autograd.grad(z.sum(), p[2], create_graph=True)
+    torch.autograd.grad(g.sum(), p[0])
+    kinds = [d.kind for d in info.derivatives]
+    assert kinds[0] == "derivative (transposed)" and len(kinds) >= 3
+    assert all(d.all_converged for d in info.derivatives)
+
+
+def test_batch_equals_each_sample_alone(gen):
+    z0, (A, B, x, b) = make_problem(gen, batch=7)
+    zb = deq(z0, A, B, x, b, batch_ndim=1)
+    (gb,) = torch.autograd.grad((zb**2).sum(), A)
+    alone = [deq(z0[i], A, B, x[i], b) for i in range(7)]
+    (ga,) = torch.autograd.grad(sum((z**2).sum() for z in alone), A)
+    assert rel_err(zb, torch.stack(alone)) < 1e-11
+    assert rel_err(gb, ga) < 1e-10
