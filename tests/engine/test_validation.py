@@ -1,0 +1,82 @@
+"""Bad input and non-convergence fail loudly, naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deqdiff
+from tests.conftest import make_problem, tanh_cell
+
+
+def test_shape_mismatch_between_z0_and_f(gen):
+    z0, p = make_problem(gen)
+    with pytest.raises(ValueError, match="shape"):
+        deqdiff.fixed_point(lambda z, *a: tanh_cell(z, *a)[:-1], z0, *p)
+
+
+def test_dtype_mismatch(gen):
+    z0, p = make_problem(gen)
+    with pytest.raises(TypeError, match="dtype"):
+        deqdiff.fixed_point(tanh_cell, z0.float(), *p)
+
+
+def test_non_tensor_param(gen):
+    z0, p = make_problem(gen)
+    with pytest.raises(TypeError, match="params\\[0\\]"):
+        deqdiff.fixed_point(tanh_cell, z0, 3.0, *p[1:])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs(gen, bad):
+    z0, (A, B, x, b) = make_problem(gen)
+    x = x.detach().clone()
+    x[0] = bad
+    with pytest.raises(ValueError, match="params\\[2\\].*NaN or Inf"):
+        deqdiff.fixed_point(tanh_cell, z0, A, B, x, b)
+    z0 = z0.clone()
+    z0[0] = bad
+    with pytest.raises(ValueError, match="z0 contains NaN"):
+        deqdiff.fixed_point(tanh_cell, z0, A, B, x.nan_to_num(0.0, 0.0, 0.0), b)
+
+
+def test_closure_capturing_tensor_that_requires_grad(gen):
+    z0, (A, B, x, b) = make_problem(gen)
+    with pytest.raises(ValueError, match="closure"):
+        deqdiff.fixed_point(lambda z, x: torch.tanh(z @ A.T + x @ B.T), z0, x)
+
+
+def test_non_convergence_raises_with_residual(gen):
+    z0, p = make_problem(gen, rho=0.99)
+    with pytest.raises(deqdiff.ConvergenceError, match=r"after 3 iterations.*residual \d\.\d+e[-+]\d+"):
+        deqdiff.fixed_point(tanh_cell, z0, *p, solver="fixed_point", tol=1e-12, max_iter=3, on_fail="raise")
+
+
+def test_non_convergence_warns_and_reports(gen):
+    z0, p = make_problem(gen, rho=0.99)
+    with pytest.warns(deqdiff.ConvergenceWarning, match="did not converge"):
+        z, info = deqdiff.fixed_point(
+            tanh_cell, z0, *p, solver="fixed_point", tol=1e-12, max_iter=3, return_info=True
+        )
+    assert not info.forward.all_converged and info.forward.max_residual > 1e-12
+
+
+def test_derivative_solve_non_convergence_is_reported(gen):
+    z0, p = make_problem(gen, rho=0.9)
+    z = deqdiff.fixed_point(
+        tanh_cell, z0, *p, tol=1e-12, backward_solver="richardson", backward_max_iter=2, on_fail="raise"
+    )
+    with pytest.raises(deqdiff.ConvergenceError, match="linear solve 'derivative"):
+        torch.autograd.grad(z.sum(), p[0])
+
+
+def test_unknown_solver_names_the_choices(gen):
+    z0, p = make_problem(gen)
+    with pytest.raises(ValueError, match="available"):
+        deqdiff.fixed_point(tanh_cell, z0, *p, solver="nope")
+
+
+def test_batch_ndim_out_of_range(gen):
+    z0, p = make_problem(gen)
+    with pytest.raises(ValueError, match="batch_ndim"):
+        deqdiff.fixed_point(tanh_cell, z0, *p, batch_ndim=3)
