@@ -1,6 +1,7 @@
 """deqdiff: deep equilibrium models with implicit differentiation of every order."""
 
 from . import solvers
+from . import derivatives
 from .engine import FixedPointInfo, fixed_point, linear_solve
 from .layers import DEQ
 from .solvers import ConvergenceError, ConvergenceWarning, SolveInfo, register_solver

@@ -63,14 +63,14 @@ def gmres(
     x, r, bnorm = linear_start(op, b, x0)
     thresh = atol + tol * bnorm
     track = Tracker(x, tol, atol)
-    res = torch.where(bnorm == 0, 0.0, row_norm(r))
+    res = row_norm(r)  # exactly 0 on rows with b = 0, which therefore stop here
     running = track.update(0, x, res, bnorm)
     k, matvecs = 0, int(x0 is not None)
     V = b.new_zeros(S, N, m + 1)
     R = b.new_zeros(S, m, m)
     while not track.finished and k < max_iter:
         beta = row_norm(r)
-        V.zero_(), R.zero_()
+        R.zero_()
         V[:, :, 0] = r / torch.where(beta > 0, beta, 1.0)[:, None]
         gvec = b.new_zeros(S, m + 1)
         gvec[:, 0] = beta
@@ -88,7 +88,8 @@ def gmres(
                 w = w - h[:, i, None] * V[:, :, i]
             h[:, j + 1] = row_norm(w)
             breakdown = h[:, j + 1] <= 10 * eps * wnorm
-            V[:, :, j + 1] = torch.where(breakdown[:, None], 0.0, w / torch.where(breakdown, 1.0, h[:, j + 1])[:, None])
+            hnext = torch.where(breakdown, 1.0, h[:, j + 1])
+            V[:, :, j + 1] = torch.where(breakdown[:, None], 0.0, w / hnext[:, None])
             for i in range(j):  # previous rotations
                 hi = cs[:, i] * h[:, i] + sn[:, i] * h[:, i + 1]
                 h[:, i + 1] = -sn[:, i] * h[:, i] + cs[:, i] * h[:, i + 1]
@@ -103,13 +104,12 @@ def gmres(
             active = active & ~closing
             res = torch.where(active, est, res)
             cycle_end = j == m - 1 or k == max_iter or not active.any()
-            x_new = x
+            x_new = x  # placeholder: a running row gets its iterate when it closes or the cycle ends
             if closing.any() or cycle_end:
                 x_new = _krylov_update(x, V[:, :, : j + 1], R[:, : j + 1, : j + 1], gvec[:, : j + 1], length)
                 r_new = b - op.mv(x_new)
                 matvecs += 1
-                true = torch.where(bnorm == 0, 0.0, row_norm(r_new))
-                res = torch.where(closing | (cycle_end & running), true, res)
+                res = torch.where(closing | (cycle_end & running), row_norm(r_new), res)
             running = track.update(k, x_new, res, bnorm)
             if cycle_end:
                 x, r = x_new, r_new

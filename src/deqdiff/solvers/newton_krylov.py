@@ -55,6 +55,8 @@ def newton_krylov(
         raise ValueError(f"newton_krylov forcing term eta must be in (0, 1), got {eta}")
     if int(inner_max_iter) != inner_max_iter or inner_max_iter < 1:
         raise ValueError(f"newton_krylov inner_max_iter must be an integer >= 1, got {inner_max_iter}")
+    if int(restart) != restart or restart < 1:
+        raise ValueError(f"newton_krylov restart must be an integer >= 1, got {restart}")
     track = Tracker(z0, tol, atol, store_trajectory)
     z = z0
     inner = 0

@@ -1,0 +1,31 @@
+"""``deqdiff.derivatives``: functional derivatives of deep equilibrium models.
+
+Every function takes the layer ``f(z, *params)``, its fixed point ``z_star`` at ``params``
+(e.g. the output of ``deqdiff.fixed_point``) and ``params`` — a tuple of f's arguments after
+z, tensors or pytrees of tensors (a dict of module parameters) — and selects derivatives
+with ``argnums`` as in ``torch.func``. Every derivative is one or a few linear solves with
+``I − ∂f/∂z`` at z* through the engine (``deqdiff.linear_solve``'s operator machinery);
+the count is stated per function and in docs/derivatives.md.
+"""
+
+from .hessian import LossHessian
+from .jacobian import deq_jacobian, deq_jvp, deq_vjp
+from .lanczos import eigsh, hessian_eigenvalues, lanczos
+from .mixed import deq_second_jvp, derivative_loss_grad, mixed_jacobian, mixed_jvp, mixed_vjp
+from .time import time_derivatives
+
+__all__ = [
+    "LossHessian",
+    "deq_jacobian",
+    "deq_jvp",
+    "deq_vjp",
+    "deq_second_jvp",
+    "derivative_loss_grad",
+    "eigsh",
+    "hessian_eigenvalues",
+    "lanczos",
+    "mixed_jacobian",
+    "mixed_jvp",
+    "mixed_vjp",
+    "time_derivatives",
+]
