@@ -12,6 +12,7 @@ Seed 001, eq. deq-jacobian:  ``J_{z*} = −[J_{f,z} − I]⁻¹ J_{f,x} = (I −
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,10 +20,48 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..engine import FixedPointJacobian, fixed_point
+from ..solvers.base import ConvergenceError, ConvergenceWarning, SolveInfo
 from ..engine.linear_solve import solve_with_operator
 from ..engine.validation import is_transformed
 
-__all__ = ["Equilibrium", "ParamTree"]
+__all__ = ["Equilibrium", "ParamTree", "check_given_fixed_point", "default_tol", "default_z_tol"]
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Derivative-solve tolerance: 1e-10 in float64, ~1e-5 in float32 (100 eps)."""
+    return max(1e-10, 100 * torch.finfo(dtype).eps)
+
+
+def default_z_tol(dtype: torch.dtype) -> float:
+    """Acceptance tolerance of a given z*: ``fixed_point``'s default 1e-6 (100 eps in float32)."""
+    return max(1e-6, 100 * torch.finfo(dtype).eps)
+
+
+def check_given_fixed_point(polish: SolveInfo, z_tol: float, atol: float, tol: float, on_fail: str) -> None:
+    """Report (``on_fail``) rows of the given z* whose relative residual exceeds ``z_tol``.
+
+    The polishing solve started at z*, so its first recorded residual (iteration 0) is the
+    residual of z* itself: no extra evaluation of ``f``."""
+    if on_fail == "ignore" or polish.abs_trace.shape[0] == 0:
+        return
+    res, rel = polish.abs_trace[0], polish.rel_trace[0]
+    scale = torch.where(rel > 0, res / rel.clamp_min(1e-300), torch.zeros_like(res))
+    bad = res > atol + z_tol * scale
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero().flatten()
+    worst = int(rows[res[rows].argmax()])
+    msg = (
+        f"z_star is not a fixed point of f: {rows.numel()}/{bad.numel()} rows have residual "
+        f"‖f(z*) − z*‖ above atol + z_tol·‖f(z*)‖ (z_tol={z_tol:g}, atol={atol:g}); worst row {worst} has "
+        f"residual {float(res[worst]):.3e} (relative {float(rel[worst]):.3e}). "
+        + (f"It was polished to tol={tol:g} before differentiating "
+           f"(now max residual {polish.max_residual:.3e}). " if polish.all_converged else "")
+        + "Pass the converged fixed point, or set z_tol / on_fail='ignore'."
+    )
+    if on_fail == "raise":
+        raise ConvergenceError(msg, polish)
+    warnings.warn(msg, ConvergenceWarning, stacklevel=4)
 
 
 class ParamTree:
@@ -150,6 +189,11 @@ class Equilibrium:
     makes z* a differentiable function of every parameter leaf. ``graph=False`` detaches the
     parameters: results are plain numbers.
 
+    The given z* is checked on that first evaluation: a row with ``‖f(z*) − z*‖ > atol +
+    z_tol·‖f(z*)‖`` is reported by ``on_fail`` (warning or :class:`~deqdiff.ConvergenceError`
+    naming the residual; ``"ignore"`` polishes silently). Defaults: ``tol`` (derivative
+    solves and polishing) ``max(1e-10, 100·eps)``, ``z_tol`` ``max(1e-6, 100·eps)`` of the dtype.
+
     ``solves`` lists the :class:`~deqdiff.SolveInfo` of every linear solve run with the
     operator (forward-mode tangents, adjoints, and those run later by autograd): the costs
     stated in the docstrings are checked against it in the tests.
@@ -157,22 +201,29 @@ class Equilibrium:
 
     def __init__(
         self, f: Callable, z_star: Tensor, params: Sequence[Any], argnums: int | Sequence[int] = (), *,
-        batch_ndim: int = 0, graph: bool = True, solver: str | Callable = "auto", tol: float = 1e-10,
+        batch_ndim: int = 0, graph: bool = True, solver: str | Callable = "auto", tol: float | None = None,
         atol: float = 0.0, max_iter: int = 1000, on_fail: str = "warn", options: dict | None = None,
+        z_tol: float | None = None,
     ):
         if not isinstance(z_star, Tensor):
             raise TypeError(f"z_star must be a tensor (the fixed point), got {type(z_star).__name__}")
+        if on_fail not in ("warn", "raise", "ignore"):
+            raise ValueError(f"on_fail must be 'raise', 'warn' or 'ignore', got {on_fail!r}")
         self.tree = ParamTree(params, argnums)
         self.f = self.tree.flat_f(f)
         leaves = self.tree.leaves if graph else tuple(p.detach() for p in self.tree.leaves)
         self.leaves = leaves
         self.batch_ndim = batch_ndim
         self.solves: list = []
-        self.z = fixed_point(
+        tol = default_tol(z_star.dtype) if tol is None else tol
+        self.z, info = fixed_point(
             self.f, z_star.detach(), *leaves, solver="anderson", tol=tol, atol=atol, max_iter=200,
             batch_ndim=batch_ndim, on_fail=on_fail, backward_solver=solver, backward_tol=tol,
-            backward_atol=atol, backward_max_iter=max_iter, backward_options=options,
+            backward_atol=atol, backward_max_iter=max_iter, backward_options=options, return_info=True,
         )
+        self.polish = info.forward
+        check_given_fixed_point(info.forward, default_z_tol(z_star.dtype) if z_tol is None else z_tol,
+                                atol, tol, on_fail)
         cfg = dict(solver=solver, tol=tol, atol=atol, max_iter=max_iter, options=dict(options or {}),
                    on_fail=on_fail, kind="derivative", record=self.solves.append)
         self.op = FixedPointJacobian(self.f, self.z.shape, batch_ndim, config=cfg)

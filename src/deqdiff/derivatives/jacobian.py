@@ -32,7 +32,7 @@ def deq_jvp(f: Callable, z_star: Tensor, params: Sequence[Any], argnums: int | S
 
     ``tangents`` has the structure of ``params[argnums]`` (a tuple of them when ``argnums``
     is a tuple; ``None`` entries are zero). ``solve_options``: ``batch_ndim``, ``solver``,
-    ``tol``, ``atol``, ``max_iter``, ``on_fail``, ``options``, ``graph`` (see ``Equilibrium``).
+    ``tol``, ``atol``, ``max_iter``, ``on_fail``, ``options``, ``z_tol``, ``graph`` (see ``Equilibrium``).
     """
     eq = Equilibrium(f, z_star, params, argnums, **solve_options)
     return eq.z_tangent(eq.tree.tangent_leaves(tangents))

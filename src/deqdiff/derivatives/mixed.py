@@ -22,7 +22,8 @@ and unrolled autodiff in tests/derivatives/test_mixed.py).
 
 Costs: ``deq_second_jvp`` 3 solves (2 when u = v); ``mixed_jvp`` 3 (2 with a given
 ``z_t``); ``mixed_vjp`` 3 (2 with ``z_t``); ``mixed_jacobian`` 1 + 2 batched;
-``derivative_loss_grad`` 3.
+``derivative_loss_grad`` 3 (plus, with ``create_graph=True``, the adjoint solves autograd
+runs when the result is differentiated again).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from ._problem import Equilibrium
 from .jacobian import _dense_rows
@@ -116,7 +118,7 @@ def mixed_jacobian(f: Callable, z_star: Tensor, params: Sequence[Any], t_argnum:
 
 def derivative_loss_grad(f: Callable, z_star: Tensor, params: Sequence[Any], t_argnum: int, argnums,
                          n_post: Callable, loss: Callable[[Tensor], Tensor], *, post_params: Sequence[Tensor] = (),
-                         t_tangent=None, **solve_options):
+                         t_tangent=None, create_graph: bool = False, **solve_options):
     """Value and gradient of ``ℓ(∂NN/∂t)`` with ``NN = n_post(z*(t, θ), *post_params)``
     (seed 001, "Computing gradients through derivatives of DEQs").
 
@@ -129,13 +131,16 @@ def derivative_loss_grad(f: Callable, z_star: Tensor, params: Sequence[Any], t_a
     3 solves: z_t (forward), λ and the final ``Zᵀ(G + g_z)`` (adjoint): the seed's two
     backward fixed points for G and V are merged into one. Returns
     ``(value, grads, post_grads)``: ``grads`` like ``params[argnums]``, ``post_grads`` a tuple
-    like ``post_params`` (empty when there are none). Plain tensors (no graph).
+    like ``post_params`` (empty when there are none). Plain tensors by default; with
+    ``create_graph=True`` they keep their graph w.r.t. ``params`` and ``post_params`` (every
+    solve is an engine node), so e.g. a Hessian-vector product of the physics loss is one more
+    ``torch.autograd.grad`` (which runs further implicit solves).
     """
-    eq = Equilibrium(f, z_star, params, argnums, graph=False, **solve_options)
+    eq = Equilibrium(f, z_star, params, argnums, graph=create_graph, **solve_options)
     z = eq.z
     a = _time_direction(eq, t_argnum, t_tangent, None)
     z_t = a[0]
-    post = tuple(p.detach() for p in post_params)
+    post = tuple(post_params) if create_graph else tuple(p.detach() for p in post_params)
 
     def y_t_of(zz, *pp):
         return torch.func.jvp(lambda q: n_post(q, *pp), (zz,), (z_t,))[1]
@@ -157,4 +162,7 @@ def derivative_loss_grad(f: Callable, z_star: Tensor, params: Sequence[Any], t_a
     post_grads = ()
     if post:
         post_grads = torch.func.grad(lambda *pp: objective(z, *pp), argnums=tuple(range(len(post))))(*post)
-    return value.detach(), grads, tuple(post_grads)
+    if create_graph:
+        return value, grads, tuple(post_grads)
+    detach = lambda tree: tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)  # noqa: E731
+    return value.detach(), detach(grads), detach(tuple(post_grads))

@@ -37,7 +37,7 @@ def time_derivatives(f: Callable, z_star: Tensor, params: Sequence[Any], t_argnu
 
     Results keep their graph w.r.t. every tensor in ``params`` that requires grad. ``z_star``
     must be the fixed point (e.g. from ``deqdiff.fixed_point``); ``solve_options``:
-    ``batch_ndim``, ``solver``, ``tol``, ``atol``, ``max_iter``, ``on_fail``, ``options``.
+    ``batch_ndim``, ``solver``, ``tol``, ``atol``, ``max_iter``, ``on_fail``, ``options``, ``z_tol``.
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")

@@ -52,8 +52,11 @@ class Linearization:
         return self._blocks
 
     def lu(self) -> tuple[Tensor, Tensor]:
+        """Batched LU of the blocks; the blocks are released once factored (dense solves
+        need only the LU, and on small-width/many-row problems the blocks dominate memory)."""
         if self._lu is None:
             self._lu = torch.linalg.lu_factor(self.blocks())
+            self._blocks = None
         return self._lu
 
 

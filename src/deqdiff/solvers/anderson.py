@@ -20,22 +20,20 @@ from torch import Tensor
 from .base import SolveInfo, Tracker, register_solver, row_norm
 
 
-def anderson_weights(dF: Tensor, F: Tensor, lam: float, running: Tensor) -> Tensor:
+def anderson_weights(gram: Tensor, rhs: Tensor, lam: float, running: Tensor) -> Tensor:
     """Per-row Tikhonov-regularized least-squares weights γ ``(S, m_k)``.
 
-    ``dF`` is ``(S, N, m_k)``, ``F`` is ``(S, N)``. The regularization is relative:
-    λ_s = lam · tr(ΔF_sᵀΔF_s)/m_k (invariant to the scale of the residuals). Rows not
-    running, rows with a zero history and rows whose system is singular get γ = 0
+    ``gram`` = ΔFᵀΔF ``(S, m_k, m_k)`` and ``rhs`` = ΔFᵀF ``(S, m_k)``. The regularization
+    is relative: λ_s = lam · tr(ΔF_sᵀΔF_s)/m_k (invariant to the scale of the residuals).
+    Rows not running, rows with a zero history and rows whose system is singular get γ = 0
     (a plain mixing step), so no row can poison the batched solve."""
-    gram = torch.bmm(dF.transpose(1, 2), dF)  # (S, m_k, m_k)
-    rhs = torch.bmm(dF.transpose(1, 2), F.unsqueeze(2))  # (S, m_k, 1)
-    mk = dF.shape[2]
-    eye = torch.eye(mk, dtype=F.dtype, device=F.device).expand_as(gram)
+    mk = gram.shape[-1]
+    eye = torch.eye(mk, dtype=gram.dtype, device=gram.device).expand_as(gram)
     trace = gram.diagonal(dim1=1, dim2=2).sum(1)
     usable = running & (trace > 0)
     reg = (lam / mk) * trace
     gram = torch.where(usable[:, None, None], gram + reg[:, None, None] * eye, eye)
-    gamma, _ = torch.linalg.solve_ex(gram, rhs)
+    gamma, _ = torch.linalg.solve_ex(gram, rhs.unsqueeze(2))
     gamma = gamma.squeeze(2)
     ok = usable & torch.isfinite(gamma).all(1)
     return torch.where(ok[:, None], gamma, torch.zeros_like(gamma))
@@ -58,9 +56,11 @@ def anderson(
     """Anderson acceleration with memory ``m`` ≥ 1, mixing ``beta`` ∈ (0, 1] and relative
     Tikhonov regularization ``lam`` ≥ 0 (see :func:`anderson_weights`).
 
-    The history is a ring buffer of the last ``m`` differences (the least-squares
-    problem does not depend on the column order). All rows advance in lockstep, so the
-    history length m_k is shared; the weights are per row and converged rows are frozen."""
+    The history is a ring buffer of the last ``m`` differences, stored ``(S, m, N)`` (the
+    least-squares problem does not depend on the column order); its Gram matrix ΔFᵀΔF is
+    kept up to date one row/column per step instead of being rebuilt. All rows advance in
+    lockstep, so the history length m_k is shared; the weights are per row and converged
+    rows are frozen."""
     if int(m) != m or m < 1:
         raise ValueError(f"anderson memory m must be an integer >= 1, got {m}")
     if not 0.0 < beta <= 1.0:
@@ -69,8 +69,9 @@ def anderson(
         raise ValueError(f"anderson regularization lam must be >= 0, got {lam}")
     m = int(m)
     S, N = z0.shape
-    dZ = z0.new_zeros(S, N, m)
-    dF = z0.new_zeros(S, N, m)
+    dZ = z0.new_zeros(S, m, N)
+    dF = z0.new_zeros(S, m, N)
+    gram = z0.new_zeros(S, m, m)
     track = Tracker(z0, tol, atol, store_trajectory)
     z, z_prev, F_prev = z0, z0, z0
     for k in range(max_iter + 1):
@@ -83,12 +84,16 @@ def anderson(
             step = beta * F
         else:
             col = (k - 1) % m
-            dZ[:, :, col] = z - z_prev
-            dF[:, :, col] = F - F_prev
+            dZ[:, col] = z - z_prev
+            dF[:, col] = F - F_prev
             mk = min(k, m)
-            gamma = anderson_weights(dF[:, :, :mk], F, lam, running)
-            correction = torch.bmm(dZ[:, :, :mk] + beta * dF[:, :, :mk], gamma.unsqueeze(2))
-            step = beta * F - correction.squeeze(2)
+            dots = (dF[:, :mk] * dF[:, col, None]).sum(2)  # (S, m_k); faster than bmm on CPU
+            gram[:, col, :mk] = dots
+            gram[:, :mk, col] = dots
+            rhs = (dF[:, :mk] * F[:, None]).sum(2)
+            gamma = anderson_weights(gram[:, :mk, :mk], rhs, lam, running)[:, None, :]  # (S, 1, m_k)
+            correction = torch.bmm(gamma, dZ[:, :mk]) + beta * torch.bmm(gamma, dF[:, :mk])
+            step = beta * F - correction.squeeze(1)
         z_prev, F_prev = z, F
         z = torch.where(running[:, None], z + step, z)
     return track.result, track.info("anderson", "forward", m=m, beta=beta, lam=lam)

@@ -127,6 +127,14 @@ class Tracker:
         self.done = self.done | newly
         return ~self.done
 
+    def note(self, res_abs: Tensor, scale: Tensor) -> None:
+        """Record residual estimates of the running rows in the traces, without freezing
+        any row (for solvers whose iterate is formed only now and then, e.g. GMRES)."""
+        running = ~self.done
+        rel = res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+        self.abs_trace.append(torch.where(running, res_abs, self.residual))
+        self.rel_trace.append(torch.where(running, rel, self.rel_residual))
+
     @property
     def finished(self) -> bool:
         return bool(self.done.all())

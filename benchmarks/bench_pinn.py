@@ -1,0 +1,886 @@
+"""One physics-informed training step of the PIDEQ setup: deqdiff vs. unrolled autodiff vs. an
+MLP PINN vs. JAX optimistix; can torchdeq / xitorch produce the second derivative at all?
+
+Run from the repository root::
+
+    PYTHONPATH=src python benchmarks/bench_pinn.py            # full run (≤ ~10 min, 2-core CPU)
+    PYTHONPATH=src python benchmarks/bench_pinn.py --quick    # smoke run (< 1 min)
+    PYTHONPATH=src python benchmarks/bench_pinn.py --device cuda --points 100000   # GPU
+
+Step (issue 5, item 2; Pacheco 2022): Van der Pol (μ = 1, y(0) = (0, 0.1), t ∈ [0, 2]), model
+``y = C z* + c + D t``, ``z* = tanh(A z* + U t + b)`` with 80 states (``deqdiff.physics.PIDEQ``),
+loss ``mean‖y(0) − y0‖² + 0.1·mean‖dy/dt − F(y)‖² + κ·mean‖∂f/∂z‖_F`` (κ = 1) at ``--points``
+collocation points, and its gradient w.r.t. every weight. ``dy/dt`` needs the derivative of z*
+w.r.t. t kept in the graph, so the weight gradient is a second derivative of z*. Methods:
+
+* ``deqdiff``: ``PIDEQ(mode="implicit")`` + ``PhysicsLoss`` (dy/dt by ``autograd.grad(...,
+  create_graph=True)``, one reverse pass per output) — Anderson forward solve at tol 1e-4,
+  backward ``auto`` (GMRES for 80 states) or ``dense`` (batched LU per sample);
+* ``deqdiff-fwd``: the same loss with ``dz*/dt`` by one implicit forward-mode solve
+  (``deqdiff.derivatives.time_derivatives``) instead of two reverse passes;
+* ``unrolled`` (PIDEQ's approach): ``PIDEQ(mode="unrolled")`` — the solver loop (plain
+  iteration, or Anderson) recorded by autograd until the same stopping rule holds, so every
+  derivative backpropagates through all forward iterations;
+* ``mlp``: explicit tanh MLP PINNs, 4×20 (the founding work's baseline) and 4×46 (parameter
+  count comparable to the 80-state PIDEQ), same loss without the Jacobian term;
+* ``jax``: JAX + optimistix, ``optx.fixed_point(FixedPointIteration, adjoint=ImplicitAdjoint())``
+  vmapped over samples, ``dy/dt`` by ``jax.jvp``, ``jax.grad`` of the loss, all under
+  ``jax.jit`` (compile time excluded).
+
+Regimes: ``init`` (PIDEQ's initialization, ‖A‖₂ = 0.5) and ``hard`` (‖A‖₂ = 0.9, as after
+training with a weak Jacobian penalty: more forward iterations).
+
+Measurement (shared with benchmarks/bench_core.py, whose helpers are imported): each (regime,
+method, quantity) runs in a fresh subprocess: warm-up step on a tiny problem, then the extra
+peak RSS of one step (``ru_maxrss`` difference, high-water mark reset first; CUDA:
+``max_memory_allocated``), then ``--repeats`` timed steps (median). ``fwd`` is the forward
+solve alone at the collocation points (no graph). Accuracy: float64 gradients at tol 1e-4
+against a tight float64 reference (deqdiff at tol 1e-12, dense backward; cross-checked with
+unrolled iteration to 1e-12). Peers: on a small contractive float64 problem, the same PINN
+gradient from torchdeq and xitorch against unrolled autodiff (exact there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+try:
+    import deqdiff
+except ImportError:  # run without PYTHONPATH=src
+    sys.path.insert(0, str(ROOT / "src"))
+    import deqdiff
+
+import bench_core as core  # noqa: E402  (measurement helpers: fresh-process memory, repeats)
+from deqdiff.derivatives import time_derivatives  # noqa: E402
+from deqdiff.physics import MLP, PIDEQ, PhysicsLoss  # noqa: E402
+from deqdiff.physics.problems import van_der_pol  # noqa: E402
+
+TOL, REF_TOL = 1e-4, 1e-12
+WIDTH, LAM, KAPPA, MU, T_END, Y0 = 80, 0.1, 1.0, 1.0, 2.0, (0.0, 0.1)
+MAX_ITER = 500
+MARK = "@@RESULT@@"
+#: ‖A‖₂ and the kind of A: PIDEQ's initialization (Gaussian, spectral radius ≈ ‖A‖₂/2: fast
+#: contraction), and a stress regime with the spectrum on a circle of radius 0.95 (slow)
+REGIMES = {"init": (0.5, "gaussian"), "hard": (0.95, "orthogonal")}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+METHODS = {
+    "deqdiff": dict(kind="pideq", mode="implicit", backward="auto"),
+    "deqdiff-dense": dict(kind="pideq", mode="implicit", backward="dense"),
+    "deqdiff-richardson": dict(kind="pideq", mode="implicit", backward="richardson"),
+    "deqdiff-fp-richardson": dict(kind="pideq", mode="implicit", forward="fixed_point", backward="richardson"),
+    "deqdiff-fwd": dict(kind="fwdmode", mode="implicit", backward="dense"),
+    "unrolled": dict(kind="pideq", mode="unrolled", unrolled_solver="fixed_point"),
+    "unrolled-anderson": dict(kind="pideq", mode="unrolled", unrolled_solver="anderson"),
+    "mlp-4x20": dict(kind="mlp", width=20),
+    "mlp-4x46": dict(kind="mlp", width=46),
+    "jax": dict(kind="jax"),
+}
+
+
+FULL_METHODS = ["deqdiff", "deqdiff-dense", "deqdiff-richardson", "deqdiff-fp-richardson", "deqdiff-fwd",
+                "unrolled", "unrolled-anderson", "mlp-4x20", "mlp-4x46"]
+#: the stress regime only needs the methods whose cost depends on the iteration count
+HARD_METHODS = ["deqdiff", "deqdiff-dense", "deqdiff-richardson", "deqdiff-fp-richardson", "unrolled", "mlp-4x46"]
+QUICK_METHODS = ["deqdiff-richardson", "unrolled", "mlp-4x46"]
+#: methods whose forward solve is another's (same model, same forward solver)
+SHARED_FWD = {"deqdiff-dense": "deqdiff", "deqdiff-richardson": "deqdiff", "deqdiff-fwd": "deqdiff"}
+
+
+# --------------------------------------------------------------------------- problem
+
+
+def build_model(method: str, regime: str, dtype, device, tol: float = TOL, seed: int = 0):
+    """The model of ``method`` with weights drawn from ``seed`` (identical across methods that
+    share an architecture: every PIDEQ variant and the JAX twin see the same numbers)."""
+    spec = METHODS[method]
+    torch.manual_seed(seed)
+    if spec["kind"] == "mlp":
+        return MLP(1, 2, spec["width"], 4).to(device=device, dtype=dtype)
+    rho, kind = REGIMES[regime]
+    opts = dict(mode=spec["mode"], solver=spec.get("forward", "anderson"), tol=tol, max_iter=MAX_ITER, rho=rho)
+    if spec["mode"] == "implicit":
+        opts["backward_solver"] = spec.get("backward", "auto")
+    else:
+        opts["unrolled_solver"] = spec["unrolled_solver"]
+    model = PIDEQ(1, 2, WIDTH, **opts)
+    with torch.no_grad():  # a non-trivial skip and head, as after some training
+        g = torch.Generator().manual_seed(seed + 1)
+        model.D.weight.copy_(0.3 * torch.randn(model.D.weight.shape, generator=g))
+        model.cell.b.copy_(0.3 * torch.randn(model.cell.b.shape, generator=g))
+        if kind == "orthogonal":
+            q = torch.linalg.qr(torch.randn(WIDTH, WIDTH, generator=g, dtype=torch.float64))[0]
+            model.cell.A.copy_(rho * q)
+    return model.to(device=device, dtype=dtype)
+
+
+def collocation(batch: int, dtype, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed + 2)
+    t = T_END * torch.rand(batch, 1, generator=g, dtype=torch.float64)
+    ic = (torch.zeros(1, 1, dtype=torch.float64), torch.tensor([Y0], dtype=torch.float64))
+    cast = lambda u: u.to(dtype=dtype, device=device)  # noqa: E731
+    return cast(t), (cast(ic[0]), cast(ic[1]))
+
+
+def physics_loss(kappa: float = KAPPA) -> PhysicsLoss:
+    return PhysicsLoss(lambda t, y: van_der_pol(t, y, MU), physics_weight=LAM, ic_weight=1.0, jacobian_weight=kappa)
+
+
+def _cell(z, A, U, b, t):
+    return torch.tanh(torch.addmm(torch.addmm(b, t, U.T), z, A.T))
+
+
+def fwdmode_loss(model: PIDEQ, t: torch.Tensor, ic, kappa: float = KAPPA):
+    """The identical loss with ``dz*/dt`` from one implicit forward-mode solve; returns
+    ``(loss, forward iteration stats)``."""
+    cell = model.cell
+    A, U, b = cell.A, cell.U, cell.b
+    opts = model.deq.solver_options
+    z0 = t.new_zeros(t.shape[0], model.width)
+    z, info = deqdiff.fixed_point(_cell, z0, A, U, b, t, batch_ndim=1, solver=opts["solver"], tol=opts["tol"],
+                                  max_iter=opts["max_iter"], backward_solver=opts.get("backward_solver", "auto"),
+                                  return_info=True)
+    (z_t,) = time_derivatives(_cell, z, (A, U, b, t), 3, order=1, batch_ndim=1, tol=opts["tol"],
+                              solver=opts.get("backward_solver", "auto"))
+    y = model.C(z) + model.D(t)
+    dy = z_t @ model.C.weight.T + model.D.weight[:, 0]
+    phys = ((dy - van_der_pol(t[:, 0], y, MU)) ** 2).mean()
+    ic_err = ((model(ic[0]) - ic[1]) ** 2).mean()
+    jac = cell.jacobian_frobenius(z).mean()
+    return ic_err + LAM * phys + kappa * jac, _summ(info.forward.iterations)
+
+
+def make_step(method: str, quantity: str, regime: str, batch: int, dtype, device, tol: float = TOL):
+    """``step(stats) -> list of tensors``: the weight gradient (``step``) or the forward
+    solve alone at the collocation points (``fwd``)."""
+    model = build_model(method, regime, dtype, device, tol)
+    t, ic = collocation(batch, dtype, device)
+    params = list(model.parameters())
+    kind = METHODS[method]["kind"]
+    if quantity == "fwd":
+        def fwd(st):
+            for p in params:  # no graph at all (the unrolled loop enables grad itself)
+                p.requires_grad_(False)
+            try:
+                with torch.no_grad():
+                    y = model(t)
+            finally:
+                for p in params:
+                    p.requires_grad_(True)
+            st["iterations"] = getattr(model, "last_iterations", None)
+            return [y]
+        return fwd
+    loss_fn = physics_loss(KAPPA if kind != "mlp" else 0.0)
+
+    def step(st):
+        if kind == "fwdmode":
+            total, st["iterations"] = fwdmode_loss(model, t, ic)
+        else:
+            terms = loss_fn(model, t, ic=ic)
+            total = terms.total
+            if "iters_max" in terms.terms:  # the collocation points' solve (not the IC point's)
+                st["iterations"] = {"max": int(terms.terms["iters_max"]), "mean": round(terms.terms["iters_mean"], 1)}
+        return list(torch.autograd.grad(total, params))
+    return step
+
+
+# --------------------------------------------------------------------------- PDE: Burgers (third order)
+
+PDE_METHODS = {"burgers-implicit": dict(model="deq", mode="implicit"),
+               "burgers-unrolled": dict(model="deq", mode="unrolled"),
+               "burgers-mlp-4x20": dict(model="mlp", mlp_width=20),
+               "burgers-mlp-4x28": dict(model="mlp", mlp_width=28)}
+
+
+def make_pde_step(method: str, quantity: str, batch: int, dtype, device, tol: float | None = None):
+    """One training step of ``deqdiff pinn burgers`` (defaults: 24 states, ν = 0.1/π): the
+    residual needs u_t, u_x, u_xx, so the weight gradient is a third derivative of z*."""
+    from deqdiff.physics import burgers as bg
+
+    dname = "float64" if dtype == torch.float64 else "float32"
+    cfg = bg.PDEConfig(n_collocation=batch, device=device, dtype=dname, **PDE_METHODS[method],
+                       **({"tol": tol} if tol else {}))
+    model, _, _, g = bg.build(cfg)
+    pts = bg.sample_points(cfg, g, dtype, device)
+    params = list(model.parameters())
+    if quantity == "fwd":
+        def fwd(st):
+            with torch.no_grad():
+                out = model(pts["x_col"], pts["t_col"])
+            st["iterations"] = _pde_iters(model)
+            return [out]
+        return fwd
+
+    def step(st):
+        loss, _ = bg.pde_loss(model, cfg, pts)
+        st["iterations"] = _pde_iters(model)
+        return list(torch.autograd.grad(loss, params))
+    return step
+
+
+def _pde_iters(model):
+    info = getattr(model, "last_info", None)
+    if info is not None:
+        return info.forward.iterations
+    it = getattr(model, "last_iterations", None)
+    return None if it is None else {"max": it, "mean": it}
+
+
+# --------------------------------------------------------------------------- JAX optimistix twin
+
+
+def _jax_setup(regime: str, batch: int, x64: bool, tol: float, seed: int = 0):
+    """The JAX twin of the PIDEQ step with the torch model's weights; returns
+    ``(grad_fn, params, t, names)`` where ``grad_fn`` is jitted."""
+    import jax
+
+    jax.config.update("jax_enable_x64", x64)
+    jax.config.update("jax_platforms", "cpu") if os.environ.get("BENCH_JAX_CPU") else None
+    import jax.numpy as jnp
+    import optimistix as optx
+
+    dt = torch.float64 if x64 else torch.float32
+    m = build_model("deqdiff", regime, dt, "cpu", tol, seed)
+    t, ic = collocation(batch, dt, "cpu")
+    P = {"A": m.cell.A, "U": m.cell.U, "b": m.cell.b, "C": m.C.weight, "c": m.C.bias, "D": m.D.weight}
+    params = {k: jnp.asarray(v.detach().numpy()) for k, v in P.items()}
+    tj = jnp.asarray(t.numpy())
+    with torch.no_grad():  # optimistix's rule is elementwise: atol = tol·(typical ‖z*‖), two-norm
+        znorm = float(m.equilibrium(t).norm(dim=1).mean())
+    solver = optx.FixedPointIteration(rtol=0.0, atol=tol * znorm, norm=optx.two_norm)
+    y0 = jnp.asarray(Y0, dtype=tj.dtype)
+
+    def cell(z, args):
+        A, U, b, ti = args
+        return jnp.tanh(A @ z + U @ ti + b)
+
+    def model(p, ti):
+        sol = optx.fixed_point(cell, solver, jnp.zeros(WIDTH, tj.dtype), args=(p["A"], p["U"], p["b"], ti),
+                               max_steps=MAX_ITER, adjoint=optx.ImplicitAdjoint(), throw=False)
+        z = sol.value
+        return p["C"] @ z + p["c"] + p["D"] @ ti, z
+
+    def per_sample(p, ti):
+        (y, z), (dy, _) = jax.jvp(lambda s: model(p, s), (ti,), (jnp.ones_like(ti),))
+        return y, dy, z
+
+    def loss(p, tt):
+        y, dy, z = jax.vmap(per_sample, (None, 0))(p, tt)
+        F = jnp.stack([y[:, 1], MU * (1 - y[:, 0] ** 2) * y[:, 1] - y[:, 0]], 1)
+        phys = jnp.mean((dy - F) ** 2)
+        ic_err = jnp.mean((model(p, jnp.zeros(1, tj.dtype))[0] - y0) ** 2)
+        jac = jnp.mean(jnp.sqrt(jnp.sum((1 - z * z) ** 2 * jnp.sum(p["A"] ** 2, 1), 1)))
+        return ic_err + LAM * phys + KAPPA * jac
+
+    grad_fn = jax.jit(jax.grad(loss))
+    fwd_fn = jax.jit(lambda p, tt: jax.vmap(lambda s: model(p, s)[0])(tt))
+    return grad_fn, fwd_fn, params, tj, list(P)
+
+
+def jax_step(regime: str, quantity: str, batch: int, x64: bool = False, tol: float = TOL):
+    import jax
+
+    grad_fn, fwd_fn, params, tj, names = _jax_setup(regime, batch, x64, tol)
+    fn = grad_fn if quantity == "step" else fwd_fn
+
+    def step(st):
+        out = jax.block_until_ready(fn(params, tj))
+        return out
+    step({})  # compile (excluded from time and memory, like the warm-up of the torch runs)
+    return step, (grad_fn, params, tj, names)
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _summ(it) -> dict | None:
+    if it is None or isinstance(it, dict):
+        return it
+    it = it.detach().float()
+    return {"max": int(it.max()), "mean": round(float(it.mean()), 1)}
+
+
+def worker_measure(spec: dict) -> dict:
+    dtype, device = DTYPES[spec["dtype"]], spec["device"]
+    method, q, regime = spec["method"], spec["quantity"], spec["regime"]
+    if method == "jax":
+        jax_step(regime, q, 8)  # warm-up on a tiny problem: lazy imports
+        step, _ = jax_step(regime, q, spec["batch"])
+        device = "cpu"
+    elif method in PDE_METHODS:
+        make_pde_step(method, q, 8, dtype, device)({})
+        step = make_pde_step(method, q, spec["batch"], dtype, device)
+    else:
+        make_step(method, q, regime, 8, dtype, device)({})  # warm-up: kernels, lazy imports (sympy)
+        step = make_step(method, q, regime, spec["batch"], dtype, device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mem, st = core.measure_memory(step, device)
+        if spec.get("memory_only"):
+            return {"peak_mib": mem["peak_mib"], "step_s": mem["first_step_s"],
+                    "method": f"ru_maxrss difference under {core.LIVE_ENV}"}
+        times = core.time_repeats(step, device, spec["repeats"], spec["budget_s"])
+    return {**spec, "times_s": times, "median_s": statistics.median(times), "memory": mem,
+            "iterations": _summ(st.get("iterations")), "loadavg_1min_after": os.getloadavg()[0],
+            "warnings": sorted({str(w.message)[:160] for w in caught})}
+
+
+def _flat(grads) -> torch.Tensor:
+    return torch.cat([torch.as_tensor(g).detach().reshape(-1).to(torch.float64).cpu() for g in grads])
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def worker_accuracy(spec: dict) -> dict:
+    """float64 gradients at tol 1e-4 vs a tight reference (tol 1e-12, dense backward)."""
+    regime, batch = spec["regime"], spec["batch"]
+    f64 = torch.float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = _flat(make_step("deqdiff-dense", "step", regime, batch, f64, "cpu", REF_TOL)({}))
+        ref_unr = _flat(make_step("unrolled", "step", regime, batch, f64, "cpu", REF_TOL)({}))
+        rows = []
+        for m in spec["methods"]:
+            st: dict = {}
+            try:
+                g = _flat(make_step(m, "step", regime, batch, f64, "cpu", TOL)(st))
+                rows.append({"method": m, "rel_err": _rel(g, ref), "iterations": _summ(st.get("iterations"))})
+            except Exception as e:  # a failing baseline is a result
+                rows.append({"method": m, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+    return {"regime": regime, "batch": batch, "reference": "deqdiff tol 1e-12, dense backward, float64",
+            "reference_vs_unrolled_1e-12": _rel(ref_unr, ref), "rows": rows, "ref": ref.tolist()}
+
+
+def worker_pde_accuracy(spec: dict) -> dict:
+    """Burgers step in float64 at tol 1e-5 (the CLI default) vs tol 1e-12 implicit (reference),
+    cross-checked with unrolled iteration to 1e-12."""
+    f64, batch = torch.float64, spec["batch"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = _flat(make_pde_step("burgers-implicit", "step", batch, f64, "cpu", REF_TOL)({}))
+        ref_unr = _flat(make_pde_step("burgers-unrolled", "step", batch, f64, "cpu", REF_TOL)({}))
+        rows = []
+        for m in ("burgers-implicit", "burgers-unrolled"):
+            st: dict = {}
+            g = _flat(make_pde_step(m, "step", batch, f64, "cpu")(st))
+            rows.append({"method": m, "rel_err": _rel(g, ref), "iterations": _summ(st.get("iterations"))})
+    return {"regime": "burgers", "batch": batch, "reference": "implicit, tol 1e-12, float64",
+            "reference_vs_unrolled_1e-12": _rel(ref_unr, ref), "rows": rows}
+
+
+def worker_pde_train(spec: dict) -> dict:
+    """``deqdiff pinn burgers`` training with equal epochs for the DEQ (implicit / unrolled) and
+    the MLP PINNs: final relative L2 error against Cole–Hopf, seconds per epoch, parameters."""
+    from deqdiff.physics import burgers as bg
+
+    cfg = bg.PDEConfig(epochs=spec["epochs"], **PDE_METHODS[spec["method"]])
+    t0 = time.perf_counter()
+    model, hist, _ = bg.train(cfg)
+    wall = time.perf_counter() - t0
+    ev = bg.evaluate(model, cfg)
+    return {**spec, "rel_l2": ev["rel_l2"], "max_abs": ev["max_abs"], "s_per_epoch": wall / max(cfg.epochs, 1),
+            "wall_s": wall, "parameters": sum(p.numel() for p in model.parameters()),
+            "final_loss": hist["loss"][-1], "fwd_iters_last": hist["fwd_iters"][-1]}
+
+
+def worker_jax_accuracy(spec: dict) -> dict:
+    """The JAX gradient in float64 at tol 1e-4 (same weights) vs the torch reference."""
+    _, (grad_fn, params, tj, names) = jax_step(spec["regime"], "step", spec["batch"], x64=True)
+    g = grad_fn(params, tj)
+    flat = _flat([torch.from_numpy(__import__("numpy").asarray(g[k])) for k in names])
+    ref = torch.tensor(json.loads(Path(spec["ref_path"]).read_text()), dtype=torch.float64)
+    return {"method": "jax", "rel_err": _rel(flat, ref)}
+
+
+def worker_peers(spec: dict) -> dict:
+    """Can torchdeq / xitorch produce the PINN gradient (a second derivative of z*) at all?
+    Small contractive float64 problem (n = 8, 6 points, ‖A‖₂ = 0.5): unrolled autodiff through
+    200 iterations is exact there and is the reference."""
+    g = torch.Generator().manual_seed(11)
+    n, B = 8, 6
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = 0.5 * A / torch.linalg.matrix_norm(A, 2)
+    W = [A, torch.randn(n, 1, generator=g, dtype=torch.float64), 0.3 * torch.randn(n, generator=g, dtype=torch.float64)]
+    W = [w.requires_grad_() for w in W]
+    C = torch.randn(2, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    t = (T_END * torch.rand(B, 1, generator=g, dtype=torch.float64)).requires_grad_()
+
+    def loss_of(solve):
+        z = solve(t)
+        y = z @ C.T
+        dy = torch.stack([torch.autograd.grad(y[:, i].sum(), t, create_graph=True)[0][:, 0] for i in range(2)], 1)
+        return ((dy - van_der_pol(t[:, 0], y, MU)) ** 2).mean() + (y ** 2).mean()
+
+    def unrolled(tt):
+        z = torch.zeros(tt.shape[0], n, dtype=torch.float64)
+        for _ in range(200):
+            z = _cell(z, *W, tt)
+        return z
+
+    ref = _flat(torch.autograd.grad(loss_of(unrolled), W))
+    solvers = {"deqdiff (anderson, auto)": lambda tt: deqdiff.fixed_point(
+        _cell, torch.zeros(tt.shape[0], n, dtype=torch.float64), *W, tt, batch_ndim=1, tol=REF_TOL)}
+    try:
+        from torchdeq import get_deq
+
+        for name, kw in (("torchdeq ift (fixed_point_iter)", dict(ift=True, f_solver="fixed_point_iter", b_solver="fixed_point_iter")),
+                         ("torchdeq ift (anderson)", dict(ift=True, f_solver="anderson", b_solver="anderson")),
+                         ("torchdeq hook_ift (anderson)", dict(ift=True, hook_ift=True, f_solver="anderson", b_solver="anderson"))):
+            deq = get_deq(f_max_iter=500, b_max_iter=500, f_tol=REF_TOL, b_tol=REF_TOL, f_stop_mode="rel",
+                          b_stop_mode="rel", **kw)
+            solvers[name] = (lambda d: lambda tt: d(lambda z: _cell(z, *W, tt), torch.zeros(tt.shape[0], n, dtype=torch.float64))[0][-1])(deq)
+    except ImportError as e:
+        solvers["torchdeq"] = f"not importable: {e}"
+    try:
+        from xitorch.optimize import equilibrium
+
+        for bck in ("exactsolve", None):
+            opts = {"method": bck} if bck else {}
+            solvers[f"xitorch equilibrium (bck {bck or 'default'})"] = (lambda o: lambda tt: equilibrium(
+                lambda z, *p: _cell(z, *p), torch.zeros(tt.shape[0], n, dtype=torch.float64), params=(*W, tt),
+                method="broyden1", f_tol=1e-13, maxiter=500, bck_options=o))(opts)
+    except ImportError as e:
+        solvers["xitorch"] = f"not importable: {e}"
+    rows = []
+    for name, solve in solvers.items():
+        if isinstance(solve, str):
+            rows.append({"name": name, "error": solve})
+            continue
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                val = _flat(torch.autograd.grad(loss_of(solve), W))
+            rows.append({"name": name, "rel_err": _rel(val, ref), "warned": bool(caught)})
+        except Exception as e:  # a peer failing is a result, not a crash
+            rows.append({"name": name, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+    return {"problem": "n=8, 6 points, ||A||_2=0.5, float64, loss mean(dy/dt - F(y))^2 + mean(y^2); "
+                       "reference: unrolled autodiff through 200 iterations", "tol": REF_TOL, "rows": rows}
+
+
+def worker_train(spec: dict) -> dict:
+    """Equal training budget for the PIDEQ (deqdiff) and the MLP PINNs on the PIDEQ setup,
+    through the Van der Pol experiment's own trainer; returns final errors and epoch times."""
+    from deqdiff.physics import vdp
+
+    cfg = vdp.VdPConfig.for_setup("pideq", model=spec["model"], width=spec["width"], epochs=spec["epochs"],
+                                  batch=spec["batch"], **({"mlp_depth": 4} if spec["model"] == "mlp" else {}))
+    trainer = vdp.build_trainer(cfg)
+    t0 = time.perf_counter()
+    trainer.run()
+    wall = time.perf_counter() - t0
+    ev = vdp.evaluate(cfg, trainer.model)
+    keep = {k: v for k, v in ev.items() if isinstance(v, (int, float, str))}
+    return {**spec, "wall_s": wall, "s_per_epoch": wall / max(spec["epochs"], 1), "eval": keep,
+            "parameters": sum(p.numel() for p in trainer.model.parameters())}
+
+
+WORKERS = {"measure": worker_measure, "accuracy": worker_accuracy, "jax_accuracy": worker_jax_accuracy,
+           "peers": worker_peers, "train": worker_train, "pde_accuracy": worker_pde_accuracy,
+           "pde_train": worker_pde_train}
+
+
+def run_worker(spec: dict, log, timeout: float = 300, env_extra: dict | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+    env.update(env_extra or {})
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                              text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f"  !! worker timed out after {timeout}s: {spec}")
+        return {**spec, "error": f"timed out after {timeout}s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        log(f"  !! worker failed ({spec.get('kind')} {spec.get('method', '')}): {proc.stderr.strip()[-600:]}")
+        return {**spec, "error": proc.stderr.strip()[-600:]}
+    out = json.loads(lines[-1][len(MARK):])
+    brief = (f"median {out['median_s']:.3f}s, +{out['memory']['peak_mib']:.0f} MiB, it {out.get('iterations')}"
+             if "median_s" in out else (f"live peak +{out['peak_mib']:.1f} MiB" if "peak_mib" in out else "done"))
+    log(f"  {spec.get('kind')} {spec.get('regime', '')} {spec.get('method', spec.get('model', ''))} "
+        f"{spec.get('quantity', '')}: {brief} [{time.perf_counter() - t0:.1f}s]")
+    return out
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def jax_available() -> bool:
+    try:
+        import jax  # noqa: F401
+        import optimistix  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def run_pde(args, log) -> dict:
+    base = dict(kind="measure", regime="burgers", dtype=args.dtype, device=args.device, batch=args.pde_points,
+                repeats=args.repeats, budget_s=args.budget)
+    ms = []
+    for m in (["burgers-implicit", "burgers-unrolled"] if args.quick else PDE_METHODS):
+        for q in ("fwd", "step"):
+            if q == "fwd" and ("mlp" in m or args.quick):
+                continue
+            r = run_worker(dict(base, method=m, quantity=q), log)
+            if q == "step" and "error" not in r and torch.device(args.device).type == "cpu" and not args.quick:
+                live = run_worker(dict(base, method=m, quantity=q, memory_only=True), log, env_extra=core.LIVE_ENV)
+                r["live_memory"] = None if "error" in live else live
+            ms.append(r)
+    out = {"regime": "burgers", "points": args.pde_points, "measurements": ms}
+    if not args.skip_accuracy:
+        out["accuracy"] = run_worker(dict(kind="pde_accuracy", batch=min(args.acc_batch, 50)), log)
+    return out
+
+
+def run_regime(regime: str, args, log) -> dict:
+    base = dict(kind="measure", regime=regime, dtype=args.dtype, device=args.device, batch=args.points,
+                repeats=args.repeats, budget_s=args.budget)
+    methods = args.methods.split(",") if args.methods else (
+        QUICK_METHODS if args.quick else (HARD_METHODS if regime == "hard" else FULL_METHODS))
+    if args.jax and args.device == "cpu" and "jax" not in methods:
+        methods = [*methods, "jax"]
+    if not args.jax:
+        methods = [m for m in methods if m != "jax"]
+    ms = []
+    for m in methods:
+        for q in ("fwd", "step"):
+            if q == "fwd" and (m.startswith("mlp") or SHARED_FWD.get(m) in methods):
+                continue
+            r = run_worker(dict(base, method=m, quantity=q), log)
+            if (q == "step" and "error" not in r and torch.device(args.device).type == "cpu" and not args.quick
+                    and m.startswith(("deqdiff", "unrolled"))):
+                # memory once more in a process whose RSS follows live tensors (bench_core.LIVE_ENV)
+                live = run_worker(dict(base, method=m, quantity=q, memory_only=True), log, env_extra=core.LIVE_ENV)
+                r["live_memory"] = None if "error" in live else live
+            ms.append(r)
+    for m, src in SHARED_FWD.items():  # same forward solver and model: one measurement serves both
+        f = _get(ms, src, "fwd")
+        if m in methods and f is not None and _get(ms, m, "fwd") is None:
+            ms.append({**f, "method": m, "shared_from": src})
+    out = {"regime": regime, "rho": REGIMES[regime][0], "A": REGIMES[regime][1], "measurements": ms}
+    if not args.skip_accuracy:
+        acc_methods = [m for m in methods if m.startswith(("deqdiff", "unrolled"))]
+        acc = run_worker(dict(kind="accuracy", regime=regime, batch=args.acc_batch, methods=acc_methods), log)
+        if args.jax and "rows" in acc and not args.quick:
+            ref_path = Path(args.out) / f".pinn_ref_{regime}.json"
+            ref_path.parent.mkdir(parents=True, exist_ok=True)
+            ref_path.write_text(json.dumps(acc["ref"]))
+            ja = run_worker(dict(kind="jax_accuracy", regime=regime, batch=args.acc_batch, ref_path=str(ref_path)), log)
+            ref_path.unlink()
+            acc["rows"].append(ja if "error" not in ja else {"method": "jax", "error": ja["error"]})
+        acc.pop("ref", None)
+        out["accuracy"] = acc
+    return out
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _mem(m: dict) -> float:
+    """Extra peak MiB of one step: the live-RSS run when there is one, else the timed run's."""
+    return (m.get("live_memory") or {}).get("peak_mib", m["memory"]["peak_mib"])
+
+
+def _get(ms, method, quantity):
+    for m in ms:
+        if m.get("method") == method and m.get("quantity") == quantity and "median_s" in m:
+            return m
+    return None
+
+
+def table_main(res: dict) -> str:
+    ms = res["measurements"]
+    rows = ["| method | fwd solve s | step s | step ÷ own fwd | extra peak MiB of a step: live (plain rss) | fwd iterations max/mean | "
+            "vs deqdiff: time, memory |", "|---|---|---|---|---|---|---|"]
+    ref = _get(ms, "deqdiff", "step")
+    for m in dict.fromkeys(x["method"] for x in ms if "method" in x):
+        s, f = _get(ms, m, "step"), _get(ms, m, "fwd")
+        if s is None:
+            err = next((x.get("error", "") for x in ms if x.get("method") == m and "error" in x), "")
+            rows.append(f"| {m} | – | failed: {err[-120:].replace(chr(10), ' ')} | | | | |")
+            continue
+        it = s.get("iterations") or (f or {}).get("iterations")
+        its = f"{it['max']}/{it['mean']}" if it else "–"
+        ratio = f"{s['median_s'] / f['median_s']:.1f}×" if f else "–"
+        vs = f"{s['median_s'] / ref['median_s']:.2f}×, {_mem(s) / max(_mem(ref), 1e-9):.2f}×" if ref else "–"
+        rows.append(f"| {m} | {f['median_s']:.4f} | {s['median_s']:.4f} | {ratio} | {_mem(s):.1f} ({s['memory']['peak_mib']:.0f}) | "
+                    f"{its} | {vs} |" if f else
+                    f"| {m} | – | {s['median_s']:.4f} | – | {_mem(s):.1f} ({s['memory']['peak_mib']:.0f}) | {its} | {vs} |")
+    return "\n".join(rows)
+
+
+def table_targets(res: dict) -> str:
+    ms = res["measurements"]
+    rows = ["| target | measured | target | met? |", "|---|---|---|---|"]
+    deqs = [m for m in METHODS if m.startswith("deqdiff") and _get(ms, m, "step")]
+    best = min(deqs, key=lambda m: _get(ms, m, "step")["median_s"]) if deqs else None
+    lean = min(deqs, key=lambda m: _mem(_get(ms, m, "step"))) if deqs else None
+    for un in ("unrolled", "unrolled-anderson"):
+        u = _get(ms, un, "step")
+        if u is None or best is None:
+            continue
+        b, l_ = _get(ms, best, "step"), _get(ms, lean, "step")
+        spd = u["median_s"] / b["median_s"]
+        mem = _mem(u) / max(_mem(l_), 1e-9)
+        rows.append(f"| speed: {un} ÷ {best} | {u['median_s']:.3f} / {b['median_s']:.3f} s = {spd:.2f}× | ≥ 3× | "
+                    f"{'yes' if spd >= 3 else 'NO'} |")
+        rows.append(f"| peak step memory: {un} ÷ {lean} | {_mem(u):.0f} / {_mem(l_):.1f} MiB "
+                    f"= {mem:.1f}× | ≥ 20× | {'yes' if mem >= 20 else 'NO'} |")
+    for mlp in ("mlp-4x20", "mlp-4x46"):
+        p = _get(ms, mlp, "step")
+        if p and best:
+            r = _get(ms, best, "step")["median_s"] / p["median_s"]
+            rows.append(f"| epoch time: {best} ÷ {mlp} | {r:.2f}× | ≤ 3× (founding work: 19×) | {'yes' if r <= 3 else 'NO'} |")
+    j = _get(ms, "jax", "step")
+    if j and best:
+        r = j["median_s"] / _get(ms, best, "step")["median_s"]
+        rows.append(f"| time: JAX optimistix ÷ {best} | {j['median_s']:.3f} / {_get(ms, best, 'step')['median_s']:.3f} s = "
+                    f"{r:.2f}× | ≥ 1× (no slower) | {'yes' if r >= 1 else 'NO'} |")
+    acc = res.get("accuracy", {})
+    if "rows" in acc:
+        er = {r["method"]: r.get("rel_err") for r in acc["rows"]}
+        if er.get("unrolled") is not None:
+            for m in (m for m in METHODS if m.startswith("deqdiff")):
+                if er.get(m) is not None:
+                    rows.append(f"| gradient rel. error (float64, tol 1e-4): {m} vs unrolled | {er[m]:.1e} vs "
+                                f"{er['unrolled']:.1e} | ≤ unrolled's | {'yes' if er[m] <= er['unrolled'] else 'NO'} |")
+    return "\n".join(rows)
+
+
+def table_accuracy(acc: dict) -> str:
+    if "rows" not in acc:
+        return f"accuracy run failed: {acc.get('error', '?')[-300:]}"
+    head = (f"Reference: {acc['reference']} (agrees with unrolled iteration to 1e-12 to "
+            f"{acc['reference_vs_unrolled_1e-12']:.1e}); {acc['batch']} collocation points.\n\n")
+    rows = ["| method (tol 1e-4, float64) | gradient rel. error | fwd iterations max/mean |", "|---|---|---|"]
+    for r in acc["rows"]:
+        e = f"{r['rel_err']:.1e}" if isinstance(r.get("rel_err"), float) else f"failed: {str(r.get('error'))[-100:]}"
+        it = r.get("iterations")
+        its = f"{it['max']}/{it['mean']}" if it else "–"
+        rows.append(f"| {r['method']} | {e} | {its} |")
+    return head + "\n".join(rows)
+
+
+def table_peers(p: dict) -> str:
+    rows = [f"Problem: {p.get('problem')}; every solver at tol {p.get('tol')}.\n",
+            "| implementation | PINN gradient rel. error | warned? |", "|---|---|---|"]
+    for r in p.get("rows", []):
+        if "error" in r:
+            rows.append(f"| {r['name']} | {r['error']} | |")
+        else:
+            rows.append(f"| {r['name']} | {r['rel_err']:.1e} | {'yes' if r['warned'] else 'no'} |")
+    return "\n".join(rows)
+
+
+def table_train(rows: list[dict]) -> str:
+    out = ["| model | parameters | epochs × points | s/epoch | final metrics |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r.get('model')} {r.get('width')} | failed: {r['error'][-150:]} | | | |")
+            continue
+        ev = ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in r["eval"].items())
+        out.append(f"| {r['model']} (width {r['width']}) | {r['parameters']} | {r['epochs']} × {r['batch']} | "
+                   f"{r['s_per_epoch']:.4f} | {ev} |")
+    return "\n".join(out)
+
+
+def table_pde_train(rows: list[dict]) -> str:
+    out = ["| model | parameters | epochs | s/epoch | rel. L2 error vs Cole–Hopf | max abs error | "
+           "fwd iterations (last epoch) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r.get('method')} | failed: {r['error'][-150:]} | | | | | |")
+            continue
+        out.append(f"| {r['method']} | {r['parameters']} | {r['epochs']} | {r['s_per_epoch']:.4f} | {r['rel_l2']:.2e} | "
+                   f"{r['max_abs']:.2e} | {r.get('fwd_iters_last') if r.get('fwd_iters_last') is not None else '–'} |")
+    return "\n".join(out)
+
+
+def table_pde(res: dict) -> str:
+    ms = res["measurements"]
+    rows = ["| method | fwd solve s | step s | step ÷ own fwd | extra peak MiB of a step: live (plain rss) | "
+            "fwd iterations | vs implicit: time, memory |", "|---|---|---|---|---|---|---|"]
+    ref = _get(ms, "burgers-implicit", "step")
+    for m in PDE_METHODS:
+        s_, f = _get(ms, m, "step"), _get(ms, m, "fwd")
+        if s_ is None:
+            err = next((x.get("error", "") for x in ms if x.get("method") == m and "error" in x), "")
+            rows.append(f"| {m} | – | failed: {err[-120:]} | | | | |")
+            continue
+        it = s_.get("iterations")
+        its = f"{it['max']}/{it['mean']}" if it else "–"
+        vs = f"{s_['median_s'] / ref['median_s']:.2f}×, {_mem(s_) / max(_mem(ref), 1e-9):.2f}×" if ref else "–"
+        fs = f"{f['median_s']:.4f}" if f else "–"
+        ratio = f"{s_['median_s'] / f['median_s']:.1f}×" if f else "–"
+        rows.append(f"| {m} | {fs} | {s_['median_s']:.4f} | {ratio} | {_mem(s_):.1f} ({s_['memory']['peak_mib']:.0f}) | "
+                    f"{its} | {vs} |")
+    acc = res.get("accuracy", {})
+    if "rows" in acc:
+        rows.append(f"\nGradient accuracy (float64, CLI tolerance 1e-5, {acc['batch']} points) against {acc['reference']} "
+                    f"(which agrees with unrolled iteration to 1e-12 to {acc['reference_vs_unrolled_1e-12']:.1e}): "
+                    + "; ".join(f"{r['method']} {r['rel_err']:.1e}" for r in acc["rows"]) + ".")
+    elif acc:
+        rows.append(f"\naccuracy run failed: {acc.get('error', '?')[-200:]}")
+    return "\n".join(rows)
+
+
+def render(res: dict) -> str:
+    meta = res["meta"]
+    out = [f"## Physics-informed step (PIDEQ setup, Van der Pol): implicit vs unrolled vs MLP vs JAX\n",
+           f"Command: `{meta['command']}`  \nDate: {meta['date']}; {meta['machine']}; torch {meta['torch']}"
+           f"{'; jax ' + meta['jax'] if meta.get('jax') else ''}; {meta['dtype']} on {meta['device']}, "
+           f"{meta['threads']} threads; {meta['points']} collocation points; 80 states; tol {TOL:g} (Anderson "
+           f"forward); loss IC + {LAM}·physics + {KAPPA}·‖∂f/∂z‖_F; medians of ≤{meta['repeats']} repeats; "
+           f"extra peak memory of one step in a fresh process (ru_maxrss difference). The machine is shared: "
+           f"ratios within one run are what count. Wall time {meta.get('wall_s', '?')} s.\n"]
+    for regime, r in res["regimes"].items():
+        out.append(f"### Regime `{regime}` (A: {r.get('A', '')}, ‖A‖₂ = {r['rho']})\n")
+        out.append(table_main(r))
+        out.append("\n**Targets**\n")
+        out.append(table_targets(r))
+        if "accuracy" in r:
+            out.append("\n**Gradient accuracy**\n")
+            out.append(table_accuracy(r["accuracy"]))
+        out.append("")
+    if "pde" in res:
+        out.append(f"### Burgers step (third order: ∇_θ of a loss on u_xx), `deqdiff pinn burgers` defaults "
+                   f"(24 states, ν = 0.1/π, tol 1e-5), {res['pde']['points']} collocation + 400 IC/BC points\n")
+        out.append(table_pde(res["pde"]))
+        out.append("")
+    train_path = ROOT / "benchmarks" / "results" / "pinn_burgers_train.json"
+    if train_path.exists():
+        tr = json.loads(train_path.read_text())
+        out.append(f"### Burgers training, equal epochs (`{tr['command']}`, {tr['date']})\n")
+        out.append(table_pde_train(tr["rows"]))
+        out.append("")
+    if "peers" in res:
+        out.append("### Peers: can they produce the PINN gradient (second derivative of z*)?\n")
+        out.append(table_peers(res["peers"]))
+    if res.get("train"):
+        out.append("\n### Equal training budget (Van der Pol trainer of `deqdiff.physics.vdp`)\n")
+        out.append(table_train(res["train"]))
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run (< 1 min): 1000 points, fewer methods")
+    p.add_argument("--points", type=int, default=None, help="collocation points (default 10⁴; 10⁵ on cuda)")
+    p.add_argument("--regimes", default="init,hard")
+    p.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget", type=float, default=8.0, help="stop repeating after this many seconds (min 3)")
+    p.add_argument("--acc-batch", type=int, default=100)
+    p.add_argument("--train-epochs", type=int, default=0, help="equal-budget training of PIDEQ and MLPs (0: skip)")
+    p.add_argument("--train-points", type=int, default=1000)
+    p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--skip-peers", action="store_true")
+    p.add_argument("--no-jax", action="store_true")
+    p.add_argument("--pde-points", type=int, default=1000, help="Burgers collocation points (CLI default 1000)")
+    p.add_argument("--skip-pde", action="store_true")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the sections of an earlier results file with the same points/dtype/device and "
+                        "replace only those measured now (to run regimes separately on a busy machine)")
+    p.add_argument("--pde-train-epochs", type=int, default=0,
+                   help="only train Burgers DEQ (implicit, unrolled) and MLPs for this many epochs each, write "
+                        "pinn_burgers_train.json and exit (the main run's tables include that file)")
+    p.add_argument("--with-jax", action="store_true", help="include JAX in --quick (compiling takes ~20 s)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--md", default=str(ROOT / "benchmarks" / "RESULTS_pinn.md"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _save(res: dict, args, t0: float) -> Path:
+    """Write the JSON (and, for full runs, the markdown section) after every section, so an
+    interrupted run keeps what it measured."""
+    res["meta"]["wall_s"] = round(res["meta"].get("wall_s_before", 0.0) + time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / args.json_name
+    path.write_text(json.dumps(res, indent=1))
+    if not args.quick:
+        Path(args.md).write_text(render(res))
+    return path
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(MARK + json.dumps(WORKERS[spec["kind"]](spec)), flush=True)
+        return
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    command = " ".join(["PYTHONPATH=src python", "benchmarks/bench_pinn.py", *sys.argv[1:]])
+    if args.pde_train_epochs:
+        rows = [run_worker(dict(kind="pde_train", method=m, epochs=args.pde_train_epochs), log, timeout=1800)
+                for m in PDE_METHODS]
+        path = Path(args.out) / "pinn_burgers_train.json"
+        path.write_text(json.dumps({"command": command, "date": datetime.date.today().isoformat(), "rows": rows}, indent=1))
+        print(table_pde_train(rows))
+        return
+    if args.points is None:
+        args.points = 1000 if args.quick else (100_000 if args.device.startswith("cuda") else 10_000)
+    if args.quick:
+        args.repeats, args.regimes, args.acc_batch = min(args.repeats, 2), "init", min(args.acc_batch, 20)
+    args.jax = jax_available() and not args.no_jax and (not args.quick or args.with_jax)
+    if not jax_available() and not args.no_jax:
+        log("jax/optimistix not importable: the JAX row is skipped (pip install jax optimistix)")
+    args.json_name = "pinn_quick.json" if args.quick else (
+        "pinn.json" if args.device == "cpu" else f"pinn_{args.device.split(':')[0]}.json")
+    meta = {"command": command, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "jax": __import__("jax").__version__ if args.jax else None,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "threads": torch.get_num_threads(),
+            "dtype": args.dtype, "device": args.device, "repeats": args.repeats, "points": args.points,
+            "quick": args.quick, "tol": TOL, "loadavg_1min_start": os.getloadavg()[0]}
+    res = {"meta": meta, "regimes": {}}
+    prev = Path(args.out) / args.json_name
+    if args.merge and prev.exists():  # add to / replace sections of an earlier run with the same setup
+        old = json.loads(prev.read_text())
+        same = all(old.get("meta", {}).get(k) == meta[k] for k in ("points", "dtype", "device"))
+        if same:
+            res = {**old, "meta": {**meta, "command": old["meta"]["command"] + "; then " + command,
+                                   "wall_s_before": old["meta"].get("wall_s", 0.0)}}
+            res.setdefault("regimes", {})
+    t0 = time.perf_counter()
+    for regime in filter(None, args.regimes.split(",")):
+        log(f"[{regime}] A = {REGIMES[regime]}, {args.points} points")
+        res["regimes"][regime] = run_regime(regime, args, log)
+        _save(res, args, t0)
+    if not args.skip_pde:
+        log(f"[burgers] {args.pde_points} collocation points")
+        res["pde"] = run_pde(args, log)
+        _save(res, args, t0)
+    if not args.skip_peers:
+        res["peers"] = run_worker({"kind": "peers"}, log)
+    if args.train_epochs:
+        res["train"] = [run_worker(dict(kind="train", model=m, width=w, epochs=args.train_epochs, batch=args.train_points),
+                                   log, timeout=900) for m, w in (("implicit", 80), ("mlp", 20), ("mlp", 46))]
+    path = _save(res, args, t0)
+    print(render(res))
+    log(f"total wall time {res['meta']['wall_s']}s; JSON in {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""``deqdiff pinn <problem>``: physics-informed DEQs trained with implicit higher derivatives.
+
+* ``deqdiff pinn vdp`` — Van der Pol (:mod:`deqdiff.physics.vdp`); ``--setup conditioned``
+  (default: a flow map conditioned on the initial state, rolled out to t = 20) or ``pideq``
+  (the founding work's setup). Writes figures, ``results.json`` and ``checkpoint.pt`` to ``--out``.
+* ``deqdiff pinn burgers`` (and ``heat``) — the PDE problems of :mod:`deqdiff.physics.burgers`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pinn", help="physics-informed DEQs (Van der Pol, Burgers, …)",
+                       description="Train a physics-informed DEQ; derivatives of every order are implicit solves.")
+    problems = p.add_subparsers(dest="problem", required=True, metavar="PROBLEM")
+    _register_vdp(problems)
+    _register_pde(problems)
+
+
+def _register_vdp(problems) -> None:
+    from ..physics.vdp import SETUPS, VdPConfig  # light: no training happens at import
+
+    d = VdPConfig()
+    v = problems.add_parser(
+        "vdp", help="Van der Pol oscillator (default: flow map conditioned on y0, rolled out to t=20)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = v.add_argument
+    a("--setup", choices=SETUPS, default="conditioned",
+      help="'conditioned': y(Δ; y0, μ) over a short horizon, rolled out; 'pideq': the founding work's setup")
+    a("--out", default="runs/pinn_vdp", help="output folder (figures, results.json, checkpoint.pt)")
+    a("--device", default="cpu", help="cpu, cuda, cuda:1 …")
+    a("--epochs", type=int, default=None, help="Adam epochs (one fresh batch each); default per setup")
+    a("--seed", type=int, default=0)
+    a("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+      help="continue bit-identically from CHECKPOINT (default: OUT/checkpoint.pt)")
+    a("--model", choices=("pideq", "unrolled", "mlp"), default="pideq",
+      help="pideq: implicit DEQ; unrolled: same DEQ by unrolled autodiff (founding baseline); mlp: explicit PINN")
+    a("--width", type=int, default=None, help="DEQ states / MLP hidden width (default: 48 conditioned, 80 pideq)")
+    a("--batch", type=int, default=None, help="collocation points per epoch")
+    a("--lr", type=float, default=None, help="initial Adam learning rate")
+    a("--lr-final", type=float, default=None, help="learning rate at the last Adam epoch (exponential decay)")
+    a("--lbfgs-steps", type=int, default=None, help="L-BFGS steps after Adam")
+    a("--mu", type=float, default=d.mu, help="Van der Pol μ")
+    a("--horizon", type=float, default=None, help="conditioned: prediction horizon h (Δ ∈ [0, h])")
+    a("--t-end", type=float, default=None, help="pideq: end of the time interval")
+    a("--rollout-t-end", type=float, default=None, help="conditioned: length of the simulated trajectory")
+    a("--n-test", type=int, default=None, help="conditioned: held-out initial states")
+    a("--physics-weight", type=float, default=None, help="λ, weight of the physics residual")
+    a("--jacobian-weight", type=float, default=None, help="κ, weight of ‖∂f/∂z‖_F (exact closed form)")
+    a("--tol", type=float, default=None, help="forward solver tolerance (relative residual)")
+    a("--solver", default=None, help="forward solver (anderson, broyden, fixed_point, …)")
+    a("--dtype", choices=("float32", "float64"), default=None)
+    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    a("--no-plots", action="store_true", help="skip the PNG figures")
+    v.set_defaults(func=_run_vdp)
+
+
+def _register_pde(problems) -> None:
+    """``burgers`` (and ``heat``) come from :mod:`deqdiff.physics.burgers`; guarded so that a
+    missing or broken module never takes ``deqdiff pinn vdp`` down with it."""
+    try:
+        mod = importlib.import_module("deqdiff.physics.burgers")
+        names = [n for n in getattr(mod, "PROBLEMS", {"burgers": None}) if n in ("burgers", "heat")] or ["burgers"]
+    except Exception as err:  # noqa: BLE001 — reported when the job is asked for
+        q = problems.add_parser("burgers", help="1D viscous Burgers (unavailable: see error)")
+        q.set_defaults(func=lambda args, err=err: _unavailable("burgers", err))
+        return
+    for name in names:
+        q = problems.add_parser(name, help=f"1D {'viscous Burgers' if name == 'burgers' else 'heat'} equation "
+                                "(second spatial derivative: third-order implicit differentiation)")
+        if name == "burgers":
+            mod.add_arguments(q)
+        else:
+            mod.add_arguments(q, problem=name)
+        q.set_defaults(func=mod.run)
+
+
+def _unavailable(name: str, err: Exception) -> int:
+    print(f"deqdiff pinn {name}: unavailable ({type(err).__name__}: {err})", file=sys.stderr)
+    return 2
+
+
+def _run_vdp(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from ..physics.vdp import VdPConfig, run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = dict(model=args.model, width=args.width, batch=args.batch, epochs=args.epochs, lr=args.lr,
+                     lr_final=args.lr_final, lbfgs_steps=args.lbfgs_steps, mu=args.mu, horizon=args.horizon,
+                     t_end=args.t_end, rollout_t_end=args.rollout_t_end, n_test=args.n_test,
+                     physics_weight=args.physics_weight, jacobian_weight=args.jacobian_weight, tol=args.tol,
+                     solver=args.solver, dtype=args.dtype, seed=args.seed, device=args.device)
+    try:
+        cfg = VdPConfig.for_setup(args.setup, **overrides)
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+        resume = args.resume
+        if resume is True:
+            resume = str(Path(args.out) / "checkpoint.pt")
+        if resume and not os.path.isfile(resume):
+            raise ValueError(f"--resume: no checkpoint at {resume}")
+    except ValueError as err:
+        print(f"deqdiff pinn vdp: error: {err}", file=sys.stderr)
+        return 2
+    if resume and Path(resume) != Path(args.out) / "checkpoint.pt":
+        import shutil
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(resume, Path(args.out) / "checkpoint.pt")
+    res = run(cfg, args.out, resume=bool(resume), progress=not args.no_progress, plots=not args.no_plots)
+    _summary(cfg, res)
+    return 0
+
+
+def _summary(cfg, res: dict) -> None:
+    m, tr = res["metrics"], res["training"]
+    print(f"\nVan der Pol (μ = {cfg.mu:g}), setup '{cfg.setup}', model '{cfg.model}' "
+          f"({res['parameters']} parameters), {tr['epochs']} epochs in {tr['train_time_s']:.1f} s "
+          f"({1e3 * (tr['epoch_time_mean_s'] or math.nan):.1f} ms/epoch)")
+    if "solver_iters_mean" in tr:
+        print(f"  forward solver iterations: mean {tr['solver_iters_mean']:.1f}, max {tr['solver_iters_max']:.0f}")
+    if cfg.setup == "pideq":
+        print(f"  vs solve_ivp on t ∈ [0, {cfg.t_end:g}]: relative L2 {m['rel_l2']:.2e}, IAE {m['iae']:.2e}")
+    else:
+        print(f"  held-out initial states ({cfg.n_test}), Δ ∈ [0, {cfg.horizon:g}]: relative L2 "
+              f"{m['held_out_rel_l2']:.2e} (of the increment y − y0: {m['held_out_increment_rel_l2']:.2e})")
+        print(f"  rollout t ∈ [0, {cfg.rollout_t_end:g}] from y0 = {tuple(cfg.y0)}: relative L2 "
+              f"{m['rollout_rel_l2']:.2e}, IAE {m['rollout_iae']:.2e}, max |error| {m['rollout_max_abs_error']:.2e}")
+    for k, v in res["files"].items():
+        print(f"  {k}: {v}")

@@ -1,0 +1,32 @@
+"""DEQ models following the model protocol: each exposes ``model.deq`` (a ``deqdiff.DEQ``) and
+``model(x, **solver_overrides)``.
+
+* monotone DEQs (Winston & Kolter 2020; seed 003 §2.3.2, §3.2): :mod:`.monotone`,
+  :mod:`.monotone_conv`;
+* convolutional DEQ of eq. 4.1 and its repeat-k counterpart: :mod:`.conv`.
+"""
+
+from .monotone import (
+    MonotoneDEQ,
+    MonotoneLinear,
+    fb_alpha_bound,
+    fb_contraction_factor,
+    lipschitz_bound,
+    state_norm_bound,
+)
+from .monotone_conv import MonotoneConv, MonotoneConvDEQ, FourierMonotone
+
+# --- convolutional DEQ of eq. 4.1 (models/conv.py, owned by the conv/training helper) ---
+# from .conv import ...  (add its exports here and to __all__)
+
+__all__ = [
+    "MonotoneDEQ",
+    "MonotoneLinear",
+    "MonotoneConv",
+    "MonotoneConvDEQ",
+    "FourierMonotone",
+    "fb_alpha_bound",
+    "fb_contraction_factor",
+    "lipschitz_bound",
+    "state_norm_bound",
+]

@@ -1,0 +1,240 @@
+"""Models for physics-informed training: the PIDEQ (an implicit tanh layer), its unrolled
+twin, an explicit MLP PINN, and a flow-map wrapper conditioned on the initial state.
+
+Every model maps inputs ``x`` of shape ``(B, d_in)`` to outputs ``y`` of shape ``(B, d_out)``;
+the coordinate a physics loss differentiates by (time ``t``, space ``x`` …) is a *column* of
+``x``, so ``torch.autograd.grad(y[:, i].sum(), x, create_graph=True)[0][:, j]`` is
+``∂y_i/∂x_j`` per sample (samples never mix: the DEQ's fixed points are per row).
+
+PIDEQ (Pacheco 2022, the founding work; seed 001, introduction)::
+
+    z* = tanh(A z* + U x + b),     y = C z* + D x + c.
+
+``mode="implicit"`` (default) solves for z* with :func:`deqdiff.fixed_point` (through
+:class:`deqdiff.DEQ`): derivatives of every order — ``∂y/∂t`` and then the gradient of a loss
+on it w.r.t. the weights (seed 001, eq. hessian-t, "Computing gradients through derivatives
+of DEQs") — are implicit linear solves with ``I − ∂f/∂z`` at z*. ``mode="unrolled"`` is the
+founding work's baseline (issue 5, item 4a): the same cell iterated by the solver loop *with
+autograd recording*, until the same stopping rule ``‖f(z) − z‖ ≤ tol‖f(z)‖`` holds, so every
+derivative backpropagates through all iterations (memory grows with iterations).
+
+Stable API (used by other modules and ``benchmarks/bench_pinn.py``):
+
+* ``TanhCell(width, in_features)``: ``cell(z, x) = tanh(z Aᵀ + x Uᵀ + b)``;
+  ``cell.jacobian_frobenius(z)``: exact per-sample ``‖∂f/∂z‖_F`` (closed form).
+* ``PIDEQ(in_features, out_features, width=80, *, mode="implicit"|"unrolled", solver="anderson",
+  tol=1e-4, max_iter=200, unrolled_solver="fixed_point", **solver_options)``;
+  ``model(x, **overrides)``, ``model.deq`` (the :class:`deqdiff.DEQ`, ``last_info`` after a
+  call), ``model.last_z``, ``model.last_iterations`` (per-row forward iterations, both modes),
+  ``model.jacobian_frobenius(x=None)`` (at the last z*), ``model.set_mode(mode)``.
+* ``MLP(in_features, out_features, width=20, depth=4)``: explicit tanh PINN (item 4b).
+* ``FlowMap(core, state_dim, cond_dim=0, horizon=0.5, state_scale=1, cond_center=0, cond_scale=1,
+  rhs=None)``: ``x = [Δ, y0, c]`` ↦ ``y(Δ) = y0 + Δ·core(features)`` (or, with ``rhs``,
+  ``y0 + Δ·F(y0) + Δ²·core``); the initial condition holds by construction. ``core`` is any model above (its ``in_features = 1 + state_dim + cond_dim``).
+* ``count_parameters(model)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import DEQ
+from ..solvers import get_solver
+
+__all__ = ["TanhCell", "PIDEQ", "MLP", "FlowMap", "count_parameters", "MODES"]
+
+MODES = ("implicit", "unrolled")
+
+
+class TanhCell(nn.Module):
+    """``f(z, x) = tanh(z Aᵀ + x Uᵀ + b)`` — the PIDEQ layer (batch dim first).
+
+    ``A`` starts with spectral norm ≈ ``rho`` < 1 so that ``f`` is a contraction at
+    initialization (``‖∂f/∂z‖₂ ≤ ‖A‖₂`` since ``|tanh'| ≤ 1``)."""
+
+    def __init__(self, width: int, in_features: int, *, rho: float = 0.5, input_scale: float = 1.0):
+        super().__init__()
+        if width < 1 or in_features < 1:
+            raise ValueError(f"width and in_features must be ≥ 1, got {width}, {in_features}")
+        self.width, self.in_features = width, in_features
+        A = torch.randn(width, width) / math.sqrt(width)
+        A = A * (rho / torch.linalg.matrix_norm(A, ord=2))
+        self.A = nn.Parameter(A)
+        self.U = nn.Parameter(torch.randn(width, in_features) * (input_scale / math.sqrt(in_features)))
+        self.b = nn.Parameter(torch.zeros(width))
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        return torch.tanh(z @ self.A.T + x @ self.U.T + self.b)
+
+    def init_state(self, x: Tensor) -> Tensor:
+        return x.new_zeros(x.shape[0], self.width)
+
+    def jacobian_frobenius(self, z: Tensor) -> Tensor:
+        """Exact ``‖∂f/∂z‖_F`` per sample at a fixed point ``z = f(z, x)``:
+        ``∂f/∂z = diag(1 − z²) A`` so ``‖·‖_F² = Σ_i (1 − z_i²)² ‖A_i,:‖²`` (any width)."""
+        return torch.sqrt(((1 - z * z) ** 2 * (self.A * self.A).sum(1)).sum(1))
+
+
+class PIDEQ(nn.Module):
+    """``y = C z* + D x + c`` with ``z* = tanh(A z* + U x + b)`` (module docstring).
+
+    ``mode``: ``"implicit"`` (deqdiff, every derivative an implicit solve) or ``"unrolled"``
+    (autograd through the iterations of ``unrolled_solver``, default plain Picard iteration,
+    stopped by the same rule and ``tol``). Solver options (``solver``, ``tol``, ``max_iter``,
+    ``backward_solver``, ``on_fail``, Anderson's ``m`` …) go to :func:`deqdiff.fixed_point`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, width: int = 80, *, mode: str = "implicit",
+                 solver: str = "anderson", tol: float = 1e-4, max_iter: int = 200,
+                 unrolled_solver: str = "fixed_point", skip: bool = True, rho: float = 0.5,
+                 input_scale: float = 1.0, on_fail: str = "warn", **solver_options):
+        super().__init__()
+        self.in_features, self.out_features, self.width = in_features, out_features, width
+        self.deq = DEQ(TanhCell(width, in_features, rho=rho, input_scale=input_scale), solver=solver, tol=tol,
+                       max_iter=max_iter, on_fail=on_fail, **solver_options)
+        self.C = nn.Linear(width, out_features)
+        nn.init.normal_(self.C.weight, std=1.0 / math.sqrt(width))
+        nn.init.zeros_(self.C.bias)
+        self.D = nn.Linear(in_features, out_features, bias=False) if skip else None
+        if self.D is not None:
+            nn.init.zeros_(self.D.weight)
+        self.unrolled_solver = unrolled_solver
+        self.set_mode(mode)
+        self.last_z: Tensor | None = None
+        self.last_iterations: Tensor | None = None
+
+    @property
+    def cell(self) -> TanhCell:
+        return self.deq.cell
+
+    def set_mode(self, mode: str) -> "PIDEQ":
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        return self
+
+    def equilibrium(self, x: Tensor, **overrides) -> Tensor:
+        """z* (per row), implicitly differentiable or unrolled according to ``mode``."""
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"PIDEQ expects inputs of shape (B, {self.in_features}), got {tuple(x.shape)}")
+        if self.mode == "implicit":
+            z = self.deq(x, **overrides)
+            self.last_iterations = self.deq.last_info.forward.iterations
+        else:
+            z = self._unrolled(x, **overrides)
+        self.last_z = z
+        return z
+
+    def _unrolled(self, x: Tensor, **overrides) -> Tensor:
+        opts = {**self.deq.solver_options, **overrides}
+        solver = get_solver(opts.pop("unrolled_solver", self.unrolled_solver), "forward")
+        tol, atol, max_iter = opts.get("tol", 1e-6), opts.get("atol", 0.0), opts.get("max_iter", 200)
+        cell = self.cell
+        with torch.enable_grad():  # the solver loop records the graph: this *is* the baseline
+            z, info = solver(lambda z: cell(z, x), cell.init_state(x), tol=tol, atol=atol, max_iter=max_iter)
+            z = cell(z, x)  # output f(z_K): dependence on the weights even when z_0 already met the rule
+        self.last_iterations = info.iterations
+        if opts.get("on_fail", "warn") != "ignore" and not info.all_converged:
+            from ..solvers.base import report_failure
+            report_failure(info, opts.get("on_fail", "warn"), "unrolled fixed-point solve")
+        return z
+
+    def forward(self, x: Tensor, **overrides) -> Tensor:
+        z = self.equilibrium(x, **overrides)
+        y = self.C(z)
+        return y + self.D(x) if self.D is not None else y
+
+    def jacobian_frobenius(self, z: Tensor | None = None) -> Tensor:
+        """Exact per-sample ``‖∂f/∂z‖_F`` at ``z`` (default: the last z*, with its graph)."""
+        z = self.last_z if z is None else z
+        if z is None:
+            raise RuntimeError("call the model first (jacobian_frobenius is evaluated at the last z*)")
+        return self.cell.jacobian_frobenius(z)
+
+
+class MLP(nn.Module):
+    """Explicit PINN: ``depth`` hidden tanh layers of ``width`` units (issue 5, item 4b)."""
+
+    def __init__(self, in_features: int, out_features: int, width: int = 20, depth: int = 4):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be ≥ 1, got {depth}")
+        layers: list[nn.Module] = []
+        d = in_features
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), nn.Tanh()]
+            d = width
+        layers.append(nn.Linear(d, out_features))
+        self.net = nn.Sequential(*layers)
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: Tensor, **_) -> Tensor:
+        return self.net(x)
+
+
+def _as_buffer(v, n: int) -> Tensor:
+    t = torch.as_tensor(v, dtype=torch.get_default_dtype()).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(n).clone()
+    if t.numel() != n:
+        raise ValueError(f"expected a scalar or {n} values, got {t.numel()}")
+    return t
+
+
+class FlowMap(nn.Module):
+    """Conditioned short-horizon model ``y(Δ; y0, c) = y0 + Δ·core(φ)`` — or, given the ODE's
+    right-hand side ``rhs(t, y, c)``, the Taylor-informed ``y0 + Δ·F(0, y0, c) + Δ²·core(φ)``
+    (exact to first order in Δ by construction, the network learns the curvature) — with inputs
+    ``x = [Δ, y0, c]`` ``(B, 1 + state_dim + cond_dim)`` and normalized features
+    ``φ = [2Δ/h − 1, y0/s, (c − c̄)/σ]``. ``y(0) = y0`` exactly, so no initial-condition
+    loss is needed; ``∂y/∂Δ = core(φ) + Δ·∂core/∂Δ``. Applied repeatedly it simulates long
+    trajectories (:func:`deqdiff.physics.rollout.rollout`)."""
+
+    def __init__(self, core: nn.Module, state_dim: int, cond_dim: int = 0, *, horizon: float = 0.5,
+                 state_scale: float | Sequence[float] = 1.0, cond_center: float | Sequence[float] = 0.0,
+                 cond_scale: float | Sequence[float] = 1.0, rhs=None):
+        super().__init__()
+        self.rhs = rhs
+        if not horizon > 0:
+            raise ValueError(f"horizon must be positive, got {horizon}")
+        if getattr(core, "in_features", 1 + state_dim + cond_dim) != 1 + state_dim + cond_dim:
+            raise ValueError(f"core must take 1 + state_dim + cond_dim = {1 + state_dim + cond_dim} inputs")
+        self.core, self.state_dim, self.cond_dim, self.horizon = core, state_dim, cond_dim, float(horizon)
+        self.in_features, self.out_features = 1 + state_dim + cond_dim, state_dim
+        self.register_buffer("state_scale", _as_buffer(state_scale, state_dim))
+        self.register_buffer("cond_center", _as_buffer(cond_center, cond_dim))
+        self.register_buffer("cond_scale", _as_buffer(cond_scale, cond_dim))
+
+    @property
+    def deq(self):
+        return getattr(self.core, "deq", None)
+
+    def features(self, x: Tensor) -> Tensor:
+        n = self.state_dim
+        dt, y0, c = x[:, :1], x[:, 1:1 + n], x[:, 1 + n:]
+        parts = [2 * dt / self.horizon - 1, y0 / self.state_scale]
+        if self.cond_dim:
+            parts.append((c - self.cond_center) / self.cond_scale)
+        return torch.cat(parts, 1)
+
+    def forward(self, x: Tensor, **overrides) -> Tensor:
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"FlowMap expects inputs (B, {self.in_features}) = [Δ, y0, c], got {tuple(x.shape)}")
+        dt, y0 = x[:, :1], x[:, 1:1 + self.state_dim]
+        g = self.core(self.features(x), **overrides)
+        if self.rhs is None:
+            return y0 + dt * g
+        c = x[:, 1 + self.state_dim:]
+        f0 = self.rhs(torch.zeros_like(dt[:, 0]), y0, c) if self.cond_dim else self.rhs(torch.zeros_like(dt[:, 0]), y0)
+        return y0 + dt * f0 + dt * dt * g
+
+    def jacobian_frobenius(self, z: Tensor | None = None) -> Tensor:
+        return self.core.jacobian_frobenius(z)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

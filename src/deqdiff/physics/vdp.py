@@ -1,0 +1,258 @@
+"""The Van der Pol experiment (issue 5): ``ẏ₁ = y₂``, ``ẏ₂ = μ(1 − y₁²)y₂ − y₁``.
+
+Two setups (``VdPConfig.setup``):
+
+* ``"pideq"`` — the founding work (Pacheco 2022): ``y(t) = C z* + D t``, ``z* = tanh(A z* + a t + b)``
+  (80 states), μ = 1, ``y(0) = (0, 0.1)``, ``t ∈ [0, 2]``; loss = IC loss + λ·physics residual at
+  random collocation points (λ = 0.1) + κ·‖∂f/∂z‖_F (κ = 1, exact closed form); Anderson, tol 1e-4.
+* ``"conditioned"`` (default) — a flow map ``y(Δ; y0, μ) = y0 + Δ·PIDEQ([Δ, y0, μ])`` over a
+  short horizon ``Δ ∈ [0, h]``, trained by the physics residual alone at random
+  ``(Δ, y0)`` (the IC holds by construction), checked on held-out initial states and rolled out
+  (``y_{k+1} = y(h; y_k)``) to simulate ``t ∈ [0, 20]``.
+
+Errors against ``solve_ivp`` (DOP853, rtol 1e-11): IAE and relative L2
+(:mod:`deqdiff.physics.metrics`). ``run(config, out_dir)`` trains (with checkpoint/resume),
+evaluates, plots and writes ``results.json``; it returns the results dict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .losses import PhysicsLoss
+from .metrics import iae, relative_l2
+from .models import MLP, PIDEQ, FlowMap, count_parameters
+from .problems import reference_flow, reference_trajectory, van_der_pol
+from .rollout import rollout
+from .training import Phase, Trainer
+
+__all__ = ["VdPConfig", "SETUPS", "build_model", "build_trainer", "evaluate", "run"]
+
+SETUPS = ("pideq", "conditioned")
+
+
+@dataclass
+class VdPConfig:
+    setup: str = "conditioned"
+    model: str = "pideq"  # core: "pideq" (implicit DEQ), "unrolled" (same, unrolled autodiff), "mlp"
+    mu: float = 1.0
+    width: int = 48
+    mlp_depth: int = 4
+    epochs: int = 3000  # one epoch = one fresh batch of collocation points, one optimizer step
+    batch: int = 256
+    lr: float = 3e-3
+    lr_final: float = 3e-5  # exponential decay from lr to lr_final over the Adam epochs
+    lbfgs_steps: int = 0
+    physics_weight: float = 1.0
+    ic_weight: float = 1.0
+    jacobian_weight: float = 0.0
+    solver: str = "anderson"
+    tol: float = 1e-4
+    max_iter: int = 100
+    # founding setup
+    y0: tuple[float, float] = (0.0, 0.1)
+    t_end: float = 2.0
+    # conditioned setup
+    horizon: float = 0.25
+    box: tuple[float, float] = (2.2, 2.9)  # training/held-out y0 ∈ [-b1, b1] × [-b2, b2]
+    taylor: bool = True  # conditioned: y = y0 + Δ·F(y0) + Δ²·net (else y0 + Δ·net)
+    n_test: int = 64
+    rollout_t_end: float = 20.0
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @classmethod
+    def for_setup(cls, setup: str, **overrides) -> "VdPConfig":
+        """Defaults of a setup (``"pideq"``: the founding work's), then ``overrides``."""
+        if setup not in SETUPS:
+            raise ValueError(f"unknown setup {setup!r}; choose one of {SETUPS}")
+        base = dict(setup=setup)
+        if setup == "pideq":
+            base.update(width=80, epochs=2000, batch=1000, lr=1e-3, lr_final=1e-4, physics_weight=0.1,
+                        jacobian_weight=1.0, tol=1e-4)
+        known = {f.name for f in fields(cls)}
+        bad = set(overrides) - known
+        if bad:
+            raise ValueError(f"unknown config field(s): {sorted(bad)}")
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        cfg = cls(**base)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.setup not in SETUPS:
+            raise ValueError(f"unknown setup {self.setup!r}; choose one of {SETUPS}")
+        if self.model not in ("pideq", "unrolled", "mlp"):
+            raise ValueError(f"model must be 'pideq', 'unrolled' or 'mlp', got {self.model!r}")
+        for name in ("horizon", "t_end", "rollout_t_end", "tol", "lr", "lr_final"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {v}")
+        for name in ("width", "batch", "n_test", "max_iter", "mlp_depth"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("epochs", "lbfgs_steps"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        vals = [self.mu, *self.y0, *self.box]
+        if not all(math.isfinite(v) for v in vals):
+            raise ValueError(f"mu, y0 and box must be finite, got mu={self.mu}, y0={self.y0}, box={self.box}")
+        if min(self.box) <= 0:
+            raise ValueError(f"box half-widths must be positive, got {self.box}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+
+
+# --- model, loss, data ------------------------------------------------------------------------
+def build_model(cfg: VdPConfig) -> torch.nn.Module:
+    d_in = 1 if cfg.setup == "pideq" else 4  # t, or [Δ, y0₁, y0₂, μ]
+    if cfg.model == "mlp":
+        core = MLP(d_in, 2, cfg.width, cfg.mlp_depth)
+    else:
+        core = PIDEQ(d_in, 2, cfg.width, mode="unrolled" if cfg.model == "unrolled" else "implicit",
+                     solver=cfg.solver, tol=cfg.tol, max_iter=cfg.max_iter)
+    if cfg.setup == "pideq":
+        return core
+    return FlowMap(core, 2, 1, horizon=cfg.horizon, state_scale=cfg.box, cond_center=cfg.mu,
+                   cond_scale=max(abs(cfg.mu), 1.0), rhs=_vdp_rhs if cfg.taylor else None)
+
+
+def _vdp_rhs(t, y, mu):
+    return van_der_pol(t, y, mu)
+
+
+def build_loss(cfg: VdPConfig) -> PhysicsLoss:
+    if cfg.setup == "pideq":
+        return PhysicsLoss(lambda t, y: van_der_pol(t, y, cfg.mu), physics_weight=cfg.physics_weight,
+                           ic_weight=cfg.ic_weight, jacobian_weight=cfg.jacobian_weight)
+    return PhysicsLoss(_vdp_rhs, rhs_args=lambda x: x[:, 3], physics_weight=cfg.physics_weight,
+                       ic_weight=0.0, jacobian_weight=cfg.jacobian_weight)
+
+
+def _dtype(cfg: VdPConfig) -> torch.dtype:
+    return torch.float64 if cfg.dtype == "float64" else torch.float32
+
+
+def build_trainer(cfg: VdPConfig) -> Trainer:
+    """Model + loss + sampler + phases (Adam with exponential LR decay, then optional L-BFGS)."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    dtype, device = _dtype(cfg), torch.device(cfg.device)
+    model = build_model(cfg).to(device=device, dtype=dtype)
+    loss = build_loss(cfg)
+    ic = (torch.zeros(1, 1, dtype=dtype, device=device), torch.tensor([cfg.y0], dtype=dtype, device=device))
+
+    def sample(gen: torch.Generator, step: int):
+        if cfg.setup == "pideq":
+            return (torch.rand(cfg.batch, 1, generator=gen, dtype=dtype) * cfg.t_end).to(device)
+        u = torch.rand(cfg.batch, 3, generator=gen, dtype=dtype)
+        box = torch.tensor(cfg.box, dtype=dtype)
+        x = torch.cat([u[:, :1] * cfg.horizon, (2 * u[:, 1:] - 1) * box, torch.full((cfg.batch, 1), cfg.mu, dtype=dtype)], 1)
+        return x.to(device)
+
+    def loss_fn(model, batch, gen):
+        return loss(model, batch, ic=ic if cfg.setup == "pideq" else None, generator=gen)
+
+    gamma = (cfg.lr_final / cfg.lr) ** (1.0 / max(cfg.epochs, 1))
+    phases = [Phase("adam", cfg.epochs, lambda p: torch.optim.Adam(p, lr=cfg.lr),
+                    lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma))]
+    if cfg.lbfgs_steps:
+        phases.append(Phase("lbfgs", cfg.lbfgs_steps, lambda p: torch.optim.LBFGS(
+            p, lr=1.0, max_iter=20, history_size=20, line_search_fn="strong_wolfe")))
+    return Trainer(model, loss_fn, sample, phases, seed=cfg.seed)
+
+
+# --- evaluation -------------------------------------------------------------------------------
+def _predict(model, x: np.ndarray) -> np.ndarray:
+    p = next(iter(model.parameters()))
+    with torch.no_grad():
+        return model(torch.as_tensor(x, dtype=p.dtype, device=p.device)).cpu().numpy()
+
+
+def held_out_states(cfg: VdPConfig) -> np.ndarray:
+    """``n_test`` initial states drawn uniformly from the box with a seed disjoint from training's."""
+    rng = np.random.default_rng(10_000 + cfg.seed)
+    return rng.uniform(-1, 1, size=(cfg.n_test, 2)) * np.asarray(cfg.box)
+
+
+def evaluate(cfg: VdPConfig, model: torch.nn.Module) -> dict:
+    model.eval()
+    if cfg.setup == "pideq":
+        t = np.linspace(0, cfg.t_end, 201)
+        ref = reference_trajectory(cfg.y0, t, cfg.mu)
+        pred = _predict(model, t[:, None])
+        return {"t": t, "pred": pred, "ref": ref, "metrics": {
+            "rel_l2": relative_l2(pred, ref), "iae": iae(pred, ref, t),
+            "max_abs_error": float(np.abs(pred - ref).max())}}
+    dts = np.linspace(0, cfg.horizon, 21)
+    y0s = held_out_states(cfg)
+    ref = reference_flow(y0s, dts, cfg.mu)  # (K, T, 2)
+    x = np.concatenate([np.broadcast_to(dts[None, :, None], (len(y0s), len(dts), 1)),
+                        np.broadcast_to(y0s[:, None, :], (len(y0s), len(dts), 2)),
+                        np.full((len(y0s), len(dts), 1), cfg.mu)], 2).reshape(-1, 4)
+    pred = _predict(model, x).reshape(ref.shape)
+    inc_p, inc_r = pred - y0s[:, None], ref - y0s[:, None]
+    t_roll, y_roll = rollout(model, cfg.y0, cfg.rollout_t_end, cond=(cfg.mu,))
+    ref_roll = reference_trajectory(cfg.y0, t_roll, cfg.mu)
+    iaes = [iae(p, r, dts) for p, r in zip(pred, ref)]
+    return {"dts": dts, "y0s": y0s, "pred": pred, "ref": ref, "t": t_roll, "roll": y_roll, "ref_roll": ref_roll,
+            "metrics": {
+                "held_out_rel_l2": relative_l2(pred, ref),
+                "held_out_increment_rel_l2": relative_l2(inc_p, inc_r),
+                "held_out_iae_mean": float(np.mean(iaes)),
+                "held_out_max_abs_error": float(np.abs(pred - ref).max()),
+                "rollout_rel_l2": relative_l2(y_roll, ref_roll),
+                "rollout_iae": iae(y_roll, ref_roll, t_roll),
+                "rollout_max_abs_error": float(np.abs(y_roll - ref_roll).max()),
+            }}
+
+
+def _history_stats(history: list[dict]) -> dict:
+    times = np.array([h["time"] for h in history]) if history else np.zeros(0)
+    cpu = np.array([h.get("cpu_time", np.nan) for h in history]) if history else np.zeros(0)
+    out = {"epochs": len(history), "epoch_time_mean_s": float(times.mean()) if times.size else None,
+           "epoch_cpu_time_mean_s": float(cpu.mean()) if cpu.size else None, "train_cpu_time_s": float(cpu.sum()),
+           "epoch_time_median_s": float(np.median(times)) if times.size else None,
+           "train_time_s": float(times.sum())}
+    if history and "iters_mean" in history[0]:
+        it = np.array([h["iters_mean"] for h in history])
+        out.update(solver_iters_mean=float(it.mean()), solver_iters_last=float(it[-1]),
+                   solver_iters_max=float(max(h["iters_max"] for h in history)))
+    if history:
+        out["final_loss"] = {k: v for k, v in history[-1].items() if isinstance(v, float) and k not in ("time", "cpu_time", "lr")}
+    return out
+
+
+def run(cfg: VdPConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+        plots: bool = True, checkpoint_every: int = 250) -> dict:
+    """Train (resuming from ``out_dir/checkpoint.pt`` if asked), evaluate, plot, write JSON."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(cfg)
+    ckpt = out / "checkpoint.pt"
+    if resume:
+        trainer.load(ckpt)
+    t0 = time.perf_counter()
+    trainer.run(progress=progress, checkpoint=ckpt, checkpoint_every=checkpoint_every,
+                desc=f"vdp/{cfg.setup}")
+    wall = time.perf_counter() - t0
+    ev = evaluate(cfg, trainer.model)
+    results = {"problem": "vdp", "config": asdict(cfg), "parameters": count_parameters(trainer.model),
+               "metrics": ev["metrics"], "training": _history_stats(trainer.history),
+               "wall_time_this_run_s": wall, "torch_threads": torch.get_num_threads(), "files": {}}
+    if plots:
+        from .plots import plot_vdp
+        results["files"] = {k: str(v) for k, v in plot_vdp(cfg, ev, trainer.history, out).items()}
+    results["files"]["checkpoint"] = str(ckpt)
+    with open(out / "results.json", "w") as fh:
+        json.dump(results, fh, indent=2, default=float)
+    results["files"]["results"] = str(out / "results.json")
+    return results
