@@ -28,12 +28,13 @@ Backward solver ``auto`` (dense batched LU for n ≤ 64, GMRES above) for split 
 backward. Memory and time as in ``bench_core.py`` (its helpers are imported): each
 (width, method) runs in a fresh subprocess — warm-up on a 4-sample problem, then the extra
 peak resident memory of one step (``ru_maxrss`` after − before, high-water mark reset first),
-then the median wall time of ``--repeats`` steps. Agreement: a separate float64 worker runs all
-methods on the same data and compares them with a tight reference (split at tol 1e-13).
+then the median wall time of ``--repeats`` steps. Agreement (in the parent process): all methods
+on the same data (float64, 64 samples) compared with a tight reference (split at tol 1e-13).
 
 Part 2 — Lanczos top-5 eigenvalues of the total Hessian and of its Gauss–Newton, dynamics and
 head parts for a small fully connected DEQ (width 32, linear classifier head, cross-entropy)
-trained briefly with Adam on scikit-learn's digits; θ = all parameters (cell and head).
+trained briefly with Adam on scikit-learn's digits (‖W‖₂ ≤ 0.8 kept by projection after each
+step); θ = all parameters (cell and head).
 Verification on a width-8 model: Lanczos vs. ``eigvalsh`` of the dense terms and of the total
 Hessian by ``torch.func`` through unrolled iterations (independent of the split formulas).
 """
@@ -64,7 +65,7 @@ except ImportError:  # run without PYTHONPATH=src
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import measure_memory, time_repeats  # noqa: E402  (fresh-process memory/time helpers)
 
-from deqdiff.derivatives import LossHessian, hessian_eigenvalues  # noqa: E402
+from deqdiff.derivatives import LossHessian, hessian_eigenvalues, lanczos  # noqa: E402
 
 TOL = 1e-8
 REF_TOL = 1e-13
@@ -235,8 +236,10 @@ def head(z, C, c):
     return z @ C.T + c
 
 
-def train_deq(width: int, n_train: int, steps: int, seed: int = 0) -> dict:
-    """A fully connected DEQ z = tanh(W z + U x + b), y = C z* + c, cross-entropy, Adam."""
+def train_deq(width: int, n_train: int, steps: int, seed: int = 0, max_norm: float = 0.8) -> dict:
+    """A fully connected DEQ z = tanh(W z + U x + b), y = C z* + c, cross-entropy, Adam; after
+    each step W is projected onto ‖W‖₂ ≤ ``max_norm`` so that the trained cell stays a
+    contraction (and the unrolled reference of :func:`worker_check` converges)."""
     X, y = digits(n_train)
     g = torch.Generator().manual_seed(seed)
     W = 0.5 * torch.linalg.qr(torch.randn(width, width, generator=g, dtype=DT))[0]
@@ -248,17 +251,20 @@ def train_deq(width: int, n_train: int, steps: int, seed: int = 0) -> dict:
     opt = torch.optim.Adam(ps, lr=1e-2)
     z0 = torch.zeros(len(X), width, dtype=DT)
     for _ in range(steps):
-        z = deqdiff.fixed_point(cell, z0, W, U, b, X, batch_ndim=1, tol=1e-8)
+        z = deqdiff.fixed_point(cell, z0, W, U, b, X, batch_ndim=1, tol=1e-6)
         loss = torch.nn.functional.cross_entropy(head(z, C, c), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        with torch.no_grad():
+            W.mul_(max_norm / torch.linalg.matrix_norm(W, 2).clamp_min(max_norm))
     with torch.no_grad():
         z, info = deqdiff.fixed_point(cell, z0, W, U, b, X, batch_ndim=1, tol=1e-12, max_iter=500, return_info=True)
         logits = head(z, C, c)
     return dict(params=[p.detach() for p in ps], X=X, y=y, z=z, forward_iters=info.forward.max_iterations,
                 loss=float(torch.nn.functional.cross_entropy(logits, y)),
-                accuracy=float((logits.argmax(1) == y).double().mean()))
+                accuracy=float((logits.argmax(1) == y).double().mean()),
+                W_norm=float(torch.linalg.matrix_norm(W.detach(), 2)))
 
 
 def hessian_of(model: dict) -> LossHessian:
@@ -279,18 +285,18 @@ def worker_lanczos(spec: dict) -> dict:
     H = hessian_of(model)
     out = {"width": spec["width"], "n_train": spec["n_train"], "steps": spec["steps"], "dim": H.dim,
            "train_loss": model["loss"], "train_accuracy": model["accuracy"], "train_s": t_train,
-           "forward_iters": model["forward_iters"], "num_iters": spec["num_iters"], "terms": {}}
-    for term in TERMS:
+           "forward_iters": model["forward_iters"], "W_norm": model["W_norm"], "num_iters": spec["num_iters"], "terms": {}}
+    for term in TERMS:  # one Lanczos run per term gives both ends of its spectrum
         t1 = time.perf_counter()
-        top = hessian_eigenvalues(H, 5, "largest", term, num_iters=spec["num_iters"], seed=0)
+        T, Q = lanczos(lambda v: H.flat_vp(v, term), H.dim, spec["num_iters"], seed=0)
+        ev, S = torch.linalg.eigh(T)
         t2 = time.perf_counter()
-        bot = hessian_eigenvalues(H, 2, "smallest", term, num_iters=spec["num_iters"], seed=0)
-        out["terms"][term] = {"top5": top.tolist(), "bottom2": bot.tolist(), "top5_s": t2 - t1}
+        top = ev.flip(0)[:5]
+        vecs = (Q.T @ S.flip(1)[:, :5]).T
         # certificate of each Ritz pair: ‖H q − θ q‖ / |θ| (one batched product, 2 solves)
-        vals, vecs = hessian_eigenvalues(H, 5, "largest", term, num_iters=spec["num_iters"], seed=0,
-                                         return_eigenvectors=True)
-        res = (H.flat_vp(vecs, term) - vals[:, None] * vecs).norm(dim=1) / vals.abs()
-        out["terms"][term]["ritz_rel_residual"] = res.tolist()
+        res = (H.flat_vp(vecs, term) - top[:, None] * vecs).norm(dim=1) / top.abs()
+        out["terms"][term] = {"top5": top.tolist(), "bottom2": ev[:2].tolist(), "lanczos_s": t2 - t1,
+                              "ritz_rel_residual": res.tolist()}
     return out
 
 
@@ -322,8 +328,14 @@ def worker_check(spec: dict) -> dict:
     th = torch.cat([t.reshape(-1) for t in (W, U, b, C, c)])
     g = torch.func.grad(L)
     eye = torch.eye(th.numel(), dtype=DT)
-    ref = torch.func.vmap(lambda v: torch.func.jvp(g, (th,), (v,))[1], chunk_size=64)(eye)
+    ref = torch.func.vmap(lambda v: torch.func.jvp(g, (th,), (v,))[1], chunk_size=32)(eye)
     out["unroll"] = K
+    out["W_norm"] = model["W_norm"]
+    with torch.no_grad():  # how far K plain iterations get (the reference's own accuracy)
+        z = torch.zeros(len(X), spec["width"], dtype=DT)
+        for _ in range(K):
+            z = cell(z, W, U, b, X)
+        out["unroll_rel_residual"] = float(((cell(z, W, U, b, X) - z).norm(dim=1) / z.norm(dim=1)).max())
     out["dense_total_vs_unrolled_rel"] = _rel(dense["total"], ref)
     out["sum_of_terms_vs_total_rel"] = _rel(dense["gauss_newton"] + dense["dynamics"] + dense["head"], dense["total"])
     ev_ref = torch.linalg.eigvalsh(0.5 * (ref + ref.T))
@@ -335,6 +347,14 @@ WORKERS = {"measure": worker_measure, "accuracy": worker_accuracy, "lanczos": wo
 
 
 # --------------------------------------------------------------------------- orchestration
+
+
+def run_in_process(spec: dict, log) -> dict:
+    """Workers that measure no memory (accuracy, spectrum) need no fresh interpreter."""
+    t0 = time.perf_counter()
+    out = WORKERS[spec["kind"]](spec)
+    log(f"  {spec['kind']} {spec.get('n', spec.get('width', ''))}: done [{time.perf_counter() - t0:.1f}s]")
+    return out
 
 
 def run_worker(spec: dict, log) -> dict:
@@ -363,7 +383,9 @@ def render(res: dict) -> str:
     out = ["## Derivatives: loss-Hessian products and the Hessian spectrum (issue 4)\n",
            f"Command: `{meta['command']}` ({meta['date']}, torch {meta['torch']}, {meta['machine']}, "
            f"OMP_NUM_THREADS=1 per worker, float64, tol {meta['tol']:g}, batch {meta['batch']}, "
-           f"{meta['repeats']} timed repeats (median), wall {meta.get('wall_s', '?')} s).\n",
+           f"{meta['repeats']} timed repeats (median), wall {meta.get('wall_s', '?')} s; 1-min load average "
+           f"{meta.get('loadavg_1min_start', float('nan')):.1f} → {meta.get('loadavg_1min_end', float('nan')):.1f} "
+           "on a machine shared with other jobs, so absolute times are inflated and noisy).\n",
            "### Hessian-vector product of the loss w.r.t. θ = (W, U, b)\n",
            "Median time per product (ms) and extra peak RSS of one product (MiB, fresh process). "
            "`split` = forward solve + λ + product; `split/product` and `split/gauss_newton` = one more "
@@ -380,6 +402,16 @@ def render(res: dict) -> str:
         mem = [f"{rows[n]['peak_mib']:.0f}" if n in rows else "–" for n in widths]
         label = meth + (f" (K={rows[widths[0]]['K']}..{rows[widths[-1]]['K']} iters)" if meth == "unrolled" else "")
         out.append(f"| {label} | " + " | ".join(t) + " | " + " | ".join(mem) + " |")
+    out.append("")
+    for n in widths:
+        r = {m["method"]: m for m in res["measure"] if m["n"] == n and "error" not in m}
+        if {"split", "split/product", "double_backward", "unrolled"} <= set(r):
+            out.append(
+                f"* n={n}: one more product with λ cached is {r['double_backward']['median_s'] / r['split/product']['median_s']:.1f}× "
+                f"faster than a double backward (which repeats the forward solve and the first backward); the full "
+                f"split pipeline costs {r['split']['median_s'] / r['double_backward']['median_s']:.2f}× the double backward; "
+                f"unrolled autodiff takes {r['unrolled']['median_s'] / r['split']['median_s']:.2f}× the time of the split "
+                f"pipeline and {r['unrolled']['peak_mib'] / max(r['split']['peak_mib'], 1):.1f}× its extra memory.")
     out.append("\nAgreement (float64; relative L2 error vs. split at tol 1e-13):\n")
     out.append("| n | split | double backward | unrolled | split vs double backward | A + B vs total |")
     out.append("|---|---|---|---|---|---|")
@@ -393,19 +425,20 @@ def render(res: dict) -> str:
     if lz and "error" not in lz:
         out.append(f"\n### Lanczos top-5 eigenvalues of a trained DEQ (digits, width {lz['width']}, "
                    f"{lz['n_train']} samples, {lz['steps']} Adam steps, train accuracy {lz['train_accuracy']:.3f}, "
-                   f"loss {lz['train_loss']:.3f}; θ = cell + head, {lz['dim']} parameters; "
+                   f"loss {lz['train_loss']:.3f}; ‖W‖₂ ≤ 0.8 by projection; θ = cell + head, {lz['dim']} parameters; "
                    f"{lz['num_iters']} Lanczos iterations)\n")
-        out.append("| term | top-5 eigenvalues | 2 smallest | time top-5 (s) |")
+        out.append("| term | top-5 eigenvalues | 2 smallest | Lanczos time (s) |")
         out.append("|---|---|---|---|")  # "head": the linear head's own curvature (see docs/derivatives.md)
         for term, r in lz["terms"].items():
             out.append(f"| {term} | " + ", ".join(f"{x:.4g}" for x in r["top5"]) + " | "
-                       + ", ".join(f"{x:.3g}" for x in r["bottom2"]) + f" | {r['top5_s']:.1f} |")
+                       + ", ".join(f"{x:.3g}" for x in r["bottom2"]) + f" | {r.get('lanczos_s', r.get('top5_s', 0)):.1f} |")
         out.append("\nConvergence certificate: the largest Ritz residual ‖Hq − θq‖/|θ| of the top-5 pairs is "
                    + ", ".join(f"{t} {max(r['ritz_rel_residual']):.1e}" for t, r in lz["terms"].items()) + ".")
     ck = res.get("check")
     if ck and "error" not in ck:
         out.append(f"\nVerification on a width-{ck['width']} model ({ck['dim']} parameters): dense total Hessian "
-                   f"(split products on the basis) vs. `torch.func` through {ck['unroll']} unrolled iterations: "
+                   f"(split products on the basis) vs. `torch.func` through {ck['unroll']} unrolled iterations "
+                   f"(their last relative residual {ck['unroll_rel_residual']:.0e}): "
                    f"{ck['dense_total_vs_unrolled_rel']:.1e} relative; GN + dynamics + head vs. total: "
                    f"{ck['sum_of_terms_vs_total_rel']:.1e}. Lanczos top-5 vs. `eigvalsh` of the dense term "
                    "(max |difference| / spectral radius):\n")
@@ -426,6 +459,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget", type=float, default=5.0, help="stop timing repeats after this many seconds (min 3)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--render", metavar="JSON", help="only re-render the markdown of a results JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -437,7 +471,11 @@ def main(argv=None) -> None:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         print(MARK + json.dumps(WORKERS[spec["kind"]](spec)), flush=True)
         return
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     quick = args.quick
     batch = args.batch or (32 if quick else 256)
     repeats = min(args.repeats, 2) if quick else args.repeats
@@ -459,12 +497,12 @@ def main(argv=None) -> None:
                 continue  # identical to split (auto picks the dense LU)
             res["measure"].append(run_worker(dict(kind="measure", n=n, batch=batch, method=meth, tol=TOL, K=K,
                                                   repeats=repeats, budget_s=args.budget), log))
-        res["accuracy"].append(run_worker(dict(kind="accuracy", n=n, batch=min(batch, 64), tol=TOL,
+        res["accuracy"].append(run_in_process(dict(kind="accuracy", n=n, batch=min(batch, 64), tol=TOL,
                                                K=plain_iterations(Problem(n, min(batch, 64)), TOL)), log))
-    lz = dict(kind="lanczos", width=16 if quick else 32, n_train=100 if quick else 1000, steps=10 if quick else 150,
+    lz = dict(kind="lanczos", width=16 if quick else 32, n_train=100 if quick else 500, steps=10 if quick else 100,
               num_iters=20 if quick else 60)
-    res["lanczos"] = run_worker(lz, log)
-    res["check"] = run_worker(dict(kind="check", width=4 if quick else 8, n_train=100 if quick else 300,
+    res["lanczos"] = run_in_process(lz, log)
+    res["check"] = run_in_process(dict(kind="check", width=4 if quick else 8, n_train=100 if quick else 200,
                                    steps=10 if quick else 100, num_iters=40 if quick else 120,
                                    unroll=60 if quick else 200), log)
     meta["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -246,6 +246,9 @@ def _pde_iters(model):
 def _jax_setup(regime: str, batch: int, x64: bool, tol: float, seed: int = 0):
     """The JAX twin of the PIDEQ step with the torch model's weights; returns
     ``(grad_fn, params, t, names)`` where ``grad_fn`` is jitted."""
+    if torch.get_num_threads() == 1 and "XLA_FLAGS" not in os.environ:
+        # same single thread as the torch runs (XLA's CPU backend otherwise uses every core)
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     import jax
 
     jax.config.update("jax_enable_x64", x64)
@@ -717,7 +720,7 @@ def table_pde(res: dict) -> str:
     rows = ["| method | fwd solve s | step s | step ÷ own fwd | extra peak MiB of a step: live (plain rss) | "
             "fwd iterations | vs implicit: time, memory |", "|---|---|---|---|---|---|---|"]
     ref = _get(ms, "burgers-implicit", "step")
-    for m in PDE_METHODS:
+    for m in dict.fromkeys(x["method"] for x in ms if "method" in x):
         s_, f = _get(ms, m, "step"), _get(ms, m, "fwd")
         if s_ is None:
             err = next((x.get("error", "") for x in ms if x.get("method") == m and "error" in x), "")
@@ -799,6 +802,7 @@ def parse_args(argv=None):
     p.add_argument("--no-jax", action="store_true")
     p.add_argument("--pde-points", type=int, default=1000, help="Burgers collocation points (CLI default 1000)")
     p.add_argument("--skip-pde", action="store_true")
+    p.add_argument("--render-only", action="store_true", help="re-write the markdown from the JSON (no measuring)")
     p.add_argument("--merge", action="store_true",
                    help="keep the sections of an earlier results file with the same points/dtype/device and "
                         "replace only those measured now (to run regimes separately on a busy machine)")
@@ -839,6 +843,11 @@ def main(argv=None) -> None:
         path = Path(args.out) / "pinn_burgers_train.json"
         path.write_text(json.dumps({"command": command, "date": datetime.date.today().isoformat(), "rows": rows}, indent=1))
         print(table_pde_train(rows))
+        return
+    if args.render_only:
+        res = json.loads((Path(args.out) / ("pinn.json" if args.device == "cpu" else f"pinn_{args.device}.json")).read_text())
+        Path(args.md).write_text(render(res))
+        print(render(res))
         return
     if args.points is None:
         args.points = 1000 if args.quick else (100_000 if args.device.startswith("cuda") else 10_000)

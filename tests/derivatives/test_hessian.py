@@ -190,3 +190,155 @@ def test_module_parameter_dict_and_iterative_solver(gen):
         for k in params:
             assert rel_err(gn[k] + dyn[k], ref[k]) < 1e-9
     assert H.dim == sum(v.numel() for v in params.values())
+
+
+# --- a head on (z*, φ): a linear classifier whose weights are part of θ -----------------------
+
+LABELS = torch.tensor([0, 2, 3])
+
+
+def linear_head(z, C, c):
+    return z @ C.T + c
+
+
+def ce_loss(y):
+    return torch.nn.functional.cross_entropy(y, LABELS, reduction="sum")
+
+
+@pytest.fixture
+def head_problem(problem, gen):
+    z0, z, params, W, y = problem
+    C, c = torch.randn(4, 5, generator=gen), torch.randn(4, generator=gen)
+    return z0, z, params, C, c
+
+
+def _split_head(th, A, b, C, c):
+    """θ = (A, b, C, c) flattened, in LossHessian's order (params[argnums], then head_params)."""
+    sizes = [A.numel(), b.numel(), C.numel(), c.numel()]
+    parts = torch.split(th, sizes)
+    return [q.reshape(r.shape) for q, r in zip(parts, (A, b, C, c))]
+
+
+def test_head_terms_match_explicit_matrices_and_unrolled_hessian(head_problem, monkeypatch):
+    """With y = C z* + c and cross-entropy: gauss_newton = J_yᵀ∇²ℓJ_y, dynamics = seed 000
+    Term B on the θ-block, head = Kᵀ(Σ ∂ℓ/∂y_i ∇²y_i)K — each with explicit matrices; their sum =
+    torch.func.hessian through unrolled iterations of the full parameter vector."""
+    z0, z, (A, B, x, b), C, c = head_problem
+    count = SolveCounter(monkeypatch)
+    H = LossHessian(tanh_cell, z, (A, B, x, b), ce_loss, (0, 3), head=linear_head, head_params=(C, c), batch_ndim=1)
+    assert count.calls == 1 and H.dim == 25 + 5 + 20 + 4
+    terms = {t: H.dense(t) for t in ("total", "gauss_newton", "dynamics", "head")}
+    assert count.calls == 1 + 4 * 2
+    th = torch.cat([A.reshape(-1), b, C.reshape(-1), c])
+    P_f, M = 30, z.numel()
+
+    def y_of(th):
+        A_, b_, C_, c_ = _split_head(th, A, b, C, c)
+        return linear_head(unrolled(tanh_cell, z0, A_, B, x, b_), C_, c_)
+
+    ref_total = hessian(lambda th: ce_loss(y_of(th)))(th)
+    Jy = jacrev(y_of)(th).reshape(-1, th.numel())
+    y = y_of(th).detach()
+    ref_gn = Jy.T @ hessian(ce_loss)(y).reshape(y.numel(), y.numel()) @ Jy
+    # K = [Z 0; 0 I], Z = dz*/dθ_f (unrolled autodiff)
+    Z = jacrev(lambda th: unrolled(tanh_cell, z0, *_split_head(th, A, b, C, c)[:1], B, x,
+                                   _split_head(th, A, b, C, c)[1]))(th).reshape(M, -1)[:, :P_f]
+    K = torch.block_diag(Z, torch.eye(24))
+    g_y = grad(ce_loss)(y)
+    Hy = hessian(lambda v: (g_y * linear_head(v[:M].reshape(z.shape), v[M:M + 20].reshape(4, 5), v[M + 20:])).sum())(
+        torch.cat([z.reshape(-1), C.reshape(-1), c]))
+    ref_head = K.T @ Hy @ K
+    J = jacrev(lambda h: tanh_cell(h, A, B, x, b))(z).reshape(M, M)
+    lam = torch.linalg.solve((torch.eye(M) - J).T, (g_y @ C).reshape(M))  # (∂y/∂h)ᵀ∇ℓ = g_y C
+
+    def S(v):
+        return lam @ tanh_cell(v[P_f:].reshape(z.shape), v[:25].reshape(5, 5), B, x, v[25:P_f]).reshape(M)
+
+    HS = hessian(S)(torch.cat([th[:P_f], z.reshape(-1)]))
+    IZ = torch.cat([torch.eye(P_f), Z])
+    ref_dyn = torch.zeros_like(ref_total)
+    ref_dyn[:P_f, :P_f] = IZ.T @ HS @ IZ
+    assert rel_err(terms["total"], ref_total) < 1e-10
+    assert rel_err(terms["gauss_newton"], ref_gn) < 1e-10
+    assert rel_err(terms["dynamics"], ref_dyn) < 1e-10
+    assert rel_err(terms["head"], ref_head) < 1e-10
+    assert rel_err(terms["gauss_newton"] + terms["dynamics"] + terms["head"], ref_total) < 1e-8
+    ev = torch.linalg.eigvalsh(terms["gauss_newton"])  # cross-entropy is convex in y
+    assert ev.min() >= -1e-12 * ev.max()
+    assert torch.linalg.eigvalsh(terms["head"]).min() < -1e-3  # bilinear C·z: indefinite
+
+
+def test_head_products_have_the_pair_structure(head_problem):
+    z0, z, (A, B, x, b), C, c = head_problem
+    H = LossHessian(tanh_cell, z, (A, B, x, b), ce_loss, (0, 3), head=linear_head, head_params=(C, c), batch_ndim=1)
+    gen = torch.Generator().manual_seed(2)
+    v = ((torch.randn(5, 5, generator=gen), torch.randn(5, generator=gen)),
+         (torch.randn(4, 5, generator=gen), torch.randn(4, generator=gen)))
+    (hA, hb), (hC, hc) = H.hvp(v)
+    assert hA.shape == A.shape and hb.shape == b.shape and hC.shape == C.shape and hc.shape == c.shape
+    assert rel_err(H.flatten(H.hvp(v)), H.dense() @ H.flatten(v)) < 1e-12
+    with pytest.raises(ValueError, match="pair"):
+        H.hvp(v[0][0])
+    with pytest.raises(ValueError, match="pair"):
+        H.hvp((v[0], v[1][:1]))
+    with pytest.raises(ValueError, match="without a head"):
+        LossHessian(tanh_cell, z, (A, B, x, b), ce_loss, 0, head_params=(C,))
+
+
+# --- create_graph: the products are differentiable again --------------------------------------
+
+
+def test_products_without_create_graph_are_plain(problem):
+    z0, z, (A, B, x, b), W, y = problem
+    A = A.clone().requires_grad_()
+    H = LossHessian(tanh_cell, z, (A, B, x, b), nonconvex_loss(W, y), 0, batch_ndim=1)
+    assert not H.hvp(torch.ones_like(A)).requires_grad and not H.lam.requires_grad
+
+
+def test_create_graph_gives_third_derivatives(head_problem):
+    """∇_A ‖H(θ) v‖² through the split products with create_graph=True equals the same through
+    torch.func on the unrolled map (third derivatives of the loss)."""
+    z0, z, (A, B, x, b), C, c = head_problem
+    gen = torch.Generator().manual_seed(5)
+    vA, vb, vC, vc = (torch.randn(q.shape, generator=gen) for q in (A, b, C, c))
+    A1, C1 = A.clone().requires_grad_(), C.clone().requires_grad_()
+    H = LossHessian(tanh_cell, z, (A1, B, x, b), ce_loss, (0, 3), head=linear_head, head_params=(C1, c),
+                    batch_ndim=1, create_graph=True)
+    for term in ("total", "gauss_newton"):
+        out = H.flatten(H.vp(((vA, vb), (vC, vc)), term))
+        got = torch.autograd.grad((out**2).sum(), (A1, C1), retain_graph=True)  # z*, λ are shared
+
+        def reference(A_, C_):
+            def y_of(th):
+                A__, b_, C__, c_ = _split_head(th, A, b, C, c)
+                return linear_head(unrolled(tanh_cell, z0, A__, B, x, b_), C__, c_)
+
+            th = torch.cat([A_.reshape(-1), b, C_.reshape(-1), c])
+            v = torch.cat([vA.reshape(-1), vb, vC.reshape(-1), vc])
+            if term == "total":
+                hv = jvp(grad(lambda th: ce_loss(y_of(th))), (th,), (v,))[1]
+            else:
+                Jv = jvp(y_of, (th,), (v,))[1]
+                _, pull = torch.func.vjp(y_of, th)
+                hv = pull(jvp(grad(ce_loss), (y_of(th),), (Jv,))[1])[0]
+            return (hv**2).sum()
+
+        A2, C2 = A.clone().requires_grad_(), C.clone().requires_grad_()
+        ref = torch.autograd.grad(reference(A2, C2), (A2, C2))
+        for g_, r_ in zip(got, ref):
+            assert rel_err(g_, r_) < 1e-9
+
+
+# --- batching: a stack of vectors is one vmapped product ---------------------------------------
+
+
+def test_flat_vp_on_a_stack_is_two_batched_solves(problem, monkeypatch):
+    z0, z, params, W, y = problem
+    H = LossHessian(tanh_cell, z, params, nonconvex_loss(W, y), (0, 3), batch_ndim=1)
+    V = torch.randn(6, H.dim, generator=torch.Generator().manual_seed(4))
+    count = SolveCounter(monkeypatch)
+    for term in ("total", "gauss_newton", "dynamics"):
+        before = count.calls
+        stacked = H.flat_vp(V, term)
+        assert count.calls - before == 2
+        assert rel_err(stacked, torch.stack([H.flat_vp(v, term) for v in V])) < 1e-13

@@ -121,3 +121,20 @@ def test_iterative_backward_solver(gen):
     v = torch.randn(3, generator=gen)
     got = deq_jvp(tanh_cell, z, (A, B, x, b), 2, v, solver="gmres", tol=1e-12)
     assert rel_err(got, _dense_ift(A, B, x, b, z)[0] @ v) < 1e-10
+
+
+def test_products_under_vmap_are_one_batched_solve(gen, monkeypatch):
+    """torch.func.vmap over tangents/cotangents: equal to the loop, and one (batched) solve."""
+    z0, p = make_problem(gen, batch=3)
+    A, B, x, b = (q.detach() for q in p)
+    z = solve(tanh_cell, z0, (A, B, x, b), batch_ndim=1)
+    V, U = torch.randn(4, 5, 5, generator=gen), torch.randn(4, 3, 5, generator=gen)
+    loop_jvp = torch.stack([deq_jvp(tanh_cell, z, (A, B, x, b), 0, v, batch_ndim=1) for v in V])
+    loop_vjp = torch.stack([deq_vjp(tanh_cell, z, (A, B, x, b), 0, u, batch_ndim=1) for u in U])
+    count = SolveCounter(monkeypatch)
+    jv = torch.func.vmap(lambda v: deq_jvp(tanh_cell, z, (A, B, x, b), 0, v, batch_ndim=1))(V)
+    vj = torch.func.vmap(lambda u: deq_vjp(tanh_cell, z, (A, B, x, b), 0, u, batch_ndim=1))(U)
+    assert count.calls == 2
+    assert rel_err(jv, loop_jvp) < 1e-13 and rel_err(vj, loop_vjp) < 1e-13
+    Jfull = jacrev(unrolled_fn(tanh_cell, z0))(A, B, x, b).reshape(15, 25)
+    assert rel_err(jv.reshape(4, 15), V.reshape(4, 25) @ Jfull.T) < 1e-11

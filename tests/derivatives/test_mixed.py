@@ -143,3 +143,43 @@ def test_gradient_of_loss_on_time_derivative_through_post_network(gen, monkeypat
         lambda A_, U_, t: deqdiff.fixed_point(time_cell, z0, A_, U_, a, b, x, t, batch_ndim=1, **TIGHT))
     for got, ref in zip((gA, gU), eng_g):
         assert rel_err(got, ref) < 1e-10
+
+
+def test_loss_gradient_with_create_graph_gives_its_hvp(gen):
+    """create_graph=True: ∇_A⟨∇_θ ℓ(∂NN/∂t), v⟩ (an HVP of the physics loss) equals the same through
+    torch.func on the unrolled map; without it the result is plain."""
+    z0, p = make_time_problem(gen, batch=3)
+    A, U, a, b, x, t = p
+    W = torch.randn(2, 4, generator=gen)
+    target = torch.randn(3, 2, generator=gen)
+    n_post = lambda z, W: torch.tanh(z @ W.T)
+    loss = lambda y_t: ((y_t - target) ** 2).sum()
+    z = solve(time_cell, z0, p, batch_ndim=1)
+    vA, vU, vW = (torch.randn(q.shape, generator=gen) for q in (A, U, W))
+    A1, U1, W1 = (q.clone().requires_grad_() for q in (A, U, W))
+    plain = derivative_loss_grad(time_cell, z, (A1, U1, a, b, x, t), 5, (0, 1), n_post, loss, post_params=(W1,),
+                                 batch_ndim=1)
+    assert not plain[1][0].requires_grad and not plain[2][0].requires_grad
+    _, (gA, gU), (gW,) = derivative_loss_grad(time_cell, z, (A1, U1, a, b, x, t), 5, (0, 1), n_post, loss,
+                                              post_params=(W1,), batch_ndim=1, create_graph=True)
+    got = torch.autograd.grad((gA * vA).sum() + (gU * vU).sum() + (gW * vW).sum(), (A1, U1, W1))
+
+    def L(A_, U_, W_):
+        y_t = jvp(lambda t: n_post(unrolled(time_cell, z0, A_, U_, a, b, x, t), W_), (t,), (torch.ones_like(t),))[1]
+        return loss(y_t)
+
+    ref = jvp(torch.func.grad(L, argnums=(0, 1, 2)), (A, U, W), (vA, vU, vW))[1]
+    for g_, r_ in zip(got, ref):
+        assert rel_err(g_, r_) < 1e-9
+
+
+def test_mixed_products_under_vmap(gen):
+    """A stack of directions through torch.func.vmap equals the loop over them."""
+    z0, p = make_time_problem(gen, batch=2)
+    z = solve(time_cell, z0, p, batch_ndim=1)
+    V = torch.randn(5, 2, 3, generator=gen)
+    U_ = torch.randn(5, 2, 4, generator=gen)
+    jv = torch.func.vmap(lambda v: mixed_jvp(time_cell, z, p, 5, 4, v, batch_ndim=1))(V)
+    vj = torch.func.vmap(lambda u: mixed_vjp(time_cell, z, p, 5, 0, u, batch_ndim=1))(U_)
+    assert rel_err(jv, torch.stack([mixed_jvp(time_cell, z, p, 5, 4, v, batch_ndim=1) for v in V])) < 1e-13
+    assert rel_err(vj, torch.stack([mixed_vjp(time_cell, z, p, 5, 0, u, batch_ndim=1) for u in U_])) < 1e-13

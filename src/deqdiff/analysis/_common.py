@@ -19,7 +19,17 @@ from torch import Tensor, nn
 from ..layers import DEQ
 
 __all__ = ["find_deq", "require_deq", "capture_equilibrium", "replace_equilibrium", "Captured",
-           "param_dict", "flatten_params", "no_deq_warnings"]
+           "param_dict", "flatten_params", "no_deq_warnings", "standard_strides"]
+
+
+def standard_strides(x: Tensor) -> Tensor:
+    """``x`` with row-major strides. Single-channel images sliced from an array may carry the
+    strides ``(HW, 1, W, 1)``, which convolutions read as channels-last; group norm under
+    ``vmap`` then fails ("querying is_contiguous inside of vmap"). ``contiguous()`` keeps such
+    strides (both layouts count as contiguous when C = 1), a copy does not."""
+    if x.stride() == torch.empty(x.shape).stride():
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
 
 
 def find_deq(model: nn.Module) -> DEQ | None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..derivatives import LossHessian, hessian_eigenvalues
-from ._common import capture_equilibrium, param_dict, replace_equilibrium, require_deq
+from ._common import capture_equilibrium, param_dict, replace_equilibrium, require_deq, standard_strides
 
 __all__ = ["deq_loss_hessian", "hessian_spectrum", "TERMS"]
 
@@ -27,17 +27,18 @@ TERMS = ("total", "gauss_newton", "dynamics")
 
 
 def deq_loss_hessian(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], X: Tensor, Y: Tensor, *,
-                     tol: float | None = None, **solve_options) -> LossHessian:
+                     tol: float | None = None, max_iter_forward: int = 300, **solve_options) -> LossHessian:
     """The :class:`~deqdiff.derivatives.LossHessian` of ``loss_fn(model(X), Y)`` w.r.t. the
     parameters of the model's DEQ cell (a dict named like ``cell.named_parameters()``).
     ``tol`` of the implicit solves defaults to 1e-10 in float64 and 1e-5 otherwise."""
     deq = require_deq(model, "the DEQ loss Hessian")
     cell = deq.cell
-    with torch.no_grad():
-        cap = capture_equilibrium(model, X)
-    z_star, xin = cap.z_star.detach(), cap.deq_input.detach()
+    X = standard_strides(X)  # group norm's forward-mode rule needs row-major strides
     if tol is None:
-        tol = 1e-10 if z_star.dtype == torch.float64 else 1e-5
+        tol = 1e-10 if X.dtype == torch.float64 else 1e-5
+    with torch.no_grad():  # z* to the derivative tolerance (models train with loose ones, e.g. 1e-2)
+        cap = capture_equilibrium(model, X, tol=tol, max_iter=max_iter_forward, on_fail="ignore")
+    z_star, xin = standard_strides(cap.z_star.detach()), standard_strides(cap.deq_input.detach())
     frozen = param_dict(model)
     theta = {n: p.detach() for n, p in cell.named_parameters()}
 

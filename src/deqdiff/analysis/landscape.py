@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ._common import no_deq_warnings, param_dict
+from ._common import no_deq_warnings, param_dict, standard_strides
 
 __all__ = ["filter_normalize", "random_direction", "random_directions", "evaluate_grid", "Landscape",
            "landscape_1d", "landscape_2d", "flatness_summary"]
@@ -92,6 +92,7 @@ def evaluate_grid(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
     dirs = {k: torch.stack([d[k] for d in directions]) for k in p0}  # (n, *shape)
     model_was_training = model.training
     model.eval()
+    X = standard_strides(X)
     S = X.shape[0]
     sb = S if samples_per_batch is None else samples_per_batch
     losses, accs, warned = [], [], 0

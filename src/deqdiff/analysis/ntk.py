@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from ._common import capture_equilibrium, param_dict
+from ._common import capture_equilibrium, param_dict, standard_strides
 
 __all__ = ["per_sample_jacobian", "empirical_ntk", "ntk_spectrum", "equilibrium_matrix", "lambda_0",
            "ntk_summary", "linear_rate_check", "thesis_conditions"]
@@ -34,6 +34,7 @@ def per_sample_jacobian(model: nn.Module, x: Tensor, *, params: Sequence[str] | 
     parameters ``params`` (names; default all trainable), concatenated in ``named_parameters``
     order. ``overrides`` go to ``model(x, **overrides)`` (e.g. a tight ``tol``)."""
     p = param_dict(model, params)
+    x = standard_strides(x)
 
     def fy(p, xi):
         return functional_call(model, p, (xi.unsqueeze(0),), overrides).reshape(-1)

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (all processes)")
     g.add_argument("--optimizer", default=d.optimizer, choices=("adam", "sgd"))
-    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--lr", type=float, default=None, help="default: 1e-3 (conv, repeat-K), 3e-3 (mon, mon-conv)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--scheduler", default=d.scheduler, choices=("cosine", "none"))
     g.add_argument("--grad-clip", type=float, default=None)

@@ -127,7 +127,9 @@ class _ConvNet(nn.Module):
 
     def equilibrium(self, images: Tensor, **overrides) -> Tensor:
         """The state the head reads (z* for the DEQ, z_k for repeat-k)."""
-        return self.core(self.stem(images), **overrides)
+        x = self.stem(images)
+        # under autocast the stem may return bfloat16; the state has the parameters' dtype
+        return self.core(x.to(self.head.linear.weight.dtype), **overrides)
 
     def forward(self, images: Tensor, **overrides) -> Tensor:
         return self.head(self.equilibrium(images, **overrides))

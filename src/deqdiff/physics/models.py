@@ -20,10 +20,11 @@ derivative backpropagates through all iterations (memory grows with iterations).
 
 Stable API (used by other modules and ``benchmarks/bench_pinn.py``):
 
-* ``TanhCell(width, in_features)``: ``cell(z, x) = tanh(z Aᵀ + x Uᵀ + b)``;
+* ``TanhCell(width, in_features, max_norm=None)``: ``cell(z, x) = tanh(z Aᵀ + x Uᵀ + b)``
+  (``max_norm`` = ρ < 1 rescales A to ``‖A‖_F ≤ ρ``: a contraction by construction);
   ``cell.jacobian_frobenius(z)``: exact per-sample ``‖∂f/∂z‖_F`` (closed form).
 * ``PIDEQ(in_features, out_features, width=80, *, mode="implicit"|"unrolled", solver="anderson",
-  tol=1e-4, max_iter=200, unrolled_solver="fixed_point", **solver_options)``;
+  tol=1e-4, max_iter=200, unrolled_solver="fixed_point", max_norm=None, **solver_options)``;
   ``model(x, **overrides)``, ``model.deq`` (the :class:`deqdiff.DEQ`, ``last_info`` after a
   call), ``model.last_z``, ``model.last_iterations`` (per-row forward iterations, both modes),
   ``model.jacobian_frobenius(x=None)`` (at the last z*), ``model.set_mode(mode)``.
@@ -56,8 +57,12 @@ class TanhCell(nn.Module):
     ``A`` starts with spectral norm ≈ ``rho`` < 1 so that ``f`` is a contraction at
     initialization (``‖∂f/∂z‖₂ ≤ ‖A‖₂`` since ``|tanh'| ≤ 1``)."""
 
-    def __init__(self, width: int, in_features: int, *, rho: float = 0.5, input_scale: float = 1.0):
+    def __init__(self, width: int, in_features: int, *, rho: float = 0.5, input_scale: float = 1.0,
+                 max_norm: float | None = None):
         super().__init__()
+        if max_norm is not None and not 0 < max_norm < 1:
+            raise ValueError(f"max_norm must be in (0, 1), got {max_norm}")
+        self.max_norm = max_norm
         if width < 1 or in_features < 1:
             raise ValueError(f"width and in_features must be ≥ 1, got {width}, {in_features}")
         self.width, self.in_features = width, in_features
@@ -67,8 +72,15 @@ class TanhCell(nn.Module):
         self.U = nn.Parameter(torch.randn(width, in_features) * (input_scale / math.sqrt(in_features)))
         self.b = nn.Parameter(torch.zeros(width))
 
+    def weight(self) -> Tensor:
+        """The effective ``A``: with ``max_norm`` = ρ, ``A·min(1, ρ/‖A‖_F)`` so that
+        ``‖A‖₂ ≤ ‖A‖_F ≤ ρ < 1`` and f contracts by ρ for every input and weight (cheap: no SVD)."""
+        if self.max_norm is None:
+            return self.A
+        return self.A * torch.clamp(self.max_norm / torch.linalg.vector_norm(self.A), max=1.0)
+
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
-        return torch.tanh(z @ self.A.T + x @ self.U.T + self.b)
+        return torch.tanh(z @ self.weight().T + x @ self.U.T + self.b)
 
     def init_state(self, x: Tensor) -> Tensor:
         return x.new_zeros(x.shape[0], self.width)
@@ -76,7 +88,8 @@ class TanhCell(nn.Module):
     def jacobian_frobenius(self, z: Tensor) -> Tensor:
         """Exact ``‖∂f/∂z‖_F`` per sample at a fixed point ``z = f(z, x)``:
         ``∂f/∂z = diag(1 − z²) A`` so ``‖·‖_F² = Σ_i (1 − z_i²)² ‖A_i,:‖²`` (any width)."""
-        return torch.sqrt(((1 - z * z) ** 2 * (self.A * self.A).sum(1)).sum(1))
+        A = self.weight()
+        return torch.sqrt(((1 - z * z) ** 2 * (A * A).sum(1)).sum(1))
 
 
 class PIDEQ(nn.Module):
@@ -91,10 +104,11 @@ class PIDEQ(nn.Module):
     def __init__(self, in_features: int, out_features: int, width: int = 80, *, mode: str = "implicit",
                  solver: str = "anderson", tol: float = 1e-4, max_iter: int = 200,
                  unrolled_solver: str = "fixed_point", skip: bool = True, rho: float = 0.5,
-                 input_scale: float = 1.0, on_fail: str = "warn", **solver_options):
+                 input_scale: float = 1.0, max_norm: float | None = None, on_fail: str = "warn",
+                 **solver_options):
         super().__init__()
         self.in_features, self.out_features, self.width = in_features, out_features, width
-        self.deq = DEQ(TanhCell(width, in_features, rho=rho, input_scale=input_scale), solver=solver, tol=tol,
+        self.deq = DEQ(TanhCell(width, in_features, rho=rho, input_scale=input_scale, max_norm=max_norm), solver=solver, tol=tol,
                        max_iter=max_iter, on_fail=on_fail, **solver_options)
         self.C = nn.Linear(width, out_features)
         nn.init.normal_(self.C.weight, std=1.0 / math.sqrt(width))

@@ -43,9 +43,9 @@ class VdPConfig:
     setup: str = "conditioned"
     model: str = "pideq"  # core: "pideq" (implicit DEQ), "unrolled" (same, unrolled autodiff), "mlp"
     mu: float = 1.0
-    width: int = 48
+    width: int = 64
     mlp_depth: int = 4
-    epochs: int = 3000  # one epoch = one fresh batch of collocation points, one optimizer step
+    epochs: int = 2000  # one epoch = one fresh batch of collocation points, one optimizer step
     batch: int = 256
     lr: float = 3e-3
     lr_final: float = 3e-5  # exponential decay from lr to lr_final over the Adam epochs
@@ -53,6 +53,7 @@ class VdPConfig:
     physics_weight: float = 1.0
     ic_weight: float = 1.0
     jacobian_weight: float = 0.0
+    max_norm: float | None = 0.9  # ‖A‖_F ≤ ρ: contraction by construction (None: free A, rely on κ)
     solver: str = "anderson"
     tol: float = 1e-4
     max_iter: int = 100
@@ -77,7 +78,7 @@ class VdPConfig:
         base = dict(setup=setup)
         if setup == "pideq":
             base.update(width=80, epochs=2000, batch=1000, lr=1e-3, lr_final=1e-4, physics_weight=0.1,
-                        jacobian_weight=1.0, tol=1e-4)
+                        jacobian_weight=1.0, tol=1e-4, max_norm=None)
         known = {f.name for f in fields(cls)}
         bad = set(overrides) - known
         if bad:
@@ -118,7 +119,7 @@ def build_model(cfg: VdPConfig) -> torch.nn.Module:
         core = MLP(d_in, 2, cfg.width, cfg.mlp_depth)
     else:
         core = PIDEQ(d_in, 2, cfg.width, mode="unrolled" if cfg.model == "unrolled" else "implicit",
-                     solver=cfg.solver, tol=cfg.tol, max_iter=cfg.max_iter)
+                     solver=cfg.solver, tol=cfg.tol, max_iter=cfg.max_iter, max_norm=cfg.max_norm)
     if cfg.setup == "pideq":
         return core
     return FlowMap(core, 2, 1, horizon=cfg.horizon, state_scale=cfg.box, cond_center=cfg.mu,

@@ -39,7 +39,7 @@ class TrainConfig:
     batch_size: int = 64
     eval_batch_size: int = 256
     optimizer: str = "adam"  # "adam" | "sgd"
-    lr: float = 1e-3
+    lr: float | None = None  # None: 1e-3 (thesis) for conv/repeat-K, 3e-3 for the monotone models
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     scheduler: str = "cosine"  # "cosine" (CosineAnnealingLR over all steps) | "none"
@@ -64,6 +64,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if self.lr is None:
+            # measured on digits (15 epochs): mon reaches 96.7 % at 1e-3 and 97.5 % at 3e-3
+            self.lr = 3e-3 if self.model.startswith("mon") else 1e-3
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.scheduler not in ("cosine", "none"):

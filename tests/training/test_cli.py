@@ -1,0 +1,37 @@
+"""``deqdiff train`` smoke run: tiny settings, metrics and checkpoint on disk, --resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deqdiff.cli import main
+from deqdiff.training import load_checkpoint
+
+TINY = ["--data", "digits", "--train-limit", "64", "--test-limit", "32", "--batch-size", "16",
+        "--channels", "4", "--hidden", "4", "--groups", "2", "--no-progress"]
+
+
+def test_train_cli_writes_metrics_checkpoint_and_resumes(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--model", "conv", "--epochs", "2", "--max-steps", "4", "--out", out, *TINY]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 4 and summary["final"]["epoch"] == 1
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["config"]["model"] == "conv" and len(metrics["steps"]) == 4
+    assert {"fwd_iter_mean", "fwd_iter_max", "fwd_res_max"} <= set(metrics["epochs"][0]["test"])
+    assert main(["train", "--resume", "--epochs", "2", "--max-steps", "none", "--out", out, *TINY]) == 0
+    out_text = capsys.readouterr().out
+    assert "resuming from" in out_text
+    loaded = load_checkpoint(tmp_path / "run")
+    assert loaded.state["step"] == 8 and len(loaded.history["epochs"]) == 2
+
+
+def test_train_cli_repeat_k_and_bad_inputs(tmp_path, capsys):
+    assert main(["train", "--model", "repeat-3", "--epochs", "1", "--out", str(tmp_path), *TINY]) == 0
+    assert "fwd_iter_mean" not in json.loads(capsys.readouterr().out)["final"]["test"]
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        main(["train", "--model", "resnet", "--out", str(tmp_path / "x"), *TINY])
+    with pytest.raises(FileNotFoundError, match="MNIST directory not found"):
+        main(["train", "--data", "mnist", "--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "y")])
