@@ -84,6 +84,7 @@ METHODS = {
     "deqdiff-richardson": dict(kind="pideq", mode="implicit", backward="richardson"),
     "deqdiff-fp-richardson": dict(kind="pideq", mode="implicit", forward="fixed_point", backward="richardson"),
     "deqdiff-fwd": dict(kind="fwdmode", mode="implicit", backward="dense"),
+    "deqdiff-fp-fwd-richardson": dict(kind="fwdmode", mode="implicit", forward="fixed_point", backward="richardson"),
     "unrolled": dict(kind="pideq", mode="unrolled", unrolled_solver="fixed_point"),
     "unrolled-anderson": dict(kind="pideq", mode="unrolled", unrolled_solver="anderson"),
     "mlp-4x20": dict(kind="mlp", width=20),

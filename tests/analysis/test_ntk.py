@@ -85,6 +85,7 @@ def test_lambda_min_of_scalar_ntk_is_at_least_sigma_min_squared():
     assert lam0 > 0
     assert ntk_summary(K)["lambda_min"] >= lam0**2 * (1 - 1e-9)
     assert lambda_0(Z[:, :4].T) == 0.0  # width < N: ZᵀZ singular
+    assert lambda_0(torch.cat([Z[:, :3], Z[:, :1]], dim=1)) == 0.0  # a repeated column: rank deficient
 
 
 def test_linear_rate_check_reports_bound_and_conditions():
@@ -107,3 +108,20 @@ def test_linear_rate_check_refuses_vector_outputs():
     model = FCNet(d=3, n=4, c=2)
     with pytest.raises(ValueError, match="scalar output"):
         linear_rate_check(model, torch.randn(3, 3), torch.randn(3), lr=0.1, steps=1)
+
+
+def test_model_parameters_survive_the_ntk_of_a_model_registering_its_cell_twice():
+    """MonotoneDEQ-style models hold the cell as ``model.cell`` and ``model.deq.cell``."""
+
+    class Twice(MonNet):
+        def __init__(self):
+            super().__init__(d=3, n=5)
+            self.cell = self.deq.cell
+
+    model = Twice()
+    before = {n: p for n, p in model.named_parameters()}
+    empirical_ntk(model, torch.randn(3, 3))
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    model(torch.randn(2, 3)).sum().backward()
+    assert model.cell.A.grad is not None

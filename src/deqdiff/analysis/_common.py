@@ -19,7 +19,24 @@ from torch import Tensor, nn
 from ..layers import DEQ
 
 __all__ = ["find_deq", "require_deq", "capture_equilibrium", "replace_equilibrium", "Captured",
-           "param_dict", "flatten_params", "no_deq_warnings", "standard_strides"]
+           "param_dict", "flatten_params", "no_deq_warnings", "standard_strides", "preserve_parameters"]
+
+
+@contextlib.contextmanager
+def preserve_parameters(model: nn.Module) -> Iterator[None]:
+    """Put every sub-module's original ``nn.Parameter`` objects back on exit.
+
+    ``torch.func.functional_call`` swaps parameters in and out; on a model that registers one
+    module twice (e.g. ``model.cell`` and ``model.deq.cell``) the swap-back can leave plain
+    tensors in place of the parameters, which then silently stop receiving gradients and
+    vanish from ``model.parameters()``. Restoring the recorded objects prevents that."""
+    saved = [(m, dict(m._parameters)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, params in saved:
+            for name, p in params.items():
+                m._parameters[name] = p
 
 
 def standard_strides(x: Tensor) -> Tensor:

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..derivatives import LossHessian, hessian_eigenvalues
-from ._common import capture_equilibrium, param_dict, replace_equilibrium, require_deq, standard_strides
+from ._common import (capture_equilibrium, param_dict, preserve_parameters, replace_equilibrium, require_deq,
+                      standard_strides)
 
 __all__ = ["deq_loss_hessian", "hessian_spectrum", "TERMS"]
 
@@ -43,10 +44,11 @@ def deq_loss_hessian(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tenso
     theta = {n: p.detach() for n, p in cell.named_parameters()}
 
     def f(z, p, x):
-        return functional_call(cell, p, (z, x))
+        with preserve_parameters(cell):
+            return functional_call(cell, p, (z, x))
 
     def loss(z):
-        with replace_equilibrium(model, z):
+        with replace_equilibrium(model, z), preserve_parameters(model):
             return loss_fn(functional_call(model, frozen, (X,)), Y)
 
     return LossHessian(f, z_star, (theta, xin), loss, argnums=0, batch_ndim=1, tol=tol, **solve_options)

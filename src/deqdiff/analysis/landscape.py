@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ._common import no_deq_warnings, param_dict, standard_strides
+from ._common import no_deq_warnings, param_dict, preserve_parameters, standard_strides
 
 __all__ = ["filter_normalize", "random_direction", "random_directions", "evaluate_grid", "Landscape",
            "landscape_1d", "landscape_2d", "flatness_summary"]
@@ -103,7 +103,7 @@ def evaluate_grid(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
     batched = vmap(outputs, in_dims=(0, None))
     starts = range(0, coords.shape[0], points_per_batch)
     try:
-        with torch.no_grad(), no_deq_warnings() as caught:
+        with torch.no_grad(), no_deq_warnings() as caught, preserve_parameters(model):
             for s in (progress(starts) if progress else starts):
                 c = coords[s:s + points_per_batch].to(dtype=next(iter(p0.values())).dtype)
                 q = {k: p0[k] + torch.tensordot(c, dirs[k], dims=1) for k in p0}

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from ._common import capture_equilibrium, param_dict, standard_strides
+from ._common import capture_equilibrium, param_dict, preserve_parameters, standard_strides
 
 __all__ = ["per_sample_jacobian", "empirical_ntk", "ntk_spectrum", "equilibrium_matrix", "lambda_0",
            "ntk_summary", "linear_rate_check", "thesis_conditions"]
@@ -42,9 +42,10 @@ def per_sample_jacobian(model: nn.Module, x: Tensor, *, params: Sequence[str] | 
     jac = vmap(jacrev(fy), in_dims=(None, 0))
     blocks = []
     starts = range(0, x.shape[0], chunk_size)
-    for s in (progress(starts) if progress else starts):
-        J = jac(p, x[s:s + chunk_size])
-        blocks.append(torch.cat([J[n].reshape(*J[n].shape[:2], -1) for n in p], dim=-1).detach())
+    with preserve_parameters(model):
+        for s in (progress(starts) if progress else starts):
+            J = jac(p, x[s:s + chunk_size])
+            blocks.append(torch.cat([J[n].reshape(*J[n].shape[:2], -1) for n in p], dim=-1).detach())
     return torch.cat(blocks)
 
 
@@ -84,11 +85,16 @@ def equilibrium_matrix(model: nn.Module, x: Tensor, **overrides) -> Tensor:
 
 def lambda_0(Z: Tensor) -> float:
     """σ_min(Z) of Theorem 3.3.1 for ``Z (n, N)``; 0 when n < N (ZᵀZ is then singular; the
-    theorem needs width n ≥ N)."""
+    theorem needs width n ≥ N) or when Z is numerically rank deficient (σ_min ≤ σ_max·max(n, N)·ε
+    in Z's dtype)."""
     n, N = Z.shape
     if n < N:
         return 0.0
-    return float(torch.linalg.svdvals(Z.double())[-1])
+    sv = torch.linalg.svdvals(Z.double())
+    # below the numerical-rank threshold σ_min is round-off: Z is rank deficient (e.g. dead ReLUs)
+    if sv[-1] <= sv[0] * max(n, N) * torch.finfo(Z.dtype).eps:
+        return 0.0
+    return float(sv[-1])
 
 
 def ntk_summary(K: Tensor, *, top: int = 20) -> dict:

@@ -27,6 +27,7 @@ def _plt():
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     _plt().close(fig)
     return path
@@ -105,7 +106,11 @@ def plot_ntk(spectra: Mapping[str, Sequence[float]], track: Sequence[dict], path
     x = [t["epoch"] for t in track]
     a2.plot(x, [t["lambda_min"] for t in track], "o-", label="λ_min(Θ)")
     a2.plot(x, [t["lambda_max"] for t in track], "s-", label="λ_max(Θ)")
-    a2.plot(x, [max(t["sigma_min_Z"], 1e-300) ** 2 for t in track], "^-", label="σ_min(Z)²")
+    sig = [(e, t["sigma_min_Z"] ** 2) for e, t in zip(x, track) if t["sigma_min_Z"] > 0]
+    if sig:
+        a2.plot(*zip(*sig), "^-", label="σ_min(Z)² (λ₀²)")
+    if len(sig) < len(track):
+        a2.set_title("σ_min(Z) = 0 (Z rank deficient or width < N) at some checkpoints", fontsize=8)
     a2.set_yscale("log")
     a2.set_xlabel("epoch")
     a2.legend(fontsize=7)

@@ -54,8 +54,8 @@ def trained_snapshots(model: str, epochs: Sequence[int], cache: str | Path, *, p
         return out
     root.mkdir(parents=True, exist_ok=True)
     run_ckpt = root / "run" / "checkpoint.pt"
-    if run_ckpt.is_file() and not (meta.is_file() and json.loads(meta.read_text()) == key):
-        run_ckpt.unlink()  # a run with other settings: start over
+    if run_ckpt.is_file():
+        run_ckpt.unlink()  # the run may be past the first missing epoch (or had other settings): start over
     meta.write_text(json.dumps(key, indent=1))
     steps_per_epoch = math.ceil(data.size("train") / config.batch_size)
     for e in epochs:

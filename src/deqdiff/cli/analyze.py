@@ -56,14 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--stds", type=_floats, default=_floats("1.0,0.1"), help="init stds (N(0,1), N(0,0.01))")
     q.add_argument("--max-iter", type=int, default=40)
     q.add_argument("--tol", type=float, default=0.0, help="0: run every input for max-iter iterations")
-    common(q, "3")
+    common(q, "2")
 
     q = tools.add_parser("trajectories", help="PCA of solver trajectories over training (Figs. 4.2/4.3)", formatter_class=fmt)
     q.add_argument("--model", default="conv")
     q.add_argument("--samples", type=int, default=150)
     q.add_argument("--max-iter", type=int, default=30)
     q.add_argument("--solver", default="anderson")
-    common(q, "0,1,3")
+    common(q, "0,1,2")
 
     q = tools.add_parser("ntk", help="empirical NTK over training and the linear-rate check (ch. 3)", formatter_class=fmt)
     q.add_argument("--model", default="mon", help="model whose NTK is tracked (mon, conv, …)")
@@ -75,24 +75,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--rate-steps", type=int, default=200)
     q.add_argument("--rate-m", type=float, default=1.0, help="monotonicity margin m")
     q.add_argument("--rate-lr", type=float, default=None, help="GD step η (default 1/λ_max(Θ(0)))")
-    common(q, "0,1,3")
+    common(q, "0,1,2")
 
     q = tools.add_parser("hessian", help="top Hessian eigenvalues (total, Gauss–Newton, dynamics) over training", formatter_class=fmt)
     q.add_argument("--model", default="conv")
     q.add_argument("--samples", type=int, default=64)
     q.add_argument("--k", type=int, default=3)
     q.add_argument("--num-iters", type=int, default=12, help="Lanczos steps per term")
-    common(q, "0,1,3")
+    common(q, "0,1,2")
 
     q = tools.add_parser("landscape", help="filter-normalized loss landscapes of a DEQ and repeat-k (§4.2.1)", formatter_class=fmt)
     q.add_argument("--models", type=_strs, default=_strs("conv,repeat-6,repeat-11,repeat-18"))
     q.add_argument("--steps", type=int, default=51, help="grid points per axis (odd)")
     q.add_argument("--span", type=float, nargs=2, default=(-1.0, 1.0))
-    q.add_argument("--samples", type=int, default=64, help="training images the loss is averaged over")
-    q.add_argument("--points-per-batch", type=int, default=64, help="grid points evaluated in one vmapped pass")
+    q.add_argument("--samples", type=int, default=32, help="training images the loss is averaged over")
+    q.add_argument("--points-per-batch", type=int, default=128, help="grid points evaluated in one vmapped pass")
     q.add_argument("--ignore", default="biasbn", choices=("biasbn", "copy"), help="1-D parameters: zero or copy")
     q.add_argument("--no-1d", action="store_true")
-    common(q, "3")
+    common(q, "2")
 
 
 def _bar(args):

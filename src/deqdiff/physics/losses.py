@@ -14,6 +14,8 @@ Loss (weights ``w``; ``F`` is the user's right-hand side ``dy/dt = F(t, y[, args
     L = w_ic·mean‖y(x_ic) − y_ic‖² + w_phys·mean‖∂y/∂t − F(t, y, args)‖²
         + w_data·mean‖y(x_d) − y_d‖² + w_jac·mean_b ‖∂f/∂z (z*_b)‖_F
 
+(the physics residual optionally multiplied per sample by ``residual_weight(x)``).
+
 (``mean`` over samples and components.) The Jacobian term is evaluated at the collocation
 points' z*; ``jacobian_method="exact"`` uses the model's closed form (``TanhCell``: exact for
 any width), ``"hutchinson"`` an unbiased estimate of ``‖J‖_F²`` from one Rademacher probe per
@@ -121,7 +123,9 @@ class PhysicsLoss:
     ``rhs(t, y)`` or ``rhs(t, y, args)`` with ``args = rhs_args(x)``; ``t = x[:, time_column]``
     (or ``time_of(x)``). Call with collocation inputs (physics term), optional ``ic=(x0, y0)``
     and ``data=(x, y)`` pairs. The Jacobian penalty (``jacobian_weight > 0``) is taken at the
-    collocation points' fixed points; ignored for models without one (MLP)."""
+    collocation points' fixed points; ignored for models without one (MLP). ``residual_weight(x)``
+    (optional, ``(B,)``) rescales each sample's residual, e.g. ``h²/Δ²`` for a flow map whose
+    Taylor skip makes the residual ``O(Δ²)``, so that every collocation point counts."""
 
     rhs: Callable[..., Tensor]
     time_column: int = 0
@@ -132,6 +136,7 @@ class PhysicsLoss:
     data_weight: float = 1.0
     jacobian_weight: float = 0.0
     jacobian_method: str = "exact"
+    residual_weight: Callable[[Tensor], Tensor] | None = None
 
     def __post_init__(self):
         for name in ("physics_weight", "ic_weight", "data_weight", "jacobian_weight"):
@@ -147,6 +152,8 @@ class PhysicsLoss:
         if self.physics_weight > 0 or self.jacobian_weight > 0:
             r, _ = ode_residual(model, collocation, self.rhs, time_column=self.time_column,
                                 rhs_args=self.rhs_args, time_of=self.time_of)
+            if self.residual_weight is not None:  # per-sample w(x): mean‖w(x)·r‖²
+                r = r * self.residual_weight(collocation).reshape(-1, 1)
             phys = (r * r).mean()
             total = total + self.physics_weight * phys
             terms["physics"] = float(phys.detach())

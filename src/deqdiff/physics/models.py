@@ -21,17 +21,20 @@ derivative backpropagates through all iterations (memory grows with iterations).
 Stable API (used by other modules and ``benchmarks/bench_pinn.py``):
 
 * ``TanhCell(width, in_features, max_norm=None)``: ``cell(z, x) = tanh(z Aᵀ + x Uᵀ + b)``
-  (``max_norm`` = ρ < 1 rescales A to ``‖A‖_F ≤ ρ``: a contraction by construction);
+  (``max_norm`` = ρ < 1 rescales A to ``‖A‖_F ≤ ρ``: a contraction by construction;
+  ``spectral_norm`` = ρ rescales A to ``σ̂(A) ≤ ρ`` with a cached power-iteration estimate σ̂);
   ``cell.jacobian_frobenius(z)``: exact per-sample ``‖∂f/∂z‖_F`` (closed form).
 * ``PIDEQ(in_features, out_features, width=80, *, mode="implicit"|"unrolled", solver="anderson",
-  tol=1e-4, max_iter=200, unrolled_solver="fixed_point", max_norm=None, **solver_options)``;
+  tol=1e-4, max_iter=200, unrolled_solver="fixed_point", max_norm=None, spectral_norm=None,
+  **solver_options)``;
   ``model(x, **overrides)``, ``model.deq`` (the :class:`deqdiff.DEQ`, ``last_info`` after a
   call), ``model.last_z``, ``model.last_iterations`` (per-row forward iterations, both modes),
   ``model.jacobian_frobenius(x=None)`` (at the last z*), ``model.set_mode(mode)``.
 * ``MLP(in_features, out_features, width=20, depth=4)``: explicit tanh PINN (item 4b).
 * ``FlowMap(core, state_dim, cond_dim=0, horizon=0.5, state_scale=1, cond_center=0, cond_scale=1,
-  rhs=None)``: ``x = [Δ, y0, c]`` ↦ ``y(Δ) = y0 + Δ·core(features)`` (or, with ``rhs``,
-  ``y0 + Δ·F(y0) + Δ²·core``); the initial condition holds by construction. ``core`` is any model above (its ``in_features = 1 + state_dim + cond_dim``).
+  rhs=None, order=None)``: ``x = [Δ, y0, c]`` ↦ ``y(Δ) = Taylor_order(Δ; y0) + Δ^{order+1}·core(features)``
+  (order 0: ``y0 + Δ·core``; 1: ``y0 + Δ·F(y0) + Δ²·core``; 2: adds ``Δ²/2·(∂F/∂y F)(y0)``);
+  the initial condition holds by construction. ``core`` is any model above (its ``in_features = 1 + state_dim + cond_dim``).
 * ``count_parameters(model)``.
 """
 
@@ -58,11 +61,14 @@ class TanhCell(nn.Module):
     initialization (``‖∂f/∂z‖₂ ≤ ‖A‖₂`` since ``|tanh'| ≤ 1``)."""
 
     def __init__(self, width: int, in_features: int, *, rho: float = 0.5, input_scale: float = 1.0,
-                 max_norm: float | None = None):
+                 max_norm: float | None = None, spectral_norm: float | None = None):
         super().__init__()
-        if max_norm is not None and not 0 < max_norm < 1:
-            raise ValueError(f"max_norm must be in (0, 1), got {max_norm}")
-        self.max_norm = max_norm
+        for name, v in (("max_norm", max_norm), ("spectral_norm", spectral_norm)):
+            if v is not None and not 0 < v < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {v}")
+        if max_norm is not None and spectral_norm is not None:
+            raise ValueError("give at most one of max_norm (Frobenius bound) and spectral_norm")
+        self.max_norm, self.spectral_norm = max_norm, spectral_norm
         if width < 1 or in_features < 1:
             raise ValueError(f"width and in_features must be ≥ 1, got {width}, {in_features}")
         self.width, self.in_features = width, in_features
@@ -71,13 +77,41 @@ class TanhCell(nn.Module):
         self.A = nn.Parameter(A)
         self.U = nn.Parameter(torch.randn(width, in_features) * (input_scale / math.sqrt(in_features)))
         self.b = nn.Parameter(torch.zeros(width))
+        # Cached singular vectors of A for the spectral bound (power iteration, as in
+        # torch.nn.utils.spectral_norm); buffers, so checkpoints restore them exactly.
+        g = torch.Generator().manual_seed(width)
+        self.register_buffer("_u", nn.functional.normalize(torch.randn(width, generator=g), dim=0))
+        self.register_buffer("_v", nn.functional.normalize(torch.randn(width, generator=g), dim=0))
+        if spectral_norm is not None:
+            self.power_iteration(30)
+
+    @torch.no_grad()
+    def power_iteration(self, steps: int = 1) -> None:
+        """Refine the cached top singular pair ``(u, v)`` of ``A`` (called once per training
+        forward pass, never inside a solve, so every solve of a step sees one ``A``)."""
+        A = self.A.detach()
+        u, v = self._u, self._v
+        for _ in range(steps):
+            v = nn.functional.normalize(A.T @ u, dim=0, eps=1e-12)
+            u = nn.functional.normalize(A @ v, dim=0, eps=1e-12)
+        self._u.copy_(u)
+        self._v.copy_(v)
+
+    def sigma(self) -> Tensor:
+        """Estimate ``σ̂ = uᵀ A v ≤ ‖A‖₂`` (differentiable in A; u, v fixed)."""
+        return self._u @ self.A @ self._v
 
     def weight(self) -> Tensor:
-        """The effective ``A``: with ``max_norm`` = ρ, ``A·min(1, ρ/‖A‖_F)`` so that
-        ``‖A‖₂ ≤ ‖A‖_F ≤ ρ < 1`` and f contracts by ρ for every input and weight (cheap: no SVD)."""
-        if self.max_norm is None:
-            return self.A
-        return self.A * torch.clamp(self.max_norm / torch.linalg.vector_norm(self.A), max=1.0)
+        """The effective ``A``. ``max_norm`` = ρ: ``A·min(1, ρ/‖A‖_F)``, so ``‖A‖₂ ≤ ‖A‖_F ≤ ρ``
+        (a contraction for every input and weight, but it caps every singular value at once).
+        ``spectral_norm`` = ρ: ``A·min(1, ρ/σ̂)`` with the power-iteration estimate σ̂ of ``‖A‖₂``
+        (only the top singular value is bounded; the bound holds up to the estimate's accuracy,
+        and a failed solve would be reported by the engine)."""
+        if self.max_norm is not None:
+            return self.A * torch.clamp(self.max_norm / torch.linalg.vector_norm(self.A), max=1.0)
+        if self.spectral_norm is not None:
+            return self.A * torch.clamp(self.spectral_norm / self.sigma().abs().clamp_min(1e-12), max=1.0)
+        return self.A
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
         return torch.tanh(z @ self.weight().T + x @ self.U.T + self.b)
@@ -104,11 +138,13 @@ class PIDEQ(nn.Module):
     def __init__(self, in_features: int, out_features: int, width: int = 80, *, mode: str = "implicit",
                  solver: str = "anderson", tol: float = 1e-4, max_iter: int = 200,
                  unrolled_solver: str = "fixed_point", skip: bool = True, rho: float = 0.5,
-                 input_scale: float = 1.0, max_norm: float | None = None, on_fail: str = "warn",
-                 **solver_options):
+                 input_scale: float = 1.0, max_norm: float | None = None, spectral_norm: float | None = None,
+                 on_fail: str = "warn", **solver_options):
         super().__init__()
         self.in_features, self.out_features, self.width = in_features, out_features, width
-        self.deq = DEQ(TanhCell(width, in_features, rho=rho, input_scale=input_scale, max_norm=max_norm), solver=solver, tol=tol,
+        cell = TanhCell(width, in_features, rho=rho, input_scale=input_scale, max_norm=max_norm,
+                        spectral_norm=spectral_norm)
+        self.deq = DEQ(cell, solver=solver, tol=tol,
                        max_iter=max_iter, on_fail=on_fail, **solver_options)
         self.C = nn.Linear(width, out_features)
         nn.init.normal_(self.C.weight, std=1.0 / math.sqrt(width))
@@ -158,6 +194,8 @@ class PIDEQ(nn.Module):
         return z
 
     def forward(self, x: Tensor, **overrides) -> Tensor:
+        if self.training and self.cell.spectral_norm is not None and torch.is_grad_enabled():
+            self.cell.power_iteration(1)
         z = self.equilibrium(x, **overrides)
         y = self.C(z)
         return y + self.D(x) if self.D is not None else y
@@ -200,19 +238,33 @@ def _as_buffer(v, n: int) -> Tensor:
 
 
 class FlowMap(nn.Module):
-    """Conditioned short-horizon model ``y(Δ; y0, c) = y0 + Δ·core(φ)`` — or, given the ODE's
-    right-hand side ``rhs(t, y, c)``, the Taylor-informed ``y0 + Δ·F(0, y0, c) + Δ²·core(φ)``
-    (exact to first order in Δ by construction, the network learns the curvature) — with inputs
-    ``x = [Δ, y0, c]`` ``(B, 1 + state_dim + cond_dim)`` and normalized features
-    ``φ = [2Δ/h − 1, y0/s, (c − c̄)/σ]``. ``y(0) = y0`` exactly, so no initial-condition
-    loss is needed; ``∂y/∂Δ = core(φ) + Δ·∂core/∂Δ``. Applied repeatedly it simulates long
-    trajectories (:func:`deqdiff.physics.rollout.rollout`)."""
+    """Conditioned short-horizon model ``y(Δ; y0, c)`` with inputs ``x = [Δ, y0, c]``
+    ``(B, 1 + state_dim + cond_dim)`` and normalized core features ``φ = [2Δ/h − 1, y0/s, (c − c̄)/σ]``.
+
+    With the ODE's right-hand side ``rhs(t, y[, c])`` (autonomous: ``t`` is passed as 0) the exact
+    Taylor polynomial of the flow up to ``order`` is a fixed skip and the core learns only the
+    remainder:
+
+    * ``order = 0``: ``y = y0 + Δ·core(φ)`` (no ``rhs`` needed);
+    * ``order = 1``: ``y = y0 + Δ·F(y0) + Δ²·core(φ)``;
+    * ``order = 2``: ``y = y0 + Δ·F(y0) + Δ²/2·(∂F/∂y F)(y0) + Δ³·core(φ)``,
+
+    since ``ẏ = F(y)`` and ``ÿ = (∂F/∂y) F`` along the flow. ``y`` then agrees with the true flow
+    to order ``Δ^order`` whatever the weights (``y(0) = y0`` exactly; no initial-condition loss is
+    needed) and the physics residual trains the ``O(Δ^{order+1})`` remainder. ``(∂F/∂y)F`` is one
+    forward-mode product (:func:`torch.func.jvp`), differentiable by autograd. Applied repeatedly
+    it simulates long trajectories (:func:`deqdiff.physics.rollout.rollout`)."""
 
     def __init__(self, core: nn.Module, state_dim: int, cond_dim: int = 0, *, horizon: float = 0.5,
                  state_scale: float | Sequence[float] = 1.0, cond_center: float | Sequence[float] = 0.0,
-                 cond_scale: float | Sequence[float] = 1.0, rhs=None):
+                 cond_scale: float | Sequence[float] = 1.0, rhs=None, order: int | None = None):
         super().__init__()
-        self.rhs = rhs
+        order = (1 if rhs is not None else 0) if order is None else int(order)
+        if order not in (0, 1, 2):
+            raise ValueError(f"order must be 0, 1 or 2, got {order}")
+        if order > 0 and rhs is None:
+            raise ValueError(f"a Taylor skip of order {order} needs the right-hand side rhs")
+        self.rhs, self.order = rhs, order
         if not horizon > 0:
             raise ValueError(f"horizon must be positive, got {horizon}")
         if getattr(core, "in_features", 1 + state_dim + cond_dim) != 1 + state_dim + cond_dim:
@@ -235,16 +287,31 @@ class FlowMap(nn.Module):
             parts.append((c - self.cond_center) / self.cond_scale)
         return torch.cat(parts, 1)
 
+    def taylor_terms(self, x: Tensor) -> list[Tensor]:
+        """``[F(y0), (∂F/∂y F)(y0)]`` up to ``order`` (the flow's Δ-derivatives at Δ = 0 divided
+        by nothing: the caller applies ``Δ^k/k!``)."""
+        if self.order == 0:
+            return []
+        y0, c = x[:, 1:1 + self.state_dim], x[:, 1 + self.state_dim:]
+        t0 = torch.zeros_like(x[:, 0])
+        F = (lambda y: self.rhs(t0, y, c)) if self.cond_dim else (lambda y: self.rhs(t0, y))
+        if self.order == 1:
+            return [F(y0)]
+        f0, jf = torch.func.jvp(F, (y0,), (F(y0),))
+        return [f0, jf]
+
+    def skip(self, x: Tensor) -> Tensor:
+        """The Taylor polynomial ``Σ_k Δ^k/k! · y^{(k)}(0)`` (``k ≤ order``) alone."""
+        dt, y = x[:, :1], x[:, 1:1 + self.state_dim]
+        for k, term in enumerate(self.taylor_terms(x), start=1):
+            y = y + dt ** k / math.factorial(k) * term
+        return y
+
     def forward(self, x: Tensor, **overrides) -> Tensor:
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"FlowMap expects inputs (B, {self.in_features}) = [Δ, y0, c], got {tuple(x.shape)}")
-        dt, y0 = x[:, :1], x[:, 1:1 + self.state_dim]
         g = self.core(self.features(x), **overrides)
-        if self.rhs is None:
-            return y0 + dt * g
-        c = x[:, 1 + self.state_dim:]
-        f0 = self.rhs(torch.zeros_like(dt[:, 0]), y0, c) if self.cond_dim else self.rhs(torch.zeros_like(dt[:, 0]), y0)
-        return y0 + dt * f0 + dt * dt * g
+        return self.skip(x) + x[:, :1] ** (self.order + 1) * g
 
     def jacobian_frobenius(self, z: Tensor | None = None) -> Tensor:
         return self.core.jacobian_frobenius(z)

@@ -1,0 +1,52 @@
+"""Smoke runs of ``deqdiff analyze`` with tiny settings (a few seconds each)."""
+
+import json
+
+import pytest
+
+from deqdiff.cli import main
+
+TINY = ["--train-limit", "32", "--batch-size", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("analyze")
+
+
+def test_residuals(out):
+    assert main(["analyze", "residuals", "--out", str(out), "--epochs", "1", "--samples", "4", "--max-iter", "5",
+                 "--solvers", "anderson", *TINY]) == 0
+    d = json.loads((out / "residuals.json").read_text())
+    assert len(d["curves"]) == 3 and (out / "residuals.png").stat().st_size > 1000
+    assert (out / "models" / "conv" / "epoch1.pt").is_file()
+
+
+def test_trajectories_reuse_cached_models(out, capsys):
+    assert main(["analyze", "trajectories", "--out", str(out), "--epochs", "0,1", "--samples", "6", "--max-iter", "4",
+                 *TINY]) == 0
+    assert "loaded cached snapshots" in capsys.readouterr().out
+    d = json.loads((out / "trajectories.json").read_text())
+    assert set(d["checkpoints"]) == {"epoch 0", "epoch 1"}
+
+
+def test_hessian(out):
+    assert main(["analyze", "hessian", "--out", str(out), "--epochs", "1", "--samples", "3", "--k", "1",
+                 "--num-iters", "2", *TINY]) == 0
+    d = json.loads((out / "hessian.json").read_text())
+    assert set(d["track"][0]) >= {"total", "gauss_newton", "dynamics", "dim"}
+
+
+def test_ntk(out):
+    assert main(["analyze", "ntk", "--out", str(out), "--epochs", "0", "--samples", "4", "--width", "8",
+                 "--rate-samples", "4", "--rate-width", "6", "--rate-steps", "2", *TINY]) == 0
+    d = json.loads((out / "ntk.json").read_text())
+    assert d["track"][0]["size"] == 40 and len(d["linear_rate"]["loss"]) == 3
+
+
+def test_landscape(out):
+    assert main(["analyze", "landscape", "--out", str(out), "--epochs", "1", "--models", "conv,repeat-2",
+                 "--samples", "4", "--steps", "3", "--no-1d", *TINY]) == 0
+    d = json.loads((out / "landscape.json").read_text())
+    assert set(d["summary"]) == {"conv", "repeat-2"}
+    assert len(d["landscapes_2d"]["conv"]["loss"]) == 3
