@@ -17,7 +17,10 @@ w.r.t. t kept in the graph, so the weight gradient is a second derivative of z*.
   create_graph=True)``, one reverse pass per output) — Anderson forward solve at tol 1e-4,
   backward ``auto`` (GMRES for 80 states) or ``dense`` (batched LU per sample);
 * ``deqdiff-fwd``: the same loss with ``dz*/dt`` by one implicit forward-mode solve
-  (``deqdiff.derivatives.time_derivatives``) instead of two reverse passes;
+  (the engine's ``Equilibrium``, as ``deqdiff.derivatives.time_derivatives`` does) instead of
+  two reverse passes, and y taken from the same fixed-point node (one adjoint solve fewer);
+* ``-fp`` variants use plain fixed-point iteration forward, ``-richardson`` / ``-dense`` the
+  backward (derivative) solver; ``deqdiff`` alone is the library default (Anderson, auto);
 * ``unrolled`` (PIDEQ's approach): ``PIDEQ(mode="unrolled")`` — the solver loop (plain
   iteration, or Anderson) recorded by autograd until the same stopping rule holds, so every
   derivative backpropagates through all forward iterations;
@@ -66,7 +69,8 @@ except ImportError:  # run without PYTHONPATH=src
     import deqdiff
 
 import bench_core as core  # noqa: E402  (measurement helpers: fresh-process memory, repeats)
-from deqdiff.derivatives import time_derivatives  # noqa: E402
+from deqdiff.derivatives._problem import Equilibrium  # noqa: E402  (as in deqdiff.physics.burgers)
+from deqdiff.derivatives.mixed import _t_dots  # noqa: E402
 from deqdiff.physics import MLP, PIDEQ, PhysicsLoss  # noqa: E402
 from deqdiff.physics.problems import van_der_pol  # noqa: E402
 
@@ -94,12 +98,14 @@ METHODS = {
 
 
 FULL_METHODS = ["deqdiff", "deqdiff-dense", "deqdiff-richardson", "deqdiff-fp-richardson", "deqdiff-fwd",
-                "unrolled", "unrolled-anderson", "mlp-4x20", "mlp-4x46"]
+                "deqdiff-fp-fwd-richardson", "unrolled", "unrolled-anderson", "mlp-4x20", "mlp-4x46"]
 #: the stress regime only needs the methods whose cost depends on the iteration count
-HARD_METHODS = ["deqdiff", "deqdiff-dense", "deqdiff-richardson", "deqdiff-fp-richardson", "unrolled", "mlp-4x46"]
+HARD_METHODS = ["deqdiff", "deqdiff-dense", "deqdiff-richardson", "deqdiff-fp-richardson", "deqdiff-fp-fwd-richardson",
+                "unrolled", "mlp-4x46"]
 QUICK_METHODS = ["deqdiff-richardson", "unrolled", "mlp-4x46"]
 #: methods whose forward solve is another's (same model, same forward solver)
-SHARED_FWD = {"deqdiff-dense": "deqdiff", "deqdiff-richardson": "deqdiff", "deqdiff-fwd": "deqdiff"}
+SHARED_FWD = {"deqdiff-dense": "deqdiff", "deqdiff-richardson": "deqdiff", "deqdiff-fwd": "deqdiff",
+              "deqdiff-fp-fwd-richardson": "deqdiff-fp-richardson"}
 
 
 # --------------------------------------------------------------------------- problem
@@ -152,11 +158,16 @@ def fwdmode_loss(model: PIDEQ, t: torch.Tensor, ic, kappa: float = KAPPA):
     A, U, b = cell.A, cell.U, cell.b
     opts = model.deq.solver_options
     z0 = t.new_zeros(t.shape[0], model.width)
-    z, info = deqdiff.fixed_point(_cell, z0, A, U, b, t, batch_ndim=1, solver=opts["solver"], tol=opts["tol"],
-                                  max_iter=opts["max_iter"], backward_solver=opts.get("backward_solver", "auto"),
-                                  return_info=True)
-    (z_t,) = time_derivatives(_cell, z, (A, U, b, t), 3, order=1, batch_ndim=1, tol=opts["tol"],
-                              solver=opts.get("backward_solver", "auto"))
+    with torch.no_grad():  # z* only: its derivatives all come from the Equilibrium below
+        z, info = deqdiff.fixed_point(_cell, z0, A.detach(), U.detach(), b.detach(), t, batch_ndim=1,
+                                      solver=opts["solver"], tol=opts["tol"], max_iter=opts["max_iter"],
+                                      return_info=True)
+    # one fixed-point node (the Equilibrium's re-entry of z*, one f evaluation) carries both
+    # y and dz*/dt, so the weight gradient needs one adjoint solve fewer
+    eq = Equilibrium(_cell, z, (A, U, b, t), (), batch_ndim=1, tol=opts["tol"],
+                     solver=opts.get("backward_solver", "auto"))
+    z = eq.z
+    z_t = eq.z_tangent(_t_dots(eq, 3, None))  # (I − J) z_t = f_t: one forward-mode solve
     y = model.C(z) + model.D(t)
     dy = z_t @ model.C.weight.T + model.D.weight[:, 0]
     phys = ((dy - van_der_pol(t[:, 0], y, MU)) ** 2).mean()
@@ -763,8 +774,9 @@ def render(res: dict) -> str:
             out.append(table_accuracy(r["accuracy"]))
         out.append("")
     if "pde" in res:
-        out.append(f"### Burgers step (third order: ∇_θ of a loss on u_xx), `deqdiff pinn burgers` defaults "
-                   f"(24 states, ν = 0.1/π, tol 1e-5), {res['pde']['points']} collocation + 400 IC/BC points\n")
+        out.append(f"### Burgers step (third order: ∇_θ of a loss on u_xx), `deqdiff pinn burgers` model "
+                   f"(24 states, ν = 0.1/π, tol 1e-5, fresh initialization), {res['pde']['points']} collocation "
+                   f"+ 400 initial/boundary points\n")
         out.append(table_pde(res["pde"]))
         out.append("")
     train_path = ROOT / "benchmarks" / "results" / "pinn_burgers_train.json"
@@ -801,7 +813,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--no-jax", action="store_true")
-    p.add_argument("--pde-points", type=int, default=1000, help="Burgers collocation points (CLI default 1000)")
+    p.add_argument("--pde-points", type=int, default=4000, help="Burgers collocation points (the CLI trains with 1000)")
     p.add_argument("--skip-pde", action="store_true")
     p.add_argument("--render-only", action="store_true", help="re-write the markdown from the JSON (no measuring)")
     p.add_argument("--merge", action="store_true",

@@ -16,10 +16,15 @@ from .monotone import (
 )
 from .monotone_conv import MonotoneConv, MonotoneConvDEQ, FourierMonotone
 
-# --- convolutional DEQ of eq. 4.1 (models/conv.py, owned by the conv/training helper) ---
-# from .conv import ...  (add its exports here and to __all__)
+from .conv import ConvCell, ConvDEQ, ConvRepeat, WeightTied, repeat_from_deq, repeat_k
 
 __all__ = [
+    "ConvCell",
+    "ConvDEQ",
+    "ConvRepeat",
+    "WeightTied",
+    "repeat_from_deq",
+    "repeat_k",
     "MonotoneDEQ",
     "MonotoneLinear",
     "MonotoneConv",

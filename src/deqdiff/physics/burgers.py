@@ -7,8 +7,9 @@ with c = 1 (Burgers) or c = 0 (heat equation u_t = ν u_xx, analytic u = −sin(
 Model (issue 5, item 3): ``u(x, t) = C·z* + D·[x, s]`` with ``z* = tanh(A z* + U·[x, s] + b)``
 and ``s = 2t/T − 1`` (time scaled to [−1, 1]). The residual needs ``u_t``, ``u_x``, ``u_xx``:
 with ``mode="implicit"`` they come from implicit forward-mode solves (seed 001, eq. deq-jacobian
-and its derivative along x: ``(I − J) z_xx = D²f[(z_x, ẋ), (z_x, ẋ)]``, see
-``deqdiff.derivatives.time_derivatives``), kept with their graph, so the gradient of the loss
+and its derivative along x: ``(I − J) z_xx = D²f[(z_x, ẋ), (z_x, ẋ)]``, as in
+``deqdiff.derivatives.time_derivatives``, but with one shared equilibrium for the x and t
+directions and for u itself), kept with their graph, so the gradient of the loss
 w.r.t. the weights differentiates ``z_xx`` once more — third order in total, all by linear
 solves with ``I − ∂f/∂z`` at z*. ``mode="unrolled"`` is the founding work's baseline: plain
 iterations recorded by autograd until the same stopping rule ``‖f(z) − z‖ ≤ tol‖f(z)‖`` holds
@@ -43,8 +44,8 @@ from ..derivatives.mixed import _t_dots
 from ..engine import fixed_point
 
 __all__ = [
-    "PDEConfig", "PROBLEMS", "PDEDEQ", "PDEMLP", "cell", "pde_terms", "residual", "initial_condition", "pde_loss", "reference_solution",
-    "reference_fd", "train", "evaluate", "add_arguments", "run",
+    "PDEConfig", "PROBLEMS", "PDEDEQ", "PDEMLP", "cell", "pde_terms", "residual", "initial_condition",
+    "pde_loss", "reference_solution", "reference_fd", "train", "evaluate", "add_arguments", "run",
 ]
 
 #: convection coefficient c of each problem
@@ -249,10 +250,13 @@ def pde_terms(model: PDEDEQ, x: Tensor, t: Tensor) -> dict[str, Tensor]:
         u_x, u_s = torch.autograd.grad(u.sum(), (x, s), create_graph=True)
         (u_xx,) = torch.autograd.grad(u_x.sum(), x, create_graph=True)
         return {"z": z, "u": u, "u_t": u_s * (2.0 / model.T), "u_x": u_x, "u_xx": u_xx}
-    z = model.equilibrium(x, s)
+    with torch.no_grad():  # z* only; every derivative (and u itself) comes from ``eq`` below
+        z = model.equilibrium(x, s)
     # one Equilibrium (one re-entry of z*, one linearization/LU of I − J) for all three
-    # directions; ``time_derivatives`` would build one per call (~25 % slower per step)
+    # directions and for u; ``time_derivatives`` would build one per call, and a second
+    # fixed-point node for u would cost one more adjoint solve in the backward pass
     eq = Equilibrium(cell, z, (*model.weights, x, s), (), batch_ndim=1, tol=model.tol, on_fail="warn")
+    z = eq.z
     dx, ds = _t_dots(eq, 3, None), _t_dots(eq, 4, None)
     z_x, z_s = eq.z_tangent(dx), eq.z_tangent(ds)  # (I − J) z_x = f_x, (I − J) z_s = f_s
     a = (z_x, dx)
