@@ -18,7 +18,7 @@ def test_residuals(out):
     assert main(["analyze", "residuals", "--out", str(out), "--epochs", "1", "--samples", "4", "--max-iter", "5",
                  "--solvers", "anderson", *TINY]) == 0
     d = json.loads((out / "residuals.json").read_text())
-    assert len(d["curves"]) == 3 and (out / "residuals.png").stat().st_size > 1000
+    assert len(d["curves"]) == 4 and (out / "residuals.png").stat().st_size > 1000
     assert (out / "models" / "conv" / "epoch1.pt").is_file()
 
 

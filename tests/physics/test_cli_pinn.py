@@ -9,7 +9,7 @@ import pytest
 from deqdiff.cli import main
 
 TINY = ["--epochs", "2", "--width", "4", "--batch", "8", "--n-test", "2", "--rollout-t-end", "0.5",
-        "--no-progress", "--threads", "1"]
+        "--lbfgs-steps", "0", "--no-progress", "--threads", "1"]
 
 
 def test_vdp_smoke_run_and_resume(tmp_path, capsys):

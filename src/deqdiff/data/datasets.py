@@ -64,7 +64,9 @@ class ImageDataset:
         x = x.to(device=device, dtype=dtype)
         mean = self.mean.to(device=x.device, dtype=dtype)[:, None, None]
         std = self.std.to(device=x.device, dtype=dtype)[:, None, None]
-        return (x - mean) / std
+        # a copy, not .contiguous(): single-channel (HW,1,W,1) strides count as contiguous
+        # but read as channels-last, which group norm under vmap/forward AD rejects
+        return ((x - mean) / std).clone(memory_format=torch.contiguous_format)
 
     def labels(self, split: str, index: Tensor | slice, *, device=None) -> Tensor:
         return self._split(split)[1][index].to(device)

@@ -129,6 +129,12 @@ class MonotoneModelMixin:
     cell: nn.Module
     deq: DEQ
 
+    @property
+    def cell(self) -> nn.Module:
+        """The monotone cell, registered once (under ``deq``) so that
+        ``torch.func.functional_call`` over the model swaps its parameters back correctly."""
+        return self.deq.cell
+
     def _configure(self, solver, alpha, tol, max_iter, backward_solver, backward_alpha, solver_options):
         self.solver, self.alpha, self.backward_solver = solver, alpha, backward_solver
         self.backward_alpha = backward_alpha
@@ -192,8 +198,9 @@ class MonotoneDEQ(MonotoneModelMixin, nn.Module):
         **solver_options,
     ):
         super().__init__()
-        self.cell = MonotoneLinear(in_features, width, m=m, activation=activation)
-        self.deq = DEQ(self.cell)
+        # the cell is registered once, under the DEQ: a module registered twice breaks
+        # torch.func.functional_call's swap-back (parameters come back as plain tensors)
+        self.deq = DEQ(MonotoneLinear(in_features, width, m=m, activation=activation))
         self.head = nn.Linear(width, num_classes)
         self._configure(solver, alpha, tol, max_iter, backward_solver, backward_alpha, solver_options)
 

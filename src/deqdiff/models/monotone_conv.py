@@ -193,11 +193,11 @@ class MonotoneConvDEQ(MonotoneModelMixin, nn.Module):
         **solver_options,
     ):
         super().__init__()
-        self.cell = MonotoneConv(in_channels, channels, image_size, kernel_size=kernel_size, m=m, activation=activation)
-        H, W = self.cell.image_size
+        cell = MonotoneConv(in_channels, channels, image_size, kernel_size=kernel_size, m=m, activation=activation)
+        H, W = cell.image_size
         if H % pool or W % pool:
             raise ValueError(f"pool={pool} must divide the image size {H}×{W}")
-        self.deq = DEQ(self.cell)
+        self.deq = DEQ(cell)  # registered once; ``self.cell`` is a property
         self.pool = pool
         self.head = nn.Linear(channels * (H // pool) * (W // pool), num_classes)
         self._configure(solver, alpha, tol, max_iter, backward_solver, backward_alpha, solver_options)

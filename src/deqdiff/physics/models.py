@@ -83,17 +83,26 @@ class TanhCell(nn.Module):
         self.register_buffer("_u", nn.functional.normalize(torch.randn(width, generator=g), dim=0))
         self.register_buffer("_v", nn.functional.normalize(torch.randn(width, generator=g), dim=0))
         if spectral_norm is not None:
-            self.power_iteration(30)
+            self.power_iteration(1, tol=1e-6)
 
     @torch.no_grad()
-    def power_iteration(self, steps: int = 1) -> None:
-        """Refine the cached top singular pair ``(u, v)`` of ``A`` (called once per training
-        forward pass, never inside a solve, so every solve of a step sees one ``A``)."""
+    def power_iteration(self, steps: int = 1, *, tol: float = 0.0) -> None:
+        """Refine the cached top singular pair ``(u, v)`` of ``A``: at least ``steps`` iterations
+        and, with ``tol`` > 0, more (up to 200) until σ̂ changes by less than ``tol`` relatively —
+        large optimizer steps (L-BFGS) move A far, and a stale σ̂ would break the contraction.
+        Called once per training forward pass, never inside a solve, so every solve of a step
+        sees one ``A``. Warm-started, so it usually costs a few 2·width² matvecs."""
         A = self.A.detach()
         u, v = self._u, self._v
-        for _ in range(steps):
+        sigma = None
+        for k in range(200):
             v = nn.functional.normalize(A.T @ u, dim=0, eps=1e-12)
-            u = nn.functional.normalize(A @ v, dim=0, eps=1e-12)
+            Av = A @ v
+            u = nn.functional.normalize(Av, dim=0, eps=1e-12)
+            new = torch.linalg.vector_norm(Av)
+            if k + 1 >= steps and (tol <= 0 or (sigma is not None and abs(new - sigma) <= tol * new)):
+                break
+            sigma = new
         self._u.copy_(u)
         self._v.copy_(v)
 
@@ -195,7 +204,7 @@ class PIDEQ(nn.Module):
 
     def forward(self, x: Tensor, **overrides) -> Tensor:
         if self.training and self.cell.spectral_norm is not None and torch.is_grad_enabled():
-            self.cell.power_iteration(1)
+            self.cell.power_iteration(1, tol=1e-4)
         z = self.equilibrium(x, **overrides)
         y = self.C(z)
         return y + self.D(x) if self.D is not None else y
@@ -253,12 +262,17 @@ class FlowMap(nn.Module):
     to order ``Δ^order`` whatever the weights (``y(0) = y0`` exactly; no initial-condition loss is
     needed) and the physics residual trains the ``O(Δ^{order+1})`` remainder. ``(∂F/∂y)F`` is one
     forward-mode product (:func:`torch.func.jvp`), differentiable by autograd. Applied repeatedly
-    it simulates long trajectories (:func:`deqdiff.physics.rollout.rollout`)."""
+    it simulates long trajectories (:func:`deqdiff.physics.rollout.rollout`).
+
+    ``taylor_features=True`` also feeds the core ``asinh(y^{(k)}(0)/s)`` (``k = 1..order``), the
+    same derivatives the skip uses, so the network sees the local dynamics directly."""
 
     def __init__(self, core: nn.Module, state_dim: int, cond_dim: int = 0, *, horizon: float = 0.5,
                  state_scale: float | Sequence[float] = 1.0, cond_center: float | Sequence[float] = 0.0,
-                 cond_scale: float | Sequence[float] = 1.0, rhs=None, order: int | None = None):
+                 cond_scale: float | Sequence[float] = 1.0, rhs=None, order: int | None = None,
+                 taylor_features: bool = False):
         super().__init__()
+        self.taylor_features = bool(taylor_features)
         order = (1 if rhs is not None else 0) if order is None else int(order)
         if order not in (0, 1, 2):
             raise ValueError(f"order must be 0, 1 or 2, got {order}")
@@ -267,8 +281,11 @@ class FlowMap(nn.Module):
         self.rhs, self.order = rhs, order
         if not horizon > 0:
             raise ValueError(f"horizon must be positive, got {horizon}")
-        if getattr(core, "in_features", 1 + state_dim + cond_dim) != 1 + state_dim + cond_dim:
-            raise ValueError(f"core must take 1 + state_dim + cond_dim = {1 + state_dim + cond_dim} inputs")
+        n_feat = 1 + state_dim + cond_dim + (order * state_dim if self.taylor_features else 0)
+        if getattr(core, "in_features", n_feat) != n_feat:
+            raise ValueError(f"core must take {n_feat} inputs (1 + state_dim + cond_dim"
+                             f"{' + order·state_dim Taylor features' if self.taylor_features else ''})")
+        self.core_features = n_feat
         self.core, self.state_dim, self.cond_dim, self.horizon = core, state_dim, cond_dim, float(horizon)
         self.in_features, self.out_features = 1 + state_dim + cond_dim, state_dim
         self.register_buffer("state_scale", _as_buffer(state_scale, state_dim))
@@ -285,6 +302,8 @@ class FlowMap(nn.Module):
         parts = [2 * dt / self.horizon - 1, y0 / self.state_scale]
         if self.cond_dim:
             parts.append((c - self.cond_center) / self.cond_scale)
+        if self.taylor_features:  # the flow's derivatives at Δ = 0, compressed by asinh
+            parts += [torch.asinh(term / self.state_scale) for term in self.taylor_terms(x)]
         return torch.cat(parts, 1)
 
     def taylor_terms(self, x: Tensor) -> list[Tensor]:

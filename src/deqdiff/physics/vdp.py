@@ -65,7 +65,9 @@ class VdPConfig:
     horizon: float = 0.1
     box: tuple[float, float] = (2.2, 2.9)  # training/held-out y0 ∈ [-b1, b1] × [-b2, b2]
     taylor: int = 2  # conditioned: exact Taylor skip of this order (0, 1, 2), the net times Δ^(order+1)
+    taylor_features: bool = True  # conditioned: feed the core asinh of the skip's derivatives too
     normalize_residual: bool = True  # conditioned: residual × (h/Δ)^taylor (Δ ≥ 0.1h)
+    state_floor: float = 0.0  # conditioned: residual ÷ (‖y0/box‖ + floor) (0: off)
     n_test: int = 64
     rollout_t_end: float = 20.0
     seed: int = 0
@@ -102,6 +104,12 @@ class VdPConfig:
         for name in ("width", "batch", "n_test", "max_iter", "mlp_depth"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("max_norm", "spectral_norm"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and 0 < v < 1):
+                raise ValueError(f"{name} must be in (0, 1) or None, got {v}")
+        if not (math.isfinite(self.state_floor) and self.state_floor >= 0):
+            raise ValueError(f"state_floor must be a finite number ≥ 0, got {self.state_floor}")
         for name in ("epochs", "lbfgs_steps"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
@@ -119,6 +127,8 @@ class VdPConfig:
 # --- model, loss, data ------------------------------------------------------------------------
 def build_model(cfg: VdPConfig) -> torch.nn.Module:
     d_in = 1 if cfg.setup == "pideq" else 4  # t, or [Δ, y0₁, y0₂, μ]
+    if cfg.setup != "pideq" and cfg.taylor_features:
+        d_in += 2 * int(cfg.taylor)  # asinh of F(y0) and (∂F/∂y F)(y0)
     if cfg.model == "mlp":
         core = MLP(d_in, 2, cfg.width, cfg.mlp_depth)
     else:
@@ -129,7 +139,7 @@ def build_model(cfg: VdPConfig) -> torch.nn.Module:
         return core
     return FlowMap(core, 2, 1, horizon=cfg.horizon, state_scale=cfg.box, cond_center=cfg.mu,
                    cond_scale=max(abs(cfg.mu), 1.0), rhs=_vdp_rhs if int(cfg.taylor) else None,
-                   order=int(cfg.taylor))
+                   order=int(cfg.taylor), taylor_features=cfg.taylor_features)
 
 
 def _vdp_rhs(t, y, mu):
@@ -140,12 +150,21 @@ def build_loss(cfg: VdPConfig) -> PhysicsLoss:
     if cfg.setup == "pideq":
         return PhysicsLoss(lambda t, y: van_der_pol(t, y, cfg.mu), physics_weight=cfg.physics_weight,
                            ic_weight=cfg.ic_weight, jacobian_weight=cfg.jacobian_weight)
-    order, h = int(cfg.taylor), cfg.horizon
-    weight = None
-    if order and cfg.normalize_residual:
-        # The Taylor skip makes the residual O(Δ^order): divide by (Δ/h)^order so that every
-        # offset counts; the floor 0.1·h keeps float32 cancellation noise at tiny Δ bounded.
-        weight = lambda x: (h / torch.clamp(x[:, 0], min=0.1 * h)) ** order  # noqa: E731
+    order, h, floor = int(cfg.taylor), cfg.horizon, cfg.state_floor
+    box = torch.tensor(cfg.box)
+
+    def weight(x):
+        w = x.new_ones(x.shape[0])
+        if order and cfg.normalize_residual:
+            # The Taylor skip makes the residual O(Δ^order): divide by (Δ/h)^order so that every
+            # offset counts; the floor 0.1·h keeps float32 cancellation noise at tiny Δ bounded.
+            w = w * (h / torch.clamp(x[:, 0], min=0.1 * h)) ** order
+        if floor > 0:
+            # The remainder scales like ‖y0‖ near the unstable origin, where a long rollout
+            # starts: weigh residuals relative to the state's size so small states are fitted
+            # as accurately (relatively) as large ones.
+            w = w / (torch.linalg.vector_norm(x[:, 1:3] / box.to(x), dim=1) + floor)
+        return w
     return PhysicsLoss(_vdp_rhs, rhs_args=lambda x: x[:, 3], physics_weight=cfg.physics_weight,
                        ic_weight=0.0, jacobian_weight=cfg.jacobian_weight, residual_weight=weight)
 
