@@ -159,7 +159,7 @@ def solve_unrolled(P: Problem, K: int, stats: dict):
 def solve_deqdiff(P: Problem, fsolver: str, bsolver: str, tol: float, stats: dict):
     z, info = deqdiff.fixed_point(
         f, P.z0(), *P.params, solver=fsolver, tol=tol, max_iter=MAX_ITER, batch_ndim=1,
-        backward_solver=bsolver, return_info=True,
+        backward_solver=bsolver, return_info=True, row_params=(4, 5),  # x and t are per sample
     )
     stats["info"] = info
     return z

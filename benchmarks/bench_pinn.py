@@ -857,6 +857,21 @@ def render(res: dict) -> str:
                    f"+ 400 initial/boundary points\n")
         out.append(table_pde(res["pde"]))
         out.append("")
+    cli_rows = []
+    for prob in ("burgers", "heat"):
+        path = ROOT / "benchmarks" / "results" / f"pinn_{prob}.json"
+        if path.exists():
+            r = json.loads(path.read_text())
+            c = r["config"]
+            cli_rows.append(f"| `deqdiff pinn {prob}` | ν = {c['nu']:.4g}, T = {c['T']:g}, {c['n_states']} states, "
+                            f"{c['epochs']} epochs × {c['n_collocation']} points | {r['parameters']} | "
+                            f"{r['rel_l2']:.2e} | {r['max_abs_error']:.2e} | {r['s_per_epoch']:.3f} | {r['reference']} |")
+    if cli_rows:
+        out.append("### PDE problems trained with the CLI defaults (`benchmarks/results/pinn_{burgers,heat}.json`)\n")
+        out.append("| command | setup | parameters | rel. L2 error | max abs error | s/epoch | reference |\n"
+                   "|---|---|---|---|---|---|---|\n" + "\n".join(cli_rows))
+        out.append("\nFigures: `docs/figures/burgers_solution.png` (prediction, reference, error), "
+                   "`docs/figures/burgers_slices.png`, `docs/figures/burgers_loss.png`.\n")
     train_path = ROOT / "benchmarks" / "results" / "pinn_burgers_train.json"
     if train_path.exists():
         tr = json.loads(train_path.read_text())
@@ -928,7 +943,8 @@ def main(argv=None) -> None:
         print(MARK + json.dumps(WORKERS[spec["kind"]](spec)), flush=True)
         return
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    command = " ".join(["PYTHONPATH=src python", "benchmarks/bench_pinn.py", *sys.argv[1:]])
+    threads_env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ)
+    command = " ".join(filter(None, [threads_env, "PYTHONPATH=src python", "benchmarks/bench_pinn.py", *sys.argv[1:]]))
     if args.pde_train_epochs:
         rows = [run_worker(dict(kind="pde_train", method=m, epochs=args.pde_train_epochs), log, timeout=1800)
                 for m in PDE_METHODS]

@@ -130,3 +130,18 @@ def test_residual_weight_scales_each_sample():
     r, _ = ode_residual(fm, x, van_der_pol, rhs_args=lambda x: x[:, 3])
     torch.testing.assert_close(plain(fm, x).total, (r * r).mean())
     torch.testing.assert_close(weighted(fm, x).total, ((r / x[:, :1] ** 2) ** 2).mean())
+
+
+def test_taylor_features_keep_the_skip_exact_and_check_the_core_width():
+    torch.manual_seed(4)
+    core = PIDEQ(8, 2, 6, rho=0.3, tol=1e-13, max_iter=300).double()
+    fm = FlowMap(core, 2, 1, horizon=0.1, state_scale=(2.0, 3.0), rhs=van_der_pol, order=2, taylor_features=True)
+    x = _inputs().requires_grad_()
+    phi = fm.features(x)
+    assert phi.shape == (6, 8)
+    torch.testing.assert_close(phi[:, 4:6], torch.asinh(van_der_pol(0, x[:, 1:3], x[:, 3]) / fm.state_scale))
+    y = fm(x)
+    dy = output_gradient(y, x, 0)
+    torch.testing.assert_close(dy, van_der_pol(0, x[:, 1:3], x[:, 3]), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="core must take 8 inputs"):
+        FlowMap(PIDEQ(4, 2, 3), 2, 1, rhs=van_der_pol, order=2, taylor_features=True)

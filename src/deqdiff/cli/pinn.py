@@ -58,7 +58,9 @@ def _register_vdp(problems) -> None:
     a("--tol", type=float, default=None, help="forward solver tolerance (relative residual)")
     a("--solver", default=None, help="forward solver (anderson, broyden, fixed_point, …)")
     a("--dtype", choices=("float32", "float64"), default=None)
-    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    # 1 thread: the matrices are tiny (width 64, 256 points), so more intra-op threads spend CPU
+    # on synchronization (measured: 2 threads used >3× the CPU time of 1 for the default run).
+    a("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--no-plots", action="store_true", help="skip the PNG figures")
     v.set_defaults(func=_run_vdp)

@@ -24,7 +24,7 @@ from ..solvers.base import SolveInfo, get_solver, report_failure
 from .functional import forbid_nested_forward, jvp_by_vjp, partial_in
 from .linear_solve import solve_with_operator
 from .operators import FixedPointJacobian
-from .validation import check_fixed_point_inputs
+from .validation import check_fixed_point_inputs, check_row_params
 
 __all__ = ["FixedPointSpec", "FixedPointInfo", "fixed_point", "fixed_point_node"]
 
@@ -53,6 +53,7 @@ class FixedPointSpec:
     store_trajectory: bool
     derivative: dict  # config of the derivative linear solves
     info: FixedPointInfo
+    row_params: tuple[int, ...] | None = None  # params whose dim 0 indexes the rows (batch_ndim 1)
 
     def operator(self, z: Tensor, params) -> FixedPointJacobian:
         cfg = dict(self.derivative, record=self.info.derivatives.append)
@@ -60,7 +61,7 @@ class FixedPointSpec:
 
     def vmapped(self, in_dims, size) -> "FixedPointSpec":
         f = torch.func.vmap(self.f, in_dims=(0, *in_dims))
-        return replace(self, f=f, batch_ndim=self.batch_ndim + 1)
+        return replace(self, f=f, batch_ndim=self.batch_ndim + 1, row_params=None)
 
 
 def _forward_solve(spec: FixedPointSpec, z0: Tensor, params) -> Tensor:
@@ -70,8 +71,13 @@ def _forward_solve(spec: FixedPointSpec, z0: Tensor, params) -> Tensor:
     solver = get_solver(spec.solver, "forward")
     params = tuple(p.detach() for p in params)
 
-    def g(rows: Tensor) -> Tensor:
-        return spec.f(rows.reshape(shape), *params).reshape(S, N)
+    def g(z: Tensor, rows: Tensor | None = None) -> Tensor:
+        if rows is None:
+            return spec.f(z.reshape(shape), *params).reshape(S, N)
+        sub = [p.index_select(0, rows) if i in spec.row_params else p for i, p in enumerate(params)]
+        return spec.f(z.reshape(rows.numel(), *shape[1:]), *sub).reshape(rows.numel(), N)
+
+    g.row_subsets = spec.row_params is not None and spec.batch_ndim == 1
 
     with torch.no_grad():
         z, info = solver(
@@ -159,6 +165,7 @@ def fixed_point(
     backward_atol: float | None = None,
     backward_max_iter: int | None = None,
     backward_options: dict | None = None,
+    row_params: tuple[int, ...] | None = None,
     **options,
 ):
     """Return z* with ``z* = f(z*, *params)``, differentiable to every order in ``params``.
@@ -173,10 +180,16 @@ def fixed_point(
     tolerances. ``on_fail`` ("warn", "raise", "ignore") says what a solve that ends above
     tolerance does. ``options`` go to the forward solver (e.g. ``m``, ``damping``).
 
+    ``row_params`` (with ``batch_ndim=1``): indices of the params whose dim 0 indexes the
+    rows, as ``x`` in ``f(z, W, x)``; f must then accept any number of rows. The forward
+    solvers ``fixed_point`` and ``anderson`` use it to evaluate f on the rows still running
+    only, so samples that converged early cost nothing more.
+
     With ``return_info=True`` returns ``(z*, FixedPointInfo)``; its ``derivatives`` list
     fills as autograd runs derivative solves through this fixed point.
     """
     check_fixed_point_inputs(f, z0, params, batch_ndim)
+    row_params = check_row_params(row_params, z0, params, batch_ndim)
     derivative = dict(
         solver=backward_solver, tol=tol if backward_tol is None else backward_tol,
         atol=atol if backward_atol is None else backward_atol,
@@ -187,7 +200,7 @@ def fixed_point(
     spec = FixedPointSpec(
         f=f, batch_ndim=batch_ndim, solver=solver, tol=tol, atol=atol, max_iter=max_iter,
         options=options, on_fail=on_fail, store_trajectory=store_trajectory,
-        derivative=derivative, info=info,
+        derivative=derivative, info=info, row_params=row_params,
     )
     z = fixed_point_node(spec, z0, params)
     return (z, info) if return_info else z

@@ -64,3 +64,22 @@ def check_fixed_point_inputs(f: Callable, z0: Tensor, params: Sequence, batch_nd
         )
     if not torch.isfinite(out).all():
         raise ValueError("f(z0, *params) contains NaN or Inf")
+
+
+def check_row_params(row_params, z0: Tensor, params, batch_ndim: int) -> tuple[int, ...] | None:
+    """Validate ``row_params``: integer indices of ``params`` whose dim 0 has z0's batch size."""
+    if row_params is None:
+        return None
+    if batch_ndim != 1:
+        raise ValueError(f"row_params needs batch_ndim=1, got batch_ndim={batch_ndim}")
+    out = []
+    for i in row_params:
+        if not isinstance(i, int) or not -len(params) <= i < len(params):
+            raise ValueError(f"row_params: {i!r} is not the index of one of the {len(params)} params")
+        i %= len(params)
+        p = params[i]
+        if p.ndim == 0 or p.shape[0] != z0.shape[0]:
+            raise ValueError(f"row_params: params[{i}] has shape {tuple(p.shape)}, but its dim 0 "
+                             f"must index the {z0.shape[0]} rows of z0")
+        out.append(i)
+    return tuple(sorted(set(out)))

@@ -49,6 +49,7 @@ class DEQ(nn.Module):
             return functional_call(cell, dict(zip(names, tensors)), (z, x))
 
         z0 = self.init_state(x) if z0 is None else z0
-        options = {**self.solver_options, **overrides, "batch_ndim": 1, "return_info": True}
+        rows = {"row_params": (0,)} if x.ndim and x.shape[0] == z0.shape[0] else {}  # x is per-sample
+        options = {**rows, **self.solver_options, **overrides, "batch_ndim": 1, "return_info": True}
         z, self.last_info = fixed_point(f, z0, x, *values, **options)
         return z

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .base import SolveInfo, Tracker, register_solver, row_norm
+from .base import COMPACT_BELOW, SolveInfo, Tracker, compaction, register_solver, row_norm
 
 
 def anderson_weights(gram: Tensor, rhs: Tensor, lam: float, running: Tensor) -> Tensor:
@@ -73,11 +73,14 @@ def anderson(
     dF = z0.new_zeros(S, m, N)
     gram = z0.new_zeros(S, m, m)
     track = Tracker(z0, tol, atol, store_trajectory)
+    compact = compaction(g)
     z, z_prev, F_prev = z0, z0, z0
+    rows = None  # indices of the rows the state holds (None: all)
     for k in range(max_iter + 1):
-        gz = g(z)
+        gz = g(z) if rows is None else g(z, rows=rows)
         F = gz - z
-        running = track.update(k, z, row_norm(F), row_norm(gz) if scale is None else scale)
+        sc = row_norm(gz) if scale is None else (scale if rows is None else scale[rows])
+        running = track.update(k, z, row_norm(F), sc, rows)
         if track.finished or k == max_iter:
             break
         if k == 0:
@@ -96,4 +99,9 @@ def anderson(
             step = beta * F - correction.squeeze(1)
         z_prev, F_prev = z, F
         z = torch.where(running[:, None], z + step, z)
+        if compact and int(running.sum()) < COMPACT_BELOW * running.numel():
+            keep = running.nonzero().squeeze(1)
+            z, z_prev, F_prev = z[keep], z_prev[keep], F_prev[keep]
+            dZ, dF, gram = dZ[keep], dF[keep], gram[keep]
+            rows = keep if rows is None else rows[keep]
     return track.result, track.info("anderson", "forward", m=m, beta=beta, lam=lam)

@@ -33,6 +33,7 @@ __all__ = [
     "get_solver",
     "available_solvers",
     "report_failure",
+    "compaction",
 ]
 
 
@@ -112,20 +113,38 @@ class Tracker:
         self.rel_trace: list[Tensor] = []
         self.trajectory: list[Tensor] | None = [] if store_trajectory else None
 
-    def update(self, k: int, z: Tensor, res_abs: Tensor, scale: Tensor) -> Tensor:
-        running = ~self.done
-        rel = res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny)
-        self.residual = torch.where(running, res_abs, self.residual)
-        self.rel_residual = torch.where(running, rel, self.rel_residual)
-        self.iterations = torch.where(running, torch.full_like(self.iterations, k), self.iterations)
-        self.result = torch.where(running[:, None], z, self.result)
+    def update(self, k: int, z: Tensor, res_abs: Tensor, scale: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Record iterate ``z`` of iteration ``k``; return the running mask of its rows.
+
+        ``rows`` (indices into the full batch) says which rows ``z``, ``res_abs`` and
+        ``scale`` hold when a solver has compacted its state to the rows still running
+        (:func:`compaction`); ``None`` means all rows."""
+        if rows is None:
+            running = ~self.done
+            rel = res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+            self.residual = torch.where(running, res_abs, self.residual)
+            self.rel_residual = torch.where(running, rel, self.rel_residual)
+            self.iterations = torch.where(running, torch.full_like(self.iterations, k), self.iterations)
+            self.result = torch.where(running[:, None], z, self.result)
+            newly = running & (res_abs <= self.atol + self.tol * scale)
+            self.done = self.done | newly
+            running = ~self.done
+        else:
+            live = ~self.done[rows]
+            keep = rows[live]
+            res_abs, scale = res_abs[live], scale[live]
+            self.residual = self.residual.index_put((keep,), res_abs)
+            self.rel_residual = self.rel_residual.index_put(
+                (keep,), res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny))
+            self.iterations = self.iterations.index_fill(0, keep, k)
+            self.result = self.result.index_put((keep,), z[live])
+            self.done = self.done.index_put((keep,), res_abs <= self.atol + self.tol * scale)
+            running = ~self.done[rows]
         self.abs_trace.append(self.residual.clone())
         self.rel_trace.append(self.rel_residual.clone())
         if self.trajectory is not None:
             self.trajectory.append(self.result.clone())
-        newly = running & (res_abs <= self.atol + self.tol * scale)
-        self.done = self.done | newly
-        return ~self.done
+        return running
 
     def note(self, res_abs: Tensor, scale: Tensor) -> None:
         """Record residual estimates of the running rows in the traces, without freezing
@@ -156,6 +175,19 @@ class Tracker:
             trajectory=self.trajectory,
             extra=dict(extra),
         )
+
+
+def compaction(g: Callable) -> bool:
+    """Whether ``g`` can be evaluated on a subset of rows, ``g(z_sub, rows=idx)``.
+
+    Forward solvers that support it shrink their per-row state to the rows still running
+    once a quarter of them have converged, so converged samples cost nothing more (the
+    engine offers it when it knows which parameters are per-row: ``row_params``)."""
+    return bool(getattr(g, "row_subsets", False))
+
+
+#: shrink the state when fewer than this share of its rows is still running
+COMPACT_BELOW = 0.75
 
 
 def report_failure(info: SolveInfo, on_fail: str, what: str) -> None:

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .base import SolveInfo, Tracker, register_solver, row_norm
+from .base import COMPACT_BELOW, SolveInfo, Tracker, compaction, register_solver, row_norm
 
 
 @register_solver("fixed_point")
@@ -22,16 +22,25 @@ def fixed_point_iteration(
     store_trajectory: bool = False,
     damping: float = 1.0,
 ) -> tuple[Tensor, SolveInfo]:
-    """Damped Picard iteration on ``(S, N)`` states; ``damping`` = β ∈ (0, 1]."""
+    """Damped Picard iteration on ``(S, N)`` states; ``damping`` = β ∈ (0, 1].
+
+    When ``g`` can evaluate a subset of rows (:func:`compaction`), the iteration runs on
+    the rows still running only."""
     if not 0.0 < damping <= 1.0:
         raise ValueError(f"damping must be in (0, 1], got {damping}")
     track = Tracker(z0, tol, atol, store_trajectory)
-    z = z0
-    running = torch.ones(z0.shape[0], dtype=torch.bool, device=z0.device)
+    compact = compaction(g)
+    z, rows = z0, None  # rows: indices of the rows z holds (None: all)
     for k in range(max_iter + 1):
-        gz = g(z)
-        running = track.update(k, z, row_norm(gz - z), row_norm(gz) if scale is None else scale)
+        gz = g(z) if rows is None else g(z, rows=rows)
+        F = gz - z
+        sc = row_norm(gz) if scale is None else (scale if rows is None else scale[rows])
+        running = track.update(k, z, row_norm(F), sc, rows)
         if track.finished or k == max_iter:
             break
-        z = torch.where(running[:, None], z + damping * (gz - z), z)
+        z = z + damping * F
+        if compact and int(running.sum()) < COMPACT_BELOW * running.numel():
+            keep = running.nonzero().squeeze(1)
+            z = z[keep]
+            rows = keep if rows is None else rows[keep]
     return track.result, track.info("fixed_point", "forward", damping=damping)
