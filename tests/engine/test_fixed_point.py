@@ -144,3 +144,24 @@ def test_row_params_are_validated():
         deqdiff.fixed_point(f, torch.zeros(4, 3), A, x, batch_ndim=1, row_params=(0,))
     with pytest.raises(ValueError, match="batch_ndim=1"):
         deqdiff.fixed_point(f, torch.zeros(4, 3), A, x, row_params=(1,))
+
+
+def test_auto_backward_falls_back_to_gmres_where_richardson_diverges():
+    """Width > 64 and ρ(∂f/∂z) > 1 at z* (Newton–Krylov still finds z*): "auto" starts with
+    Richardson, which diverges, and must finish with GMRES — exact gradient, no warning."""
+    torch.manual_seed(0)
+    n, B = 80, 3
+    eig = torch.linspace(-0.5, 1.6, n, dtype=torch.float64)
+    eig = torch.where((eig - 1).abs() < 0.2, eig - 0.4, eig)  # keep I − A well conditioned
+    Q = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
+    A = (Q * eig) @ Q.T
+    c = torch.randn(B, n, dtype=torch.float64, requires_grad=True)
+    f = lambda z, A, c: z @ A.T + c  # noqa: E731
+    z, info = deqdiff.fixed_point(f, torch.zeros(B, n, dtype=torch.float64), A, c, solver="newton_krylov",
+                                  tol=1e-10, batch_ndim=1, on_fail="raise", return_info=True)
+    (g,) = torch.autograd.grad((z**2).sum(), c)
+    M = torch.eye(n, dtype=torch.float64) - A
+    ref = torch.linalg.solve(M.T, (2 * torch.linalg.solve(M, c.detach().T)).T.T).T
+    assert rel_err(g, ref) < 1e-8
+    (solve,) = info.derivatives
+    assert solve.solver == "richardson→gmres" and solve.extra["richardson_converged"] == 0

@@ -102,3 +102,17 @@ def test_bad_configs_raise(bad, match):
 def test_unknown_setup():
     with pytest.raises(ValueError, match="unknown setup"):
         VdPConfig.for_setup("lorenz")
+
+
+@pytest.mark.slow
+def test_default_conditioned_run_meets_the_issue_targets():
+    """The README's main job on defaults (≈ 80 s CPU): held-out relative L2 ≤ 1e-2 and a long
+    rollout at least as accurate as the exact Taylor skip alone."""
+    torch.set_num_threads(1)
+    cfg = VdPConfig.for_setup("conditioned")
+    tr = build_trainer(cfg)
+    tr.run()
+    m = evaluate(cfg, tr.model)["metrics"]
+    assert m["held_out_rel_l2"] <= 1e-2
+    assert m["held_out_remainder_rel_l2"] < 0.2  # the DEQ learned most of the remainder
+    assert m["rollout_rel_l2"] <= m["skip_only_rollout_rel_l2"]

@@ -57,7 +57,9 @@ class FixedPointSpec:
 
     def operator(self, z: Tensor, params) -> FixedPointJacobian:
         cfg = dict(self.derivative, record=self.info.derivatives.append)
-        return FixedPointJacobian(self.f, z.shape, self.batch_ndim, config=cfg)
+        if self.info.forward is not None:  # Richardson in "auto" gets twice the forward's iterations
+            cfg["richardson_budget"] = 2 * self.info.forward.max_iterations + 10
+        return FixedPointJacobian(self.f, z.shape, self.batch_ndim, config=cfg, row_params=self.row_params)
 
     def vmapped(self, in_dims, size) -> "FixedPointSpec":
         f = torch.func.vmap(self.f, in_dims=(0, *in_dims))

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..solvers.base import get_solver, report_failure
+from ..solvers.base import get_solver, report_failure, row_norm
 from .functional import forbid_nested_forward, jvp_by_vjp, partial_in
 from .operators import FunctionOperator, LinearOperator, VmappedOperator
 
@@ -26,13 +26,15 @@ __all__ = ["linear_solve", "solve_with_operator"]
 
 def _numeric_solve(op: LinearOperator, b: Tensor, params) -> Tensor:
     cfg = op.config
-    solver = get_solver(_pick_solver(cfg.get("solver", "auto"), op), "linear")
+    name = _pick_solver(cfg.get("solver", "auto"), op)
     rows = b.detach().reshape(op.rows, op.row_size)
+    kw = dict(tol=cfg.get("tol", 1e-8), atol=cfg.get("atol", 0.0), max_iter=cfg.get("max_iter", 1000))
     with torch.no_grad():
-        x, info = solver(
-            op.bind(params, b), rows, None, tol=cfg.get("tol", 1e-8), atol=cfg.get("atol", 0.0),
-            max_iter=cfg.get("max_iter", 1000), **cfg.get("options", {}),
-        )
+        bound = op.bind(params, b)
+        if name == ITERATIVE_AUTO:
+            x, info = _richardson_then_gmres(bound, rows, cfg.get("richardson_budget"), **kw)
+        else:
+            x, info = get_solver(name, "linear")(bound, rows, None, **kw, **cfg.get("options", {}))
     info.kind = cfg.get("kind", "linear") + (" (transposed)" if op.transposed else "")
     if cfg.get("record") is not None:
         cfg["record"](info)
@@ -41,14 +43,32 @@ def _numeric_solve(op: LinearOperator, b: Tensor, params) -> Tensor:
 
 
 DENSE_MAX_ROW_SIZE = 64
+ITERATIVE_AUTO = "richardson→gmres"
 
 
 def _pick_solver(name, op: LinearOperator):
     """``"auto"``: a dense batched LU for small rows (cheap, exact, shared by every solve
-    at the same point), GMRES otherwise."""
+    at the same point); otherwise Richardson, which only needs products with ``A`` and
+    drops converged rows, falling back to GMRES for rows it does not converge."""
     if name != "auto":
         return name
-    return "dense" if op.row_size <= DENSE_MAX_ROW_SIZE else "gmres"
+    return "dense" if op.row_size <= DENSE_MAX_ROW_SIZE else ITERATIVE_AUTO
+
+
+def _richardson_then_gmres(op, b: Tensor, budget: int | None, *, tol: float, atol: float, max_iter: int):
+    """Richardson x ← x + (b − A x) for at most ``budget`` iterations (it converges at the
+    rate ρ(∂f/∂z) of a Picard forward solve, and only where that is < 1), then GMRES from
+    there on the rows still above tolerance (from zero where Richardson diverged)."""
+    steps = max_iter if budget is None else max(1, min(int(budget), max_iter))
+    x, info = get_solver("richardson", "linear")(op, b, None, tol=tol, atol=atol, max_iter=steps)
+    if info.all_converged or steps >= max_iter:
+        return x, info
+    sane = torch.isfinite(x).all(1) & (info.residual <= row_norm(b))
+    x0 = torch.where(sane[:, None], x, 0.0)
+    x, more = get_solver("gmres", "linear")(op, b, x0, tol=tol, atol=atol, max_iter=max_iter - steps)
+    more.solver = ITERATIVE_AUTO
+    more.extra.update(richardson_iterations=steps, richardson_converged=int(info.converged.sum()))
+    return x, more
 
 
 class _LinearSolve(torch.autograd.Function):
@@ -136,7 +156,7 @@ def linear_solve(
     The leading ``batch_ndim`` dims of ``b`` index independent systems (``A`` must not mix
     them); each stops when ``‖b − A x‖₂ ≤ atol + tol·‖b‖₂``. ``solver`` is a registered
     linear solver ("gmres", "bicgstab", "richardson", "anderson", "dense", ...) or "auto"
-    (dense LU for rows of at most 64 unknowns, GMRES otherwise).
+    (dense LU for rows of at most 64 unknowns, else Richardson with a GMRES fallback).
     With ``return_info=True`` also returns the list of ``SolveInfo`` of this solve and of
     the derivative solves run later through it.
     """

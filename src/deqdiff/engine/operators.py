@@ -89,6 +89,15 @@ class BoundOperator:
         fn = self.lin.rmv if self.transposed else self.lin.mv
         return fn(v.reshape(self.lin.shape)).reshape(self.rows, self.row_size)
 
+    @property
+    def can_restrict(self) -> bool:
+        return hasattr(self.lin, "restrict")
+
+    def restrict(self, rows: Tensor) -> "BoundOperator":
+        """The operator on the rows ``rows`` only (re-linearized there: one evaluation of f),
+        for solvers that compact their state to the rows still running."""
+        return BoundOperator(self.lin.restrict(rows), self.transposed)
+
     def blocks(self) -> Tensor:
         """Dense blocks of the operator as applied (transposed if this is ``Aᵀ``)."""
         b = self.lin.blocks()
@@ -176,11 +185,13 @@ class FunctionOperator(LinearOperator):
 
 class FixedPointJacobian(LinearOperator):
     """``A = I − ∂f/∂z`` at ``(z, θ)``: the operator of every derivative solve of a fixed
-    point ``z* = f(z*, θ)``. Parameters are ``(z, *θ)``."""
+    point ``z* = f(z*, θ)``. Parameters are ``(z, *θ)``. ``row_params`` (indices into θ of
+    the per-row parameters, batch_ndim 1) lets solvers restrict ``A`` to a subset of rows."""
 
-    def __init__(self, f: Callable, shape, batch_ndim, **kw):
+    def __init__(self, f: Callable, shape, batch_ndim, *, row_params: tuple[int, ...] | None = None, **kw):
         super().__init__(shape, batch_ndim, **kw)
         self.f = f
+        self.row_params = row_params if batch_ndim == 1 else None
 
     def apply(self, v: Tensor, z: Tensor, *theta: Tensor) -> Tensor:
         return v - jvp_by_vjp(lambda zz: self.f(zz, *theta), (z,), (v,))
@@ -189,9 +200,22 @@ class FixedPointJacobian(LinearOperator):
         """One vjp of ``f`` at z* gives ``Jᵀu``; the vjp of that linear map gives ``J v``
         (the double-vjp trick): no iteration re-evaluates ``f``."""
         z, *theta = params
+        lin = self._linearize_at(z, theta, self.shape, like)
+        if self.row_params is not None:
+            keep = set(self.row_params)
+
+            def restrict(rows: Tensor) -> Linearization:
+                sub = [t.index_select(0, rows) if i in keep else t for i, t in enumerate(theta)]
+                zr = z.index_select(0, rows)
+                return self._linearize_at(zr, sub, zr.shape, like.index_select(0, rows))
+
+            lin.restrict = restrict
+        return lin
+
+    def _linearize_at(self, z: Tensor, theta, shape, like) -> Linearization:
         _, f_vjp = torch.func.vjp(lambda zz: self.f(zz, *theta), z)
         _, f_jvp = torch.func.vjp(lambda w: f_vjp(w)[0], torch.zeros_like(z))
-        return Linearization(self.shape, self.batch_ndim, lambda v: v - f_jvp(v)[0],
+        return Linearization(shape, self.batch_ndim, lambda v: v - f_jvp(v)[0],
                              lambda u: u - f_vjp(u)[0], like)
 
 

@@ -52,8 +52,18 @@ def forward_as_linear(forward: Callable, name: str) -> Callable:
         if not omega > 0:
             raise ValueError(f"{name}: relaxation omega must be > 0, got {omega}")
         x, _, bnorm = linear_start(op, b, x0)
+        restricted: dict = {}
+
+        def g(v: Tensor, rows: Tensor | None = None) -> Tensor:
+            if rows is None:
+                return v + omega * (b - op.mv(v))
+            if restricted.get("rows") is not rows:  # the solver compacted: restrict A once
+                restricted.update(rows=rows, op=op.restrict(rows), b=b.index_select(0, rows))
+            return v + omega * (restricted["b"] - restricted["op"].mv(v))
+
+        g.row_subsets = getattr(op, "can_restrict", False)
         x, info = forward(
-            lambda v: v + omega * (b - op.mv(v)),
+            g,
             x,
             tol=tol,
             atol=omega * atol,
