@@ -171,7 +171,7 @@ def fwdmode_loss(model: PIDEQ, t: torch.Tensor, ic, kappa: float = KAPPA):
     with torch.no_grad():  # z* only: its derivatives all come from the Equilibrium below
         z, info = deqdiff.fixed_point(_cell, z0, A.detach(), U.detach(), b.detach(), t, batch_ndim=1,
                                       solver=opts["solver"], tol=opts["tol"], max_iter=opts["max_iter"],
-                                      return_info=True)
+                                      return_info=True, row_params=(3,))
     # one fixed-point node (the Equilibrium's re-entry of z*, one f evaluation) carries both
     # y and dz*/dt, so the weight gradient needs one adjoint solve fewer
     eq = Equilibrium(_cell, z, (A, U, b, t), (), batch_ndim=1, tol=opts["tol"],

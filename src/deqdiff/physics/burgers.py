@@ -174,7 +174,9 @@ class PDEDEQ(nn.Module):
             return self._unrolled(z0, x, s, overrides.get("unroll_iters", self.unroll_iters))
         opts = dict(solver=self.solver, tol=self.tol, max_iter=self.max_iter, on_fail="warn")
         opts.update(overrides)
-        z, self.last_info = fixed_point(cell, z0, *self.weights, x, s, batch_ndim=1, return_info=True, **opts)
+        k = len(self.weights)  # x and s are per point: converged points drop out of the solve
+        z, self.last_info = fixed_point(cell, z0, *self.weights, x, s, batch_ndim=1, return_info=True,
+                                        row_params=(k, k + 1), **opts)
         return z
 
     def _unrolled(self, z: Tensor, x: Tensor, s: Tensor, K: int | None) -> Tensor:
