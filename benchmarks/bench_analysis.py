@@ -10,7 +10,7 @@ the empirical NTK of 500 samples.
   S = 500 training images — per-sample Jacobians by implicit adjoint solves, then J Jᵀ.
 
 Writes ``benchmarks/results/analysis[_quick].json`` and prints a Markdown table for
-``benchmarks/RESULTS_analysis.md``.
+``benchmarks/RESULTS.md`` (analysis section).
 """
 
 from __future__ import annotations

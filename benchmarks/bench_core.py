@@ -686,7 +686,7 @@ def label(r: dict) -> str:
 
 def resolved_auto(n: int) -> str:
     ls_mod = importlib.import_module("deqdiff.engine.linear_solve")
-    return "dense" if n <= getattr(ls_mod, "DENSE_MAX_ROW_SIZE", 64) else "gmres"
+    return "dense" if n <= ls_mod.DENSE_MAX_ROW_SIZE else ls_mod.ITERATIVE_AUTO
 
 
 def torchdeq_available() -> bool:
@@ -743,7 +743,7 @@ def run_regime(regime: str, args, log) -> dict:
         best = best_config(out["measurements"], "pinn")
         fs = best["fsolver"] if best else "fixed_point"
         cfgs = [dict(fsolver=fs, bsolver="auto", quantity=q) for q in ("grad", "pinn")]
-        cfgs += [dict(fsolver=fs, bsolver=b, quantity="pinn") for b in ("dense", "richardson") if b != out["auto_backward"]]
+        cfgs += [dict(fsolver=fs, bsolver=b, quantity="pinn") for b in ("dense", "richardson", "gmres") if b != out["auto_backward"]]
         out["breakdown"] = run_worker(dict(kind="breakdown", regime=regime, batch=args.batch[regime],
                                            dtype=args.dtype, device=args.device, repeats=2,
                                            method="deqdiff", configs=cfgs), log)

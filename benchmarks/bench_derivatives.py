@@ -548,7 +548,7 @@ def main(argv=None) -> None:
     (out_dir / f"derivatives{suffix}.json").write_text(json.dumps(res, indent=1))
     text = render(res)
     if not quick:
-        (ROOT / "benchmarks" / "RESULTS_derivatives.md").write_text(text)
+        (ROOT / "benchmarks" / "results" / "derivatives.md").write_text(text)
     print(text)
     log(f"total wall time {meta['wall_s']}s")
 

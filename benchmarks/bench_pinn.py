@@ -12,7 +12,7 @@ threads per process made every step 10–50× slower through oversubscription)::
         # writes results/pinn_burgers_train.json, which the tables include (--render-only)
 
 Results: ``benchmarks/results/pinn.json`` (``pinn_quick.json``, ``pinn_cuda.json``) and the
-markdown section ``benchmarks/RESULTS_pinn.md`` (written after every section, so an
+markdown section ``benchmarks/results/pinn.md`` (written after every section, so an
 interrupted run keeps what it measured; ``--merge`` adds sections to an earlier run).
 
 Step (issue 5, item 2; Pacheco 2022): Van der Pol (μ = 1, y(0) = (0, 0.1), t ∈ [0, 2]), model
@@ -918,7 +918,7 @@ def parse_args(argv=None):
                         "pinn_burgers_train.json and exit (the main run's tables include that file)")
     p.add_argument("--with-jax", action="store_true", help="include JAX in --quick (compiling takes ~20 s)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--md", default=str(ROOT / "benchmarks" / "RESULTS_pinn.md"))
+    p.add_argument("--md", default=str(ROOT / "benchmarks" / "results" / "pinn.md"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
