@@ -782,7 +782,7 @@ def summary(res: dict) -> str:
                  f"live peak memory {_mem(u):.0f} / {_mem(_get(ms, lean, 'step')):.0f} MiB = "
                  f"{_mem(u) / max(_mem(_get(ms, lean, 'step')), 1e-9):.1f}× ({lean}; target ≥ 20×)"]
         if default:
-            parts.append(f"library default (Anderson, backward auto→GMRES) {default['median_s'] / u['median_s']:.2f}× "
+            parts.append(f"library default (Anderson, backward "auto") {default['median_s'] / u['median_s']:.2f}× "
                          f"the unrolled time")
         mlp = [_get(ms, m, "step") for m in ("mlp-4x20", "mlp-4x46") if _get(ms, m, "step")]
         if mlp:
