@@ -114,7 +114,8 @@ class Tracker:
         self.trajectory: list[Tensor] | None = [] if store_trajectory else None
 
     def update(self, k: int, z: Tensor, res_abs: Tensor, scale: Tensor, rows: Tensor | None = None) -> Tensor:
-        """Record iterate ``z`` of iteration ``k``; return the running mask of its rows.
+        """Record iterate ``z`` of iteration ``k`` (an int, or per row); return the running
+        mask of its rows.
 
         ``rows`` (indices into the full batch) says which rows ``z``, ``res_abs`` and
         ``scale`` hold when a solver has compacted its state to the rows still running
@@ -124,7 +125,7 @@ class Tracker:
             rel = res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny)
             self.residual = torch.where(running, res_abs, self.residual)
             self.rel_residual = torch.where(running, rel, self.rel_residual)
-            self.iterations = torch.where(running, torch.full_like(self.iterations, k), self.iterations)
+            self.iterations = torch.where(running, torch.as_tensor(k, device=self.iterations.device), self.iterations)
             self.result = torch.where(running[:, None], z, self.result)
             newly = running & (res_abs <= self.atol + self.tol * scale)
             self.done = self.done | newly
@@ -136,7 +137,8 @@ class Tracker:
             self.residual = self.residual.index_put((keep,), res_abs)
             self.rel_residual = self.rel_residual.index_put(
                 (keep,), res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny))
-            self.iterations = self.iterations.index_fill(0, keep, k)
+            kk = torch.as_tensor(k, device=keep.device)
+            self.iterations = self.iterations.index_put((keep,), kk[live] if kk.ndim else kk)
             self.result = self.result.index_put((keep,), z[live])
             self.done = self.done.index_put((keep,), res_abs <= self.atol + self.tol * scale)
             running = ~self.done[rows]

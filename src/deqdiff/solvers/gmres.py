@@ -85,6 +85,7 @@ def gmres(
     V = b.new_zeros(S, m + 1, N)
     R = b.new_zeros(S, m, m)
     while not track.finished and k < max_iter:
+        k_start = k
         beta = row_norm(r)
         R.zero_()
         V[:, 0] = r / torch.where(beta > 0, beta, 1.0)[:, None]
@@ -124,5 +125,6 @@ def gmres(
                            gvec[:, : j + 1], length)
         r = b - op.mv(x)
         matvecs += 1
-        running = track.update(k, x, row_norm(r), bnorm)
+        # a row's iteration count is the Arnoldi steps it used, as if it were solved alone
+        running = track.update(k_start + length, x, row_norm(r), bnorm)
     return track.result, track.info("gmres", "linear", restart=m, matvecs=matvecs)
