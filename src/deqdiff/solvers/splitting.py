@@ -374,16 +374,20 @@ def _verify_forward(g, track: Tracker, split: MonotoneSplit) -> None:
     must satisfy the rule under ``g`` too (else the structure does not describe ``f``)."""
     z = track.result
     gz = g(z)
-    res = row_norm(gz - z)
-    slack = 2 * (track.atol + track.tol * row_norm(gz)) + 1e3 * torch.finfo(z.dtype).eps * row_norm(gz)
+    _check_structure(track, row_norm(gz - z), row_norm(gz), lambda i, r: (
+        f"splitting structure does not describe the fixed-point map: row {i} converged for the structure "
+        f"but ‖f(z) − z‖ = {r:.3e} under f; build the structure from the same weights and input"))
+    split.set_point(z)
+
+
+def _check_structure(track: Tracker, res: Tensor, scale: Tensor, message) -> None:
+    """Rows the structure's own loop declared converged must meet the rule (with slack for
+    roundoff) under the engine's map/operator too; ``message(row, residual)`` names the mismatch."""
+    slack = 2 * (track.atol + track.tol * scale) + 1e3 * torch.finfo(res.dtype).eps * scale
     bad = track.done & (res > slack)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise ValueError(
-            f"splitting structure does not describe the fixed-point map: row {i} converged for the structure "
-            f"but ‖f(z) − z‖ = {float(res[i]):.3e} under f; build the structure from the same weights and input"
-        )
-    split.set_point(z)
+        raise ValueError(message(i, float(res[i])))
 
 
 def _forward_problem(split: MonotoneSplit, scale: Tensor | None) -> _Problem:
@@ -502,15 +506,9 @@ def _linear_solve(loop, name: str, op, b: Tensor, x0, split, alpha, tol, atol, m
     loop(prob, u0, alpha, track, max_iter)
     # true residual under the engine's operator at the result (one product)
     x = track.result
-    res = row_norm(b - op.mv(x))
-    slack = 2 * (atol + tol * row_norm(b)) + 1e3 * torch.finfo(b.dtype).eps * row_norm(b)
-    bad = track.done & (res > slack)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise ValueError(
-            f"{name}: splitting structure does not describe the derivative operator (row {i}: residual "
-            f"{float(res[i]):.3e} under the engine's operator); was set_point called with this z*?"
-        )
+    _check_structure(track, row_norm(b - op.mv(x)), row_norm(b), lambda i, r: (
+        f"{name}: splitting structure does not describe the derivative operator (row {i}: residual "
+        f"{r:.3e} under the engine's operator); was set_point called with this z*?"))
     return x, track.info(name, "linear", alpha=alpha)
 
 
