@@ -26,6 +26,7 @@ from torch import Tensor
 
 __all__ = [
     "SolveInfo",
+    "ResidualTrace",
     "ConvergenceError",
     "ConvergenceWarning",
     "Tracker",
@@ -49,14 +50,59 @@ class ConvergenceWarning(RuntimeWarning):
     """Warning category for solves that did not meet their tolerance."""
 
 
+class ResidualTrace:
+    """Residual history of a batched solve, stored sparsely.
+
+    Iteration ``k`` records the residuals of only the rows it updated (a converged row keeps
+    its last value), so memory is Σ_s iterations_s instead of K·S; :meth:`dense` expands to
+    the ``(K, S)`` table (rows not yet recorded hold ``inf``)."""
+
+    def __init__(self, S: int, dtype: torch.dtype, device: torch.device):
+        self.S, self.dtype, self.device = S, dtype, device
+        self._steps: list[tuple[Tensor | None, Tensor, Tensor]] = []
+
+    def append(self, rows: Tensor | None, res_abs: Tensor, res_rel: Tensor) -> None:
+        """Record iteration residuals of ``rows`` (indices; ``None`` = every row)."""
+        self._steps.append((None if rows is None else rows.to(torch.int32), res_abs, res_rel))
+
+    @classmethod
+    def from_dense(cls, abs_trace: Tensor, rel_trace: Tensor) -> "ResidualTrace":
+        trace = cls(abs_trace.shape[1], abs_trace.dtype, abs_trace.device)
+        for a, r in zip(abs_trace, rel_trace):
+            trace.append(None, a, r)
+        return trace
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def dense(self, which: int = 0) -> Tensor:
+        """``(K, S)`` table of absolute (``which=0``) or relative (``which=1``) residuals."""
+        out = torch.full((len(self._steps), self.S), math.inf, dtype=self.dtype, device=self.device)
+        for k, step in enumerate(self._steps):
+            if k:
+                out[k] = out[k - 1]
+            rows, vals = step[0], step[1 + which]
+            if rows is None:
+                out[k] = vals
+            else:
+                out[k].index_copy_(0, rows.long(), vals)
+        return out
+
+    def scaled(self, factor: float) -> "ResidualTrace":
+        """The same trace with absolute residuals divided by ``factor``."""
+        trace = ResidualTrace(self.S, self.dtype, self.device)
+        trace._steps = [(rows, a / factor, r) for rows, a, r in self._steps]
+        return trace
+
+
 @dataclass
 class SolveInfo:
     """Statistics of one solve (forward, or one derivative solve).
 
     ``iterations``, ``residual``, ``rel_residual`` and ``converged`` are per row ``(S,)``;
     ``abs_trace``/``rel_trace`` are ``(K, S)``: the residual of each row at every iteration
-    (a converged row keeps its final value); ``trajectory`` holds the iterates ``z^[k]``
-    (shape ``(S, N)`` each) when requested.
+    (a converged row keeps its final value), expanded on access from the sparse ``trace``;
+    ``trajectory`` holds the iterates ``z^[k]`` (shape ``(S, N)`` each) when requested.
     """
 
     solver: str
@@ -67,10 +113,17 @@ class SolveInfo:
     residual: Tensor
     rel_residual: Tensor
     converged: Tensor
-    abs_trace: Tensor
-    rel_trace: Tensor
+    trace: ResidualTrace
     trajectory: list[Tensor] | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def abs_trace(self) -> Tensor:
+        return self.trace.dense(0)
+
+    @property
+    def rel_trace(self) -> Tensor:
+        return self.trace.dense(1)
 
     @property
     def all_converged(self) -> bool:
@@ -109,8 +162,7 @@ class Tracker:
         self.iterations = torch.zeros(S, dtype=torch.long, device=z0.device)
         self.residual = torch.full((S,), math.inf, dtype=z0.dtype, device=z0.device)
         self.rel_residual = torch.full((S,), math.inf, dtype=z0.dtype, device=z0.device)
-        self.abs_trace: list[Tensor] = []
-        self.rel_trace: list[Tensor] = []
+        self.trace = ResidualTrace(S, z0.dtype, z0.device)
         self.trajectory: list[Tensor] | None = [] if store_trajectory else None
 
     def update(self, k: int, z: Tensor, res_abs: Tensor, scale: Tensor, rows: Tensor | None = None) -> Tensor:
@@ -127,6 +179,7 @@ class Tracker:
             self.rel_residual = torch.where(running, rel, self.rel_residual)
             self.iterations = torch.where(running, torch.as_tensor(k, device=self.iterations.device), self.iterations)
             self.result = torch.where(running[:, None], z, self.result)
+            self._record(running, res_abs, rel)
             newly = running & (res_abs <= self.atol + self.tol * scale)
             self.done = self.done | newly
             running = ~self.done
@@ -134,16 +187,15 @@ class Tracker:
             live = ~self.done[rows]
             keep = rows[live]
             res_abs, scale = res_abs[live], scale[live]
+            rel = res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny)
             self.residual = self.residual.index_put((keep,), res_abs)
-            self.rel_residual = self.rel_residual.index_put(
-                (keep,), res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny))
+            self.rel_residual = self.rel_residual.index_put((keep,), rel)
             kk = torch.as_tensor(k, device=keep.device)
             self.iterations = self.iterations.index_put((keep,), kk[live] if kk.ndim else kk)
             self.result = self.result.index_put((keep,), z[live])
             self.done = self.done.index_put((keep,), res_abs <= self.atol + self.tol * scale)
+            self.trace.append(keep, res_abs, rel)
             running = ~self.done[rows]
-        self.abs_trace.append(self.residual.clone())
-        self.rel_trace.append(self.rel_residual.clone())
         if self.trajectory is not None:
             self.trajectory.append(self.result.clone())
         return running
@@ -151,18 +203,22 @@ class Tracker:
     def note(self, res_abs: Tensor, scale: Tensor) -> None:
         """Record residual estimates of the running rows in the traces, without freezing
         any row (for solvers whose iterate is formed only now and then, e.g. GMRES)."""
-        running = ~self.done
         rel = res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny)
-        self.abs_trace.append(torch.where(running, res_abs, self.residual))
-        self.rel_trace.append(torch.where(running, rel, self.rel_residual))
+        self._record(~self.done, res_abs, rel)
+
+    def _record(self, running: Tensor, res_abs: Tensor, rel: Tensor) -> None:
+        """Trace entry of the rows ``running`` (mask over the batch) updated by this iteration."""
+        idx = running.nonzero().flatten()
+        if idx.numel() == running.numel():
+            self.trace.append(None, res_abs.clone(), rel.clone())
+        else:
+            self.trace.append(idx, res_abs[idx], rel[idx])
 
     @property
     def finished(self) -> bool:
         return bool(self.done.all())
 
     def info(self, solver: str, kind: str, **extra) -> SolveInfo:
-        S = self.done.shape[0]
-        empty = torch.zeros(0, S, dtype=self.residual.dtype, device=self.residual.device)
         return SolveInfo(
             solver=solver,
             kind=kind,
@@ -172,8 +228,7 @@ class Tracker:
             residual=self.residual,
             rel_residual=self.rel_residual,
             converged=self.done.clone(),
-            abs_trace=torch.stack(self.abs_trace) if self.abs_trace else empty,
-            rel_trace=torch.stack(self.rel_trace) if self.rel_trace else empty,
+            trace=self.trace,
             trajectory=self.trajectory,
             extra=dict(extra),
         )

@@ -77,7 +77,7 @@ def forward_as_linear(forward: Callable, name: str) -> Callable:
             kind="linear",
             atol=atol,
             residual=info.residual / omega,
-            abs_trace=info.abs_trace / omega,
+            trace=info.trace.scaled(omega),
             extra={**info.extra, "omega": omega},
         )
         return x, info
