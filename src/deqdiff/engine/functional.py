@@ -8,7 +8,14 @@ import torch
 from torch import Tensor
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-__all__ = ["jvp_by_vjp", "partial_in", "forbid_nested_forward"]
+__all__ = ["jvp_by_vjp", "partial_in", "forbid_nested_forward", "zero_point"]
+
+
+def zero_point(like: Tensor) -> Tensor:
+    """A zero tensor shaped like ``like`` that owns one element (stride 0): the primal of
+    a pullback whose value does not matter because the map is linear; autograd may save
+    it, so it must not cost a full tensor."""
+    return like.new_zeros(()).expand(like.shape)
 
 
 def jvp_by_vjp(fn: Callable[..., Tensor], primals: Sequence[Tensor], tangents: Sequence[Tensor]) -> Tensor:
@@ -16,7 +23,7 @@ def jvp_by_vjp(fn: Callable[..., Tensor], primals: Sequence[Tensor], tangents: S
     own pullback is ``t ↦ J t``. Reverse mode only, so it also runs inside a
     ``torch.autograd.forward_ad`` rule, where a nested forward pass is not allowed."""
     out, pull = torch.func.vjp(fn, *primals)
-    _, pull_pull = torch.func.vjp(pull, torch.zeros_like(out))
+    _, pull_pull = torch.func.vjp(pull, zero_point(out))
     return pull_pull(tuple(tangents))[0]
 
 

@@ -23,20 +23,26 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .functional import jvp_by_vjp
+from .functional import jvp_by_vjp, zero_point
 from .validation import is_transformed
 
 __all__ = ["LinearOperator", "FunctionOperator", "FixedPointJacobian", "VmappedOperator", "Linearization"]
 
 
 class Linearization:
-    """``A`` at fixed numeric parameters. ``mv``/``rmv`` act on user-shaped tensors."""
+    """``A`` at fixed numeric parameters. ``mv``/``rmv`` act on user-shaped tensors.
 
-    def __init__(self, shape, batch_ndim: int, mv: Callable, rmv: Callable, like: Tensor):
+    Operators of the form ``A = I − J`` may also give ``cmv``/``crmv``, the products with
+    ``J``/``Jᵀ`` themselves: Richardson then iterates ``x ← b + J x`` directly, without
+    forming ``x − A x`` (two fewer temporaries per iteration, no cancellation)."""
+
+    def __init__(self, shape, batch_ndim: int, mv: Callable, rmv: Callable, like: Tensor,
+                 cmv: Callable | None = None, crmv: Callable | None = None):
         self.shape, self.batch_ndim = torch.Size(shape), batch_ndim
         self.rows = math.prod(self.shape[:batch_ndim])
         self.row_size = math.prod(self.shape[batch_ndim:])
         self.mv, self.rmv, self.like = mv, rmv, like
+        self.cmv, self.crmv = cmv, crmv
         self._blocks: Tensor | None = None
         self._lu: tuple[Tensor, Tensor] | None = None
 
@@ -89,6 +95,13 @@ class BoundOperator:
         fn = self.lin.rmv if self.transposed else self.lin.mv
         return fn(v.reshape(self.lin.shape)).reshape(self.rows, self.row_size)
 
+    def complement_mv(self, v: Tensor) -> Tensor:
+        """``(I − A) v`` (``J v`` for ``A = I − J``), directly where the linearization has it."""
+        fn = self.lin.crmv if self.transposed else self.lin.cmv
+        if fn is None:
+            return v - self.mv(v)
+        return fn(v.reshape(self.lin.shape)).reshape(self.rows, self.row_size)
+
     @property
     def can_restrict(self) -> bool:
         return hasattr(self.lin, "restrict")
@@ -131,7 +144,7 @@ class LinearOperator:
     def _linearize(self, params: Sequence[Tensor], like: Tensor) -> Linearization:
         """Generic: ``A v`` by evaluating ``apply``; ``Aᵀu`` by one stored vjp of the linear
         map ``v ↦ A v``."""
-        zero = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
+        zero = like.new_zeros(()).expand(self.shape)
         _, pull = torch.func.vjp(lambda v: self.apply(v, *params), zero)
         return Linearization(self.shape, self.batch_ndim, lambda v: self.apply(v, *params),
                              lambda u: pull(u)[0], like)
@@ -168,7 +181,7 @@ class LinearOperator:
         """``A(params) x`` or ``A(params)ᵀ x``, differentiable in ``params``."""
         if not self.transposed:
             return self.apply(x, *params)
-        _, pull = torch.func.vjp(lambda v: self.apply(v, *params), torch.zeros_like(x))
+        _, pull = torch.func.vjp(lambda v: self.apply(v, *params), zero_point(x))
         return pull(x)[0]
 
 
@@ -207,16 +220,17 @@ class FixedPointJacobian(LinearOperator):
             def restrict(rows: Tensor) -> Linearization:
                 sub = [t.index_select(0, rows) if i in keep else t for i, t in enumerate(theta)]
                 zr = z.index_select(0, rows)
-                return self._linearize_at(zr, sub, zr.shape, like.index_select(0, rows))
+                return self._linearize_at(zr, sub, zr.shape, like)
 
             lin.restrict = restrict
         return lin
 
     def _linearize_at(self, z: Tensor, theta, shape, like) -> Linearization:
         _, f_vjp = torch.func.vjp(lambda zz: self.f(zz, *theta), z)
-        _, f_jvp = torch.func.vjp(lambda w: f_vjp(w)[0], torch.zeros_like(z))
-        return Linearization(shape, self.batch_ndim, lambda v: v - f_jvp(v)[0],
-                             lambda u: u - f_vjp(u)[0], like)
+        _, f_jvp = torch.func.vjp(lambda w: f_vjp(w)[0], zero_point(z))
+        jv, jtu = (lambda v: f_jvp(v)[0]), (lambda u: f_vjp(u)[0])
+        return Linearization(shape, self.batch_ndim, lambda v: v - jv(v), lambda u: u - jtu(u), like,
+                             cmv=jv, crmv=jtu)
 
 
 class VmappedOperator(LinearOperator):

@@ -178,8 +178,11 @@ class Tracker:
             self.residual = torch.where(running, res_abs, self.residual)
             self.rel_residual = torch.where(running, rel, self.rel_residual)
             self.iterations = torch.where(running, torch.as_tensor(k, device=self.iterations.device), self.iterations)
-            self.result = torch.where(running[:, None], z, self.result)
-            self._record(running, res_abs, rel)
+            idx = self._record(running, res_abs, rel)
+            if idx is None:
+                self.result.copy_(z)
+            else:
+                self.result.index_copy_(0, idx, z.index_select(0, idx))
             newly = running & (res_abs <= self.atol + self.tol * scale)
             self.done = self.done | newly
             running = ~self.done
@@ -192,7 +195,7 @@ class Tracker:
             self.rel_residual = self.rel_residual.index_put((keep,), rel)
             kk = torch.as_tensor(k, device=keep.device)
             self.iterations = self.iterations.index_put((keep,), kk[live] if kk.ndim else kk)
-            self.result = self.result.index_put((keep,), z[live])
+            self.result.index_copy_(0, keep, z[live])
             self.done = self.done.index_put((keep,), res_abs <= self.atol + self.tol * scale)
             self.trace.append(keep, res_abs, rel)
             running = ~self.done[rows]
@@ -206,13 +209,15 @@ class Tracker:
         rel = res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny)
         self._record(~self.done, res_abs, rel)
 
-    def _record(self, running: Tensor, res_abs: Tensor, rel: Tensor) -> None:
-        """Trace entry of the rows ``running`` (mask over the batch) updated by this iteration."""
+    def _record(self, running: Tensor, res_abs: Tensor, rel: Tensor) -> Tensor | None:
+        """Trace entry of the rows ``running`` (mask over the batch) updated by this
+        iteration; returns their indices (``None``: every row)."""
         idx = running.nonzero().flatten()
         if idx.numel() == running.numel():
             self.trace.append(None, res_abs.clone(), rel.clone())
-        else:
-            self.trace.append(idx, res_abs[idx], rel[idx])
+            return None
+        self.trace.append(idx, res_abs[idx], rel[idx])
+        return idx
 
     @property
     def finished(self) -> bool:

@@ -38,7 +38,8 @@ def fixed_point_iteration(
         running = track.update(k, z, row_norm(F), sc, rows)
         if track.finished or k == max_iter:
             break
-        z = z + damping * F
+        z = gz if damping == 1.0 else z + damping * F
+        del F
         if compact and int(running.sum()) < COMPACT_BELOW * running.numel():
             keep = running.nonzero().squeeze(1)
             z = z[keep]

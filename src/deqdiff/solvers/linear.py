@@ -54,12 +54,17 @@ def forward_as_linear(forward: Callable, name: str) -> Callable:
         x, _, bnorm = linear_start(op, b, x0)
         restricted: dict = {}
 
+        def step(A, rhs: Tensor, v: Tensor) -> Tensor:
+            if omega == 1.0 and hasattr(A, "complement_mv"):
+                return rhs + A.complement_mv(v)  # x + (b − A x) = b + (I − A) x
+            return v + omega * (rhs - A.mv(v))
+
         def g(v: Tensor, rows: Tensor | None = None) -> Tensor:
             if rows is None:
-                return v + omega * (b - op.mv(v))
+                return step(op, b, v)
             if restricted.get("rows") is not rows:  # the solver compacted: restrict A once
                 restricted.update(rows=rows, op=op.restrict(rows), b=b.index_select(0, rows))
-            return v + omega * (restricted["b"] - restricted["op"].mv(v))
+            return step(restricted["op"], restricted["b"], v)
 
         g.row_subsets = getattr(op, "can_restrict", False)
         x, info = forward(
