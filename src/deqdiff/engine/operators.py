@@ -209,6 +209,23 @@ class FixedPointJacobian(LinearOperator):
     def apply(self, v: Tensor, z: Tensor, *theta: Tensor) -> Tensor:
         return v - jvp_by_vjp(lambda zz: self.f(zz, *theta), (z,), (v,))
 
+    def _pullback(self, u: Tensor, z: Tensor, theta) -> Tensor:
+        """``Jᵀu`` by one vjp of ``f``, differentiable in ``u``, ``z`` and ``θ``."""
+        _, pull = torch.func.vjp(lambda zz: self.f(zz, *theta), z)
+        return pull(u)[0]
+
+    def bilinear(self, u: Tensor, x: Tensor, z: Tensor, *theta: Tensor) -> Tensor:
+        """``⟨u, (I − J)x⟩ = ⟨u, x⟩ − ⟨Jᵀu, x⟩``: one vjp of ``f`` instead of the two nested
+        ones of ``J x``, so its derivatives in ``(z, θ)`` record one graph level less."""
+        if self.transposed:
+            u, x = x, u
+        return (u * x).sum() - (self._pullback(u, z, theta) * x).sum()
+
+    def oriented_apply(self, x: Tensor, z: Tensor, *theta: Tensor) -> Tensor:
+        if not self.transposed:
+            return self.apply(x, z, *theta)
+        return x - self._pullback(x, z, theta)
+
     def _linearize(self, params, like) -> Linearization:
         """One vjp of ``f`` at z* gives ``Jᵀu``; the vjp of that linear map gives ``J v``
         (the double-vjp trick): no iteration re-evaluates ``f``."""

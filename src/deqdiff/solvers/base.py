@@ -35,6 +35,7 @@ __all__ = [
     "available_solvers",
     "report_failure",
     "compaction",
+    "compact_rows_",
 ]
 
 
@@ -250,6 +251,19 @@ def compaction(g: Callable) -> bool:
 
 #: shrink the state when fewer than this share of its rows is still running
 COMPACT_BELOW = 0.75
+
+
+def compact_rows_(t: Tensor, keep: Tensor) -> Tensor:
+    """``t[keep]`` for sorted row indices ``keep``, gathered in place into the first
+    ``len(keep)`` rows of ``t`` (returned as that view): since ``keep[i] ≥ i``, a chunk's
+    sources lie at or after every row written so far, so the large per-row histories of a
+    solver shrink without a second copy of them."""
+    n = keep.numel()
+    chunk = max(256, t.shape[0] // 8)
+    for i in range(0, n, chunk):
+        j = min(i + chunk, n)
+        t[i:j] = t.index_select(0, keep[i:j])
+    return t[:n]
 
 
 def report_failure(info: SolveInfo, on_fail: str, what: str) -> None:

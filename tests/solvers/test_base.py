@@ -1,0 +1,54 @@
+"""Shared solver bookkeeping: in-place row compaction and the sparse residual trace."""
+
+import pytest
+import torch
+
+from deqdiff.solvers.base import ResidualTrace, Tracker, compact_rows_
+
+
+@pytest.mark.parametrize("S", [5, 300, 2600])
+def test_compact_rows_in_place_equals_gather(S):
+    gen = torch.Generator().manual_seed(S)
+    t = torch.randn(S, 3, 4, generator=gen)
+    keep = (torch.rand(S, generator=gen) < 0.6).nonzero().flatten()
+    expected = t[keep].clone()
+    out = compact_rows_(t, keep)
+    assert out.data_ptr() == t.data_ptr()  # no second copy of the history
+    assert torch.equal(out, expected)
+
+
+def test_tracker_trace_keeps_converged_rows_final_value():
+    """Rows that converged keep their last residual in the dense table, rows never
+    recorded read inf, and the sparse store holds only updated rows."""
+    z = torch.zeros(4, 2)
+    track = Tracker(z, tol=0.0, atol=0.5)
+    residuals = [torch.tensor([1.0, 0.4, 2.0, 3.0]), torch.tensor([0.3, 9.0, 1.0, 0.2]),
+                 torch.tensor([7.0, 7.0, 0.1, 7.0])]
+    for k, r in enumerate(residuals):
+        track.update(k, z, r, torch.ones(4))
+    expected = torch.tensor([[1.0, 0.4, 2.0, 3.0], [0.3, 0.4, 1.0, 0.2], [0.3, 0.4, 0.1, 0.2]])
+    info = track.info("test", "forward")
+    assert torch.equal(info.abs_trace, expected)
+    assert torch.equal(info.rel_trace, expected)  # scale 1
+    stored = sum(step[1].numel() for step in info.trace._steps)
+    assert stored == 4 + 3 + 1
+
+
+def test_tracker_compacted_rows_trace_matches_full():
+    z = torch.zeros(3, 2)
+    full, part = Tracker(z, 0.0, 0.5), Tracker(z, 0.0, 0.5)
+    full.update(0, z, torch.tensor([1.0, 0.2, 2.0]), torch.ones(3))
+    part.update(0, z, torch.tensor([1.0, 0.2, 2.0]), torch.ones(3))
+    full.update(1, z, torch.tensor([0.9, 5.0, 0.1]), torch.ones(3))
+    rows = torch.tensor([0, 2])
+    part.update(1, z[rows], torch.tensor([0.9, 0.1]), torch.ones(2), rows)
+    assert torch.equal(full.info("a", "b").abs_trace, part.info("a", "b").abs_trace)
+
+
+def test_residual_trace_dense_roundtrip_and_empty():
+    a = torch.rand(5, 3)
+    trace = ResidualTrace.from_dense(a, 2 * a)
+    assert torch.equal(trace.dense(0), a) and torch.equal(trace.dense(1), 2 * a)
+    assert torch.equal(trace.scaled(4.0).dense(0), a / 4)
+    empty = ResidualTrace(3, torch.float32, torch.device("cpu"))
+    assert empty.dense().shape == (0, 3)
