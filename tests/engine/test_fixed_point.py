@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import deqdiff
+from deqdiff.engine.linear_solve import ITERATIVE_AUTO
 from tests.conftest import make_problem, rel_err, tanh_cell, unrolled
 
 TIGHT = dict(tol=1e-12, max_iter=500)
@@ -165,4 +166,55 @@ def test_auto_backward_falls_back_to_gmres_where_richardson_diverges():
     ref = torch.linalg.solve(M.T, (2 * torch.linalg.solve(M, c.detach().T)).T.T).T
     assert rel_err(g, ref) < 1e-8
     (solve,) = info.derivatives
-    assert solve.solver == "richardson→gmres" and solve.extra["richardson_converged"] == 0
+    assert solve.solver == ITERATIVE_AUTO and solve.extra["finished_by"] == "gmres"
+    assert solve.all_converged and bool((solve.iterations > solve.extra["gmres_restart"]).all())
+
+
+def test_auto_backward_gmres_fallback_on_restricted_rows():
+    """Same divergent Richardson with ``row_params`` and rows too wide for a dense tail
+    (N > 256): GMRES finishes only the failed rows (here all), on the operator restricted
+    to them."""
+    torch.manual_seed(0)
+    n, B = 300, 3
+    eig = torch.linspace(-0.5, 1.6, n, dtype=torch.float64)
+    eig = torch.where((eig - 1).abs() < 0.2, eig - 0.4, eig)
+    Q = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
+    A = (Q * eig) @ Q.T
+    c = torch.randn(B, n, dtype=torch.float64, requires_grad=True)
+    f = lambda z, A, c: z @ A.T + c  # noqa: E731
+    z, info = deqdiff.fixed_point(f, torch.zeros(B, n, dtype=torch.float64), A, c, solver="newton_krylov",
+                                  tol=1e-10, batch_ndim=1, on_fail="raise", return_info=True, row_params=(1,))
+    (g,) = torch.autograd.grad((z**2).sum(), c)
+    M = torch.eye(n, dtype=torch.float64) - A
+    ref = torch.linalg.solve(M.T, (2 * torch.linalg.solve(M, c.detach().T)).T.T).T
+    assert rel_err(g, ref) < 1e-8
+    assert info.derivatives[0].extra["finished_by"] == "gmres"
+
+
+def test_auto_backward_finishes_slow_tail_densely():
+    """With ``row_params`` "auto" runs Richardson for at most N iterations per row and
+    hands rows still running to a dense LU on those rows only (in chunks): exact gradient,
+    merged statistics, and a row's answer does not depend on its batch."""
+    torch.manual_seed(4)
+    n, B = 8, 300
+    A = torch.randn(n, n, dtype=torch.float64)
+    A = A / torch.linalg.matrix_norm(A, 2)
+    x = torch.randn(B, n, dtype=torch.float64, requires_grad=True)
+    c = torch.linspace(0.05, 0.97, B, dtype=torch.float64)  # slow rows form a tail
+    f = lambda z, A, x, c: torch.tanh(c[:, None] * (z @ A.T) + x)  # noqa: E731
+    z0 = torch.zeros(B, n, dtype=torch.float64)
+    opts = dict(solver="anderson", tol=1e-11, batch_ndim=1, on_fail="raise", return_info=True)
+    z, info = deqdiff.fixed_point(f, z0, A, x, c, row_params=(1, 2), **opts)
+    (g,) = torch.autograd.grad((z**3).sum(), x)
+    z_ref = deqdiff.fixed_point(f, z0, A, x, c, backward_solver="dense", **opts)[0]
+    (g_ref,) = torch.autograd.grad((z_ref**3).sum(), x)
+    assert rel_err(g, g_ref) < 1e-9
+    (solve,) = info.derivatives
+    tail = solve.extra["finished_rows"]
+    assert solve.extra["finished_by"] == "dense" and tail > 16  # more than one chunk
+    assert solve.all_converged and solve.abs_trace.shape == (16 + 1 + 1, B)  # iterations 0..16, dense step
+    assert int((solve.iterations == 17).sum()) == tail
+    # rows alone (a batch of the last 5) get the same derivative: the cap is per row
+    z5 = deqdiff.fixed_point(f, z0[-5:], A, x[-5:], c[-5:], row_params=(1, 2), **opts)[0]
+    (g5,) = torch.autograd.grad((z5**3).sum(), x)
+    torch.testing.assert_close(g5[-5:], g[-5:], rtol=1e-13, atol=1e-15)

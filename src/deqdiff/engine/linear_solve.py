@@ -17,22 +17,22 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..solvers.base import get_solver, report_failure, row_norm
+from ..solvers.base import concat_rows, get_solver, merge_rows, report_failure, row_norm
 from .functional import forbid_nested_forward, jvp_by_vjp, partial_in
-from .operators import FunctionOperator, LinearOperator, VmappedOperator
+from .operators import BoundOperator, FunctionOperator, LinearOperator, VmappedOperator
 
 __all__ = ["linear_solve", "solve_with_operator"]
 
 
 def _numeric_solve(op: LinearOperator, b: Tensor, params) -> Tensor:
     cfg = op.config
-    name = _pick_solver(cfg.get("solver", "auto"), op)
     rows = b.detach().reshape(op.rows, op.row_size)
     kw = dict(tol=cfg.get("tol", 1e-8), atol=cfg.get("atol", 0.0), max_iter=cfg.get("max_iter", 1000))
     with torch.no_grad():
         bound = op.bind(params, b)
+        name = _pick_solver(cfg.get("solver", "auto"), bound)
         if name == ITERATIVE_AUTO:
-            x, info = _richardson_then_gmres(bound, rows, cfg.get("richardson_budget"), **kw)
+            x, info = _iterative_auto(bound, rows, cfg.get("richardson_budget"), **kw)
         else:
             x, info = get_solver(name, "linear")(bound, rows, None, **kw, **cfg.get("options", {}))
     info.kind = cfg.get("kind", "linear") + (" (transposed)" if op.transposed else "")
@@ -43,32 +43,58 @@ def _numeric_solve(op: LinearOperator, b: Tensor, params) -> Tensor:
 
 
 DENSE_MAX_ROW_SIZE = 64
-ITERATIVE_AUTO = "richardson→gmres"
+ITERATIVE_AUTO = "richardson→dense/gmres"
+#: rows of at most this many unknowns finish Richardson's slow tail with a dense LU
+DENSE_TAIL_MAX_ROW_SIZE = 256
+#: dense tail blocks are factored in chunks holding as many numbers as this many states
+TAIL_STATES = 2
 
 
-def _pick_solver(name, op: LinearOperator):
-    """``"auto"``: a dense batched LU for small rows (cheap, exact, shared by every solve
-    at the same point); otherwise Richardson, which only needs products with ``A`` and
-    drops converged rows, falling back to GMRES for rows it does not converge."""
+def _pick_solver(name, op: BoundOperator):
+    """``"auto"``: where ``A`` restricts to rows (many independent samples, ``row_params``)
+    Richardson on the rows still running with its slow tail finished densely; otherwise a
+    dense batched LU for small rows (cheap, exact, shared by every solve at the same
+    point), else Richardson with a GMRES fallback."""
     if name != "auto":
         return name
-    return "dense" if op.row_size <= DENSE_MAX_ROW_SIZE else ITERATIVE_AUTO
+    if op.row_size <= DENSE_MAX_ROW_SIZE and not op.can_restrict:
+        return "dense"
+    return ITERATIVE_AUTO
 
 
-def _richardson_then_gmres(op, b: Tensor, budget: int | None, *, tol: float, atol: float, max_iter: int):
-    """Richardson x ← x + (b − A x) for at most ``budget`` iterations (it converges at the
-    rate ρ(∂f/∂z) of a Picard forward solve, and only where that is < 1), then GMRES from
-    there on the rows still above tolerance (from zero where Richardson diverged)."""
+def _iterative_auto(op: BoundOperator, b: Tensor, budget: int | None, *, tol: float, atol: float, max_iter: int):
+    """Richardson x ← b + J x (it converges at the rate ρ(∂f/∂z) of a Picard forward solve,
+    and only where that is < 1), then the rows still above tolerance are finished on their
+    own. Where ``A`` restricts to rows of N ≤ 256 unknowns: Richardson runs at most N
+    iterations (a dense solve of one row costs about N products with ``A``) and a dense LU
+    finishes the rest, in chunks of ``TAIL_STATES``·S/N rows (blocks no larger than that
+    many states). The cap is per row, so a row's answer does not depend on its batch.
+    Otherwise Richardson runs at most ``budget`` iterations and GMRES finishes the failed
+    rows from Richardson's iterate (from zero where it diverged)."""
+    S, N = b.shape
     steps = max_iter if budget is None else max(1, min(int(budget), max_iter))
+    dense_tail = op.can_restrict and N <= DENSE_TAIL_MAX_ROW_SIZE
+    if dense_tail:
+        steps = min(max_iter, max(16, N))
     x, info = get_solver("richardson", "linear")(op, b, None, tol=tol, atol=atol, max_iter=steps)
-    if info.all_converged or steps >= max_iter:
+    if info.all_converged:
         return x, info
-    sane = torch.isfinite(x).all(1) & (info.residual <= row_norm(b))
-    x0 = torch.where(sane[:, None], x, 0.0)
-    x, more = get_solver("gmres", "linear")(op, b, x0, tol=tol, atol=atol, max_iter=max_iter - steps)
-    more.solver = ITERATIVE_AUTO
-    more.extra.update(richardson_iterations=steps, richardson_converged=int(info.converged.sum()))
-    return x, more
+    rows = (~info.converged).nonzero().flatten()
+    if dense_tail:
+        dense = get_solver("dense", "linear")
+        parts = [dense(op.restrict(r), b.index_select(0, r)) for r in rows.split(max(16, TAIL_STATES * S // N))]
+        x_rows, sub = torch.cat([p[0] for p in parts]), concat_rows([p[1] for p in parts])
+    elif steps < max_iter:
+        sane = torch.isfinite(x).all(1) & (info.residual <= row_norm(b))
+        x0 = torch.where(sane[:, None], x, 0.0)
+        if not op.can_restrict:
+            rows = torch.arange(S, device=b.device)
+        x_rows, sub = get_solver("gmres", "linear")(
+            op.restrict(rows) if op.can_restrict else op, b.index_select(0, rows), x0.index_select(0, rows),
+            tol=tol, atol=atol, max_iter=max_iter - steps)
+    else:
+        return x, info
+    return x.index_copy(0, rows, x_rows), merge_rows(info, rows, sub, ITERATIVE_AUTO)
 
 
 class _LinearSolve(torch.autograd.Function):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import torch
@@ -36,6 +36,8 @@ __all__ = [
     "report_failure",
     "compaction",
     "compact_rows_",
+    "merge_rows",
+    "concat_rows",
 ]
 
 
@@ -88,6 +90,13 @@ class ResidualTrace:
             else:
                 out[k].index_copy_(0, rows.long(), vals)
         return out
+
+    def extended(self, other: "ResidualTrace", rows: Tensor) -> "ResidualTrace":
+        """This trace followed by ``other``, a trace over the subset ``rows`` of the batch."""
+        trace = ResidualTrace(self.S, self.dtype, self.device)
+        rows32 = rows.to(torch.int32)
+        trace._steps = self._steps + [(rows32 if r is None else rows32[r.long()], a, q) for r, a, q in other._steps]
+        return trace
 
     def scaled(self, factor: float) -> "ResidualTrace":
         """The same trace with absolute residuals divided by ``factor``."""
@@ -264,6 +273,48 @@ def compact_rows_(t: Tensor, keep: Tensor) -> Tensor:
         j = min(i + chunk, n)
         t[i:j] = t.index_select(0, keep[i:j])
     return t[:n]
+
+
+def merge_rows(info: SolveInfo, rows: Tensor, sub: SolveInfo, solver: str) -> SolveInfo:
+    """Statistics of a solve whose rows ``rows`` (left unconverged) were then finished by a
+    second solve ``sub`` run on those rows only: iterations add up, the residuals and the
+    converged flags are ``sub``'s, its trace follows."""
+    return replace(
+        info,
+        solver=solver,
+        iterations=info.iterations.index_add(0, rows, sub.iterations),
+        residual=info.residual.index_copy(0, rows, sub.residual),
+        rel_residual=info.rel_residual.index_copy(0, rows, sub.rel_residual),
+        converged=info.converged.index_copy(0, rows, sub.converged),
+        trace=info.trace.extended(sub.trace, rows),
+        extra={**info.extra, "finished_by": sub.solver, "finished_rows": rows.numel(),
+               **{f"{sub.solver}_{k}": v for k, v in sub.extra.items()}},
+    )
+
+
+def concat_rows(infos: list[SolveInfo]) -> SolveInfo:
+    """One solve's statistics from solves of consecutive row blocks with the same number
+    of trace steps (e.g. a dense solve done block by block)."""
+    first = infos[0]
+    if len(infos) == 1:
+        return first
+    if len({len(i.trace) for i in infos}) != 1:
+        raise ValueError("concat_rows needs solves with equally long traces")
+    sizes = [i.iterations.numel() for i in infos]
+    trace = ResidualTrace(sum(sizes), first.trace.dtype, first.trace.device)
+    offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+    for k in range(len(first.trace)):
+        idx, a, q = [], [], []
+        for info, off, n in zip(infos, offsets, sizes):
+            r, ak, qk = info.trace._steps[k]
+            idx.append(torch.arange(n, device=ak.device) + off if r is None else r.long() + off)
+            a.append(ak)
+            q.append(qk)
+        trace.append(torch.cat(idx), torch.cat(a), torch.cat(q))
+    cat = lambda name: torch.cat([getattr(i, name) for i in infos])  # noqa: E731
+    return replace(first, iterations=cat("iterations"), residual=cat("residual"),
+                   rel_residual=cat("rel_residual"), converged=cat("converged"), trace=trace,
+                   trajectory=None)
 
 
 def report_failure(info: SolveInfo, on_fail: str, what: str) -> None:
