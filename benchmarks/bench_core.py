@@ -19,7 +19,8 @@ Methods (all stop at the same rule ‖f(z)−z‖ ≤ tol·‖f(z)‖ per sample
   iterations a no-grad run needs to bring *every* sample under tol (K is found once by the
   parent process and is not charged to the unrolled step);
 * ``deqdiff``: ``deqdiff.fixed_point`` with forward solver ``fixed_point`` or ``anderson`` and
-  backward solver ``auto`` (dense batched LU for n ≤ 64, else GMRES) or an explicit one;
+  backward solver ``auto`` (with ``row_params``: Richardson on running samples, at most n
+  iterations each, the rest by a dense LU of those samples) or an explicit one;
 * ``torchdeq`` (optional peer): ``get_deq(ift=True)`` with the same forward solver (and the
   same algorithm as backward solver), ``stop_mode='rel'``, the same tolerance.
 
@@ -685,8 +686,11 @@ def label(r: dict) -> str:
 
 
 def resolved_auto(n: int) -> str:
+    """What "auto" runs here: the samples are ``row_params`` (x, t), so always Richardson on
+    running samples with a dense tail (n ≤ 256) or GMRES fallback."""
     ls_mod = importlib.import_module("deqdiff.engine.linear_solve")
-    return "dense" if n <= ls_mod.DENSE_MAX_ROW_SIZE else ls_mod.ITERATIVE_AUTO
+    tail = "dense tail" if n <= ls_mod.DENSE_TAIL_MAX_ROW_SIZE else "GMRES fallback"
+    return f"{ls_mod.ITERATIVE_AUTO} (Richardson ≤ n iterations per sample, {tail})"
 
 
 def torchdeq_available() -> bool:
@@ -703,8 +707,7 @@ def plan_regime(regime: str, args, K: int, measure) -> list[dict]:
     base = dict(kind="measure", regime=regime, dtype=args.dtype, device=args.device,
                 live=not args.quick and torch.device(args.device).type == "cpu",
                 batch=args.batch[regime], repeats=args.repeats, budget_s=args.budget)
-    auto = resolved_auto(REGIMES[regime]["n"])
-    alts = [b for b in ALT_BACKWARD if b != auto]
+    alts = list(ALT_BACKWARD)
     tdq = args.torchdeq
     unrolled = dict(base, method="unrolled", K=K)
     deq = lambda fs, bs="auto": dict(base, method="deqdiff", fsolver=fs, bsolver=bs)  # noqa: E731
