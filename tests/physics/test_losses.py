@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deqdiff.physics.losses import PhysicsLoss, hutchinson_frobenius, output_gradient
+from deqdiff.physics.losses import PhysicsLoss, hutchinson_frobenius, output_gradient, output_tangent
 from deqdiff.physics.models import PIDEQ, FlowMap
 from deqdiff.physics.problems import van_der_pol
 
@@ -39,12 +39,14 @@ def _reference_loss(m, t, ic, lam, kappa):
     return (y0 - ic[1]).pow(2).mean() + lam * r.pow(2).mean() + kappa * jac
 
 
+@pytest.mark.parametrize("derivative_mode", ["forward", "reverse"])
 @pytest.mark.parametrize("mode", ["implicit", "unrolled"])
-def test_loss_and_gradient_match_unrolled_autodiff(mode):
+def test_loss_and_gradient_match_unrolled_autodiff(mode, derivative_mode):
     m = _model(mode)
     t = torch.rand(7, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
     ic = (torch.zeros(1, 1), torch.tensor([[0.0, 0.1]]))
-    loss = PhysicsLoss(lambda t, y: van_der_pol(t, y), physics_weight=0.1, jacobian_weight=1.0)
+    loss = PhysicsLoss(lambda t, y: van_der_pol(t, y), physics_weight=0.1, jacobian_weight=1.0,
+                       derivative_mode=derivative_mode)
     out = loss(m, t, ic=ic)
     g = torch.autograd.grad(out.total, list(m.parameters()))
     ref = _reference_loss(m, t, ic, 0.1, 1.0)
@@ -62,13 +64,34 @@ def test_output_gradient_is_per_sample_time_derivative():
     h = 1e-6
     fd = (m(t.detach() + h) - m(t.detach() - h)) / (2 * h)
     assert torch.allclose(dy, fd, atol=1e-8)
+    y_fwd, dy_fwd = output_tangent(m, t)
+    torch.testing.assert_close(dy_fwd, dy, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(y_fwd, m(t), rtol=1e-12, atol=1e-13)
 
 
-def test_conditioned_flow_map_loss_gradient_matches_unrolled():
+def test_forward_mode_physics_loss_needs_fewer_solves():
+    """∂y/∂t by forward mode: one tangent solve for both outputs, then two solves in the
+    weight gradient; reverse mode: one adjoint per output, then their transposes and z*'s."""
+    t = torch.rand(6, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2
+    counts = {}
+    for mode in ("forward", "reverse"):
+        m = _model()
+        loss = PhysicsLoss(lambda t, y: van_der_pol(t, y), ic_weight=0.0, derivative_mode=mode)
+        total = loss(m, t).total
+        torch.autograd.grad(total, list(m.parameters()))
+        counts[mode] = len(m.deq.last_info.derivatives)
+    assert counts == {"forward": 3, "reverse": 5}
+    with pytest.raises(ValueError, match="derivative_mode"):
+        PhysicsLoss(lambda t, y: y, derivative_mode="sideways")
+
+
+@pytest.mark.parametrize("derivative_mode", ["forward", "reverse"])
+def test_conditioned_flow_map_loss_gradient_matches_unrolled(derivative_mode):
     torch.manual_seed(1)
     core = PIDEQ(4, 2, 5, rho=0.3, tol=1e-13, max_iter=300).double()
     fm = FlowMap(core, 2, 1, horizon=0.5, state_scale=(2.0, 3.0), cond_center=1.0)
-    loss = PhysicsLoss(van_der_pol, rhs_args=lambda x: x[:, 3], ic_weight=0.0, jacobian_weight=0.5)
+    loss = PhysicsLoss(van_der_pol, rhs_args=lambda x: x[:, 3], ic_weight=0.0, jacobian_weight=0.5,
+                       derivative_mode=derivative_mode)
     gen = torch.Generator().manual_seed(0)
     x = torch.cat([torch.rand(6, 1, generator=gen) * 0.5, torch.randn(6, 2, generator=gen), torch.ones(6, 1)], 1)
     g = torch.autograd.grad(loss(fm, x).total, list(fm.parameters()))
@@ -126,3 +149,17 @@ def test_taylor_flow_map_matches_rhs_to_first_order():
     assert torch.equal(y, x[:, 1:3])
     dy = output_gradient(y, x, 0)
     assert torch.allclose(dy, van_der_pol(x[:, 0], x[:, 1:3], x[:, 3]), atol=1e-12)
+
+
+def test_flow_map_tangents_match_reverse_mode_for_every_input():
+    """The Taylor skip's (∂F/∂y)F term runs inside the forward-mode pass (two reverse passes,
+    no nested forward level): tangents along Δ, y0 and μ equal reverse-mode gradients."""
+    torch.manual_seed(1)
+    core = PIDEQ(4, 2, 5, rho=0.3, tol=1e-13, max_iter=300).double()
+    fm = FlowMap(core, 2, 1, horizon=0.5, state_scale=(2.0, 3.0), cond_center=1.0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(6, 1, generator=gen) * 0.5, torch.randn(6, 2, generator=gen), torch.ones(6, 1)], 1)
+    for column in range(4):
+        _, dy = output_tangent(fm, x, column)
+        xr = x.clone().requires_grad_()
+        torch.testing.assert_close(dy, output_gradient(fm(xr), xr, column), rtol=1e-10, atol=1e-12)

@@ -6,14 +6,14 @@ the physics loss differentiates ``y`` by a column of ``x`` with ``torch.autograd
 solves (seed 001, eqs. deq-jacobian and hessian-t). Modules:
 
 * :mod:`.models` — ``PIDEQ`` (implicit or unrolled), ``MLP``, ``FlowMap`` (conditioned on y0);
-* :mod:`.losses` — ``PhysicsLoss``, ``ode_residual``, ``output_gradient``, Jacobian penalties;
+* :mod:`.losses` — ``PhysicsLoss``, ``ode_residual``, ``output_gradient``/``output_tangent``, Jacobian penalties;
 * :mod:`.training` — ``Trainer`` with exact checkpoint/resume;
 * :mod:`.problems` — ODE problems (Van der Pol) and ``solve_ivp`` references;
 * :mod:`.metrics`, :mod:`.rollout`, :mod:`.plots`, :mod:`.vdp` — the Van der Pol experiment.
 """
 
-from .losses import LossTerms, PhysicsLoss, jacobian_penalty, ode_residual, output_gradient
+from .losses import LossTerms, PhysicsLoss, jacobian_penalty, ode_residual, output_gradient, output_tangent
 from .models import MLP, PIDEQ, FlowMap, TanhCell, count_parameters
 
 __all__ = ["PIDEQ", "MLP", "FlowMap", "TanhCell", "count_parameters", "PhysicsLoss", "LossTerms",
-           "ode_residual", "output_gradient", "jacobian_penalty"]
+           "ode_residual", "output_gradient", "output_tangent", "jacobian_penalty"]

@@ -2,9 +2,12 @@
 
 The physics term needs ``∂y/∂t`` where ``t`` is a column of the inputs. For a DEQ it is
 ``∂y/∂t = ∂n_post/∂z · J_{z*,t}`` with ``J_{z*,t} = (I − J_{f,z})⁻¹ J_{f,t}`` (seed 001,
-eq. deq-jacobian), obtained here by ``torch.autograd.grad(y[:, i].sum(), x, create_graph=True)``
-through :func:`deqdiff.fixed_point`: one adjoint solve per output component, kept in the
-graph. The gradient of the loss w.r.t. the weights then differentiates that derivative once
+eq. deq-jacobian). By default (``derivative_mode="forward"``, :func:`output_tangent`) it is one
+forward-mode pass with tangent ``e_t`` (``torch.autograd.forward_ad``): through
+:func:`deqdiff.fixed_point` that is one implicit solve ``(I − J) ż = ∂f/∂t`` for all outputs at
+once, and ``y`` comes from the same pass. ``"reverse"`` (:func:`output_gradient`) uses
+``torch.autograd.grad(y[:, i].sum(), x, create_graph=True)``: one adjoint solve per output
+component. Either is kept in the graph. The gradient of the loss w.r.t. the weights then differentiates that derivative once
 more — seed 001, eq. hessian-t and "Computing gradients through derivatives of DEQs" — which
 the engine again does by implicit solves (never by unrolling). Because fixed points are
 per sample, the gradient of ``y[:, i].sum()`` w.r.t. ``x`` is ``∂y_i/∂x`` row by row.
@@ -21,7 +24,8 @@ points' z*; ``jacobian_method="exact"`` uses the model's closed form (``TanhCell
 any width), ``"hutchinson"`` an unbiased estimate of ``‖J‖_F²`` from one Rademacher probe per
 sample (then square-rooted), for cells without a closed form.
 
-Stable API: ``output_gradient(y, x, column)``, ``ode_residual(model, x, rhs, ...)``,
+Stable API: ``output_gradient(y, x, column)``, ``output_tangent(model, x, column)``,
+``ode_residual(model, x, rhs, ..., mode="forward")``,
 ``hutchinson_frobenius(f, z, *args, generator=None)``, ``jacobian_penalty(model, ...)``,
 ``PhysicsLoss`` (``__call__(model, collocation, ic=None, data=None, generator=None) -> LossTerms``).
 """
@@ -32,9 +36,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-__all__ = ["output_gradient", "ode_residual", "hutchinson_frobenius", "jacobian_penalty", "PhysicsLoss",
+__all__ = ["output_gradient", "output_tangent", "ode_residual", "hutchinson_frobenius", "jacobian_penalty", "PhysicsLoss",
            "LossTerms", "check_finite"]
 
 
@@ -60,6 +65,21 @@ def output_gradient(y: Tensor, x: Tensor, column: int = 0, *, create_graph: bool
     return torch.stack(cols, 1)
 
 
+def output_tangent(model: Callable[[Tensor], Tensor], x: Tensor, column: int = 0) -> tuple[Tensor, Tensor]:
+    """``(y, ∂y/∂x_column)`` of ``y = model(x)`` by one forward-mode pass (tangent ``e_column``
+    on every row), differentiable w.r.t. the model's weights (backward over forward). Through
+    a DEQ the tangent is one implicit solve for all outputs; ``model`` must act row by row."""
+    x = x.detach()
+    tangent = torch.zeros_like(x)
+    tangent[:, column] = 1.0
+    with fwAD.dual_level():
+        y, dy = fwAD.unpack_dual(model(fwAD.make_dual(x, tangent)))
+    return y, (torch.zeros_like(y) if dy is None else dy)
+
+
+MODES = ("forward", "reverse")
+
+
 def _call_rhs(rhs: Callable, t: Tensor, y: Tensor, args) -> Tensor:
     out = rhs(t, y) if args is None else rhs(t, y, args)
     if out.shape != y.shape:
@@ -69,13 +89,22 @@ def _call_rhs(rhs: Callable, t: Tensor, y: Tensor, args) -> Tensor:
 
 def ode_residual(model: nn.Module, x: Tensor, rhs: Callable, *, time_column: int = 0,
                  rhs_args: Callable[[Tensor], Any] | None = None,
-                 time_of: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """``(r, y)`` with ``r = ∂y/∂t − F(t, y[, args])`` at the inputs ``x`` (a leaf that
-    requires grad is made from ``x``). ``t = time_of(x)`` (default ``x[:, time_column]``; the
-    conditioned flow maps pass ``Δ`` — an autonomous F does not care); ``args = rhs_args(x)``."""
-    x = x.detach().requires_grad_(True)
-    y = model(x)
-    dy = output_gradient(y, x, time_column)
+                 time_of: Callable[[Tensor], Tensor] | None = None,
+                 mode: str = "forward") -> tuple[Tensor, Tensor]:
+    """``(r, y)`` with ``r = ∂y/∂t − F(t, y[, args])`` at the inputs ``x``; ``∂y/∂t`` by
+    forward mode (:func:`output_tangent`) or reverse mode (:func:`output_gradient`, from a
+    leaf that requires grad made from ``x``). ``t = time_of(x)`` (default
+    ``x[:, time_column]``; the conditioned flow maps pass ``Δ`` — an autonomous F does not
+    care); ``args = rhs_args(x)``."""
+    if mode == "forward":
+        x = x.detach()
+        y, dy = output_tangent(model, x, time_column)
+    elif mode == "reverse":
+        x = x.detach().requires_grad_(True)
+        y = model(x)
+        dy = output_gradient(y, x, time_column)
+    else:
+        raise ValueError(f"derivative mode must be one of {MODES}, got {mode!r}")
     t = x[:, time_column] if time_of is None else time_of(x)
     return dy - _call_rhs(rhs, t, y, None if rhs_args is None else rhs_args(x)), y
 
@@ -125,7 +154,9 @@ class PhysicsLoss:
     and ``data=(x, y)`` pairs. The Jacobian penalty (``jacobian_weight > 0``) is taken at the
     collocation points' fixed points; ignored for models without one (MLP). ``residual_weight(x)``
     (optional, ``(B,)``) rescales each sample's residual, e.g. ``h²/Δ²`` for a flow map whose
-    Taylor skip makes the residual ``O(Δ²)``, so that every collocation point counts."""
+    Taylor skip makes the residual ``O(Δ²)``, so that every collocation point counts.
+    ``derivative_mode``: ``"forward"`` (one implicit tangent solve for ∂y/∂t, default) or
+    ``"reverse"`` (one adjoint solve per output); both exact, forward needs fewer solves."""
 
     rhs: Callable[..., Tensor]
     time_column: int = 0
@@ -137,12 +168,15 @@ class PhysicsLoss:
     jacobian_weight: float = 0.0
     jacobian_method: str = "exact"
     residual_weight: Callable[[Tensor], Tensor] | None = None
+    derivative_mode: str = "forward"
 
     def __post_init__(self):
         for name in ("physics_weight", "ic_weight", "data_weight", "jacobian_weight"):
             w = getattr(self, name)
             if not (w >= 0 and w < float("inf")):
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {w}")
+        if self.derivative_mode not in MODES:
+            raise ValueError(f"derivative_mode must be one of {MODES}, got {self.derivative_mode!r}")
 
     def __call__(self, model: nn.Module, collocation: Tensor, ic: tuple[Tensor, Tensor] | None = None,
                  data: tuple[Tensor, Tensor] | None = None, generator: torch.Generator | None = None) -> LossTerms:
@@ -151,7 +185,7 @@ class PhysicsLoss:
         terms: dict[str, float] = {}
         if self.physics_weight > 0 or self.jacobian_weight > 0:
             r, _ = ode_residual(model, collocation, self.rhs, time_column=self.time_column,
-                                rhs_args=self.rhs_args, time_of=self.time_of)
+                                rhs_args=self.rhs_args, time_of=self.time_of, mode=self.derivative_mode)
             if self.residual_weight is not None:  # per-sample w(x): mean‖w(x)·r‖²
                 r = r * self.residual_weight(collocation).reshape(-1, 1)
             phys = (r * r).mean()

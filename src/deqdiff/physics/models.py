@@ -46,6 +46,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..engine.functional import jvp_by_vjp
 from ..layers import DEQ
 from ..solvers import get_solver
 
@@ -316,8 +317,10 @@ class FlowMap(nn.Module):
         F = (lambda y: self.rhs(t0, y, c)) if self.cond_dim else (lambda y: self.rhs(t0, y))
         if self.order == 1:
             return [F(y0)]
-        f0, jf = torch.func.jvp(F, (y0,), (F(y0),))
-        return [f0, jf]
+        f0 = F(y0)
+        # (∂F/∂y)·F by two reverse passes, not torch.func.jvp: it must also run inside the
+        # forward-mode pass that gives ∂y/∂Δ (PyTorch has no nested forward levels)
+        return [f0, jvp_by_vjp(F, (y0,), (f0,))]
 
     def skip(self, x: Tensor) -> Tensor:
         """The Taylor polynomial ``Σ_k Δ^k/k! · y^{(k)}(0)`` (``k ≤ order``) alone."""
