@@ -21,14 +21,14 @@ loss ``mean‖y(0) − y0‖² + 0.1·mean‖dy/dt − F(y)‖² + κ·mean‖�
 collocation points, and its gradient w.r.t. every weight. ``dy/dt`` needs the derivative of z*
 w.r.t. t kept in the graph, so the weight gradient is a second derivative of z*. Methods:
 
-* ``deqdiff``: ``PIDEQ(mode="implicit")`` + ``PhysicsLoss`` (dy/dt by ``autograd.grad(...,
-  create_graph=True)``, one reverse pass per output) — Anderson forward solve at tol 1e-4,
-  backward ``auto`` (GMRES for 80 states) or ``dense`` (batched LU per sample);
-* ``deqdiff-fwd``: the same loss with ``dz*/dt`` by one implicit forward-mode solve
-  (the engine's ``Equilibrium``, as ``deqdiff.derivatives.time_derivatives`` does) instead of
-  two reverse passes, and y taken from the same fixed-point node (one adjoint solve fewer);
-* ``-fp`` variants use plain fixed-point iteration forward, ``-richardson`` / ``-dense`` the
-  backward (derivative) solver; ``deqdiff`` alone is the library default (Anderson, auto);
+* ``deqdiff``: ``PIDEQ(mode="implicit")`` + ``PhysicsLoss`` — the library default: Anderson
+  forward solve at tol 1e-4, ``dy/dt`` by forward mode (one implicit tangent solve for both
+  outputs, kept in the graph), backward ``auto`` (Richardson on running samples, at most 80
+  iterations each, the rest by a dense LU of those samples);
+* ``deqdiff-rev``: the same with ``dy/dt`` by reverse mode (``autograd.grad(...,
+  create_graph=True)``, one adjoint solve per output);
+* ``-fp`` variants use plain fixed-point iteration forward, ``-richardson`` / ``-dense`` that
+  backward (derivative) solver;
 * ``unrolled`` (PIDEQ's approach): ``PIDEQ(mode="unrolled")`` — the solver loop (plain
   iteration, or Anderson) recorded by autograd until the same stopping rule holds, so every
   derivative backpropagates through all forward iterations;
@@ -79,8 +79,6 @@ except ImportError:  # run without PYTHONPATH=src
     import deqdiff
 
 import bench_core as core  # noqa: E402  (measurement helpers: fresh-process memory, repeats)
-from deqdiff.derivatives._problem import Equilibrium  # noqa: E402  (as in deqdiff.physics.burgers)
-from deqdiff.derivatives.mixed import _t_dots  # noqa: E402
 from deqdiff.physics import MLP, PIDEQ, PhysicsLoss  # noqa: E402
 from deqdiff.physics.problems import van_der_pol  # noqa: E402
 
@@ -95,10 +93,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 METHODS = {
     "deqdiff": dict(kind="pideq", mode="implicit", backward="auto"),
     "deqdiff-dense": dict(kind="pideq", mode="implicit", backward="dense"),
-    "deqdiff-richardson": dict(kind="pideq", mode="implicit", backward="richardson"),
+    "deqdiff-rev": dict(kind="pideq", mode="implicit", backward="auto", derivative_mode="reverse"),
+    "deqdiff-fp": dict(kind="pideq", mode="implicit", forward="fixed_point", backward="auto"),
     "deqdiff-fp-richardson": dict(kind="pideq", mode="implicit", forward="fixed_point", backward="richardson"),
-    "deqdiff-fwd": dict(kind="fwdmode", mode="implicit", backward="dense"),
-    "deqdiff-fp-fwd-richardson": dict(kind="fwdmode", mode="implicit", forward="fixed_point", backward="richardson"),
     "unrolled": dict(kind="pideq", mode="unrolled", unrolled_solver="fixed_point"),
     "unrolled-anderson": dict(kind="pideq", mode="unrolled", unrolled_solver="anderson"),
     "mlp-4x20": dict(kind="mlp", width=20),
@@ -107,15 +104,14 @@ METHODS = {
 }
 
 
-FULL_METHODS = ["deqdiff", "deqdiff-dense", "deqdiff-richardson", "deqdiff-fp-richardson", "deqdiff-fwd",
-                "deqdiff-fp-fwd-richardson", "unrolled", "unrolled-anderson", "mlp-4x20", "mlp-4x46"]
+FULL_METHODS = ["deqdiff", "deqdiff-dense", "deqdiff-rev", "deqdiff-fp", "deqdiff-fp-richardson",
+                "unrolled", "unrolled-anderson", "mlp-4x20", "mlp-4x46"]
 #: the stress regime only needs the methods whose cost depends on the iteration count
-HARD_METHODS = ["deqdiff", "deqdiff-dense", "deqdiff-richardson", "deqdiff-fp-richardson", "deqdiff-fp-fwd-richardson",
-                "unrolled", "mlp-4x46"]
-QUICK_METHODS = ["deqdiff-richardson", "unrolled", "mlp-4x46"]
+HARD_METHODS = ["deqdiff", "deqdiff-dense", "deqdiff-rev", "deqdiff-fp", "deqdiff-fp-richardson", "unrolled",
+                "mlp-4x46"]
+QUICK_METHODS = ["deqdiff", "unrolled", "mlp-4x46"]
 #: methods whose forward solve is another's (same model, same forward solver)
-SHARED_FWD = {"deqdiff-dense": "deqdiff", "deqdiff-richardson": "deqdiff", "deqdiff-fwd": "deqdiff",
-              "deqdiff-fp-fwd-richardson": "deqdiff-fp-richardson"}
+SHARED_FWD = {"deqdiff-dense": "deqdiff", "deqdiff-rev": "deqdiff", "deqdiff-fp-richardson": "deqdiff-fp"}
 
 
 # --------------------------------------------------------------------------- problem
@@ -153,37 +149,9 @@ def collocation(batch: int, dtype, device, seed: int = 0):
     return cast(t), (cast(ic[0]), cast(ic[1]))
 
 
-def physics_loss(kappa: float = KAPPA) -> PhysicsLoss:
-    return PhysicsLoss(lambda t, y: van_der_pol(t, y, MU), physics_weight=LAM, ic_weight=1.0, jacobian_weight=kappa)
-
-
-def _cell(z, A, U, b, t):
-    return torch.tanh(torch.addmm(torch.addmm(b, t, U.T), z, A.T))
-
-
-def fwdmode_loss(model: PIDEQ, t: torch.Tensor, ic, kappa: float = KAPPA):
-    """The identical loss with ``dz*/dt`` from one implicit forward-mode solve; returns
-    ``(loss, forward iteration stats)``."""
-    cell = model.cell
-    A, U, b = cell.A, cell.U, cell.b
-    opts = model.deq.solver_options
-    z0 = t.new_zeros(t.shape[0], model.width)
-    with torch.no_grad():  # z* only: its derivatives all come from the Equilibrium below
-        z, info = deqdiff.fixed_point(_cell, z0, A.detach(), U.detach(), b.detach(), t, batch_ndim=1,
-                                      solver=opts["solver"], tol=opts["tol"], max_iter=opts["max_iter"],
-                                      return_info=True, row_params=(3,))
-    # one fixed-point node (the Equilibrium's re-entry of z*, one f evaluation) carries both
-    # y and dz*/dt, so the weight gradient needs one adjoint solve fewer
-    eq = Equilibrium(_cell, z, (A, U, b, t), (), batch_ndim=1, tol=opts["tol"],
-                     solver=opts.get("backward_solver", "auto"))
-    z = eq.z
-    z_t = eq.z_tangent(_t_dots(eq, 3, None))  # (I − J) z_t = f_t: one forward-mode solve
-    y = model.C(z) + model.D(t)
-    dy = z_t @ model.C.weight.T + model.D.weight[:, 0]
-    phys = ((dy - van_der_pol(t[:, 0], y, MU)) ** 2).mean()
-    ic_err = ((model(ic[0]) - ic[1]) ** 2).mean()
-    jac = cell.jacobian_frobenius(z).mean()
-    return ic_err + LAM * phys + kappa * jac, _summ(info.forward.iterations)
+def physics_loss(kappa: float = KAPPA, derivative_mode: str = "forward") -> PhysicsLoss:
+    return PhysicsLoss(lambda t, y: van_der_pol(t, y, MU), physics_weight=LAM, ic_weight=1.0, jacobian_weight=kappa,
+                       derivative_mode=derivative_mode)
 
 
 def make_step(method: str, quantity: str, regime: str, batch: int, dtype, device, tol: float = TOL):
@@ -206,17 +174,13 @@ def make_step(method: str, quantity: str, regime: str, batch: int, dtype, device
             st["iterations"] = getattr(model, "last_iterations", None)
             return [y]
         return fwd
-    loss_fn = physics_loss(KAPPA if kind != "mlp" else 0.0)
+    loss_fn = physics_loss(KAPPA if kind != "mlp" else 0.0, METHODS[method].get("derivative_mode", "forward"))
 
     def step(st):
-        if kind == "fwdmode":
-            total, st["iterations"] = fwdmode_loss(model, t, ic)
-        else:
-            terms = loss_fn(model, t, ic=ic)
-            total = terms.total
-            if "iters_max" in terms.terms:  # the collocation points' solve (not the IC point's)
-                st["iterations"] = {"max": int(terms.terms["iters_max"]), "mean": round(terms.terms["iters_mean"], 1)}
-        return list(torch.autograd.grad(total, params))
+        terms = loss_fn(model, t, ic=ic)
+        if "iters_max" in terms.terms:  # the collocation points' solve (not the IC point's)
+            st["iterations"] = {"max": int(terms.terms["iters_max"]), "mean": round(terms.terms["iters_mean"], 1)}
+        return list(torch.autograd.grad(terms.total, params))
     return step
 
 
@@ -782,7 +746,7 @@ def summary(res: dict) -> str:
                  f"live peak memory {_mem(u):.0f} / {_mem(_get(ms, lean, 'step')):.0f} MiB = "
                  f"{_mem(u) / max(_mem(_get(ms, lean, 'step')), 1e-9):.1f}× ({lean}; target ≥ 20×)"]
         if default:
-            parts.append(f"library default (Anderson, backward "auto") {default['median_s'] / u['median_s']:.2f}× "
+            parts.append(f"library default (Anderson, backward 'auto', forward-mode dy/dt) {default['median_s'] / u['median_s']:.2f}× "
                          f"the unrolled time")
         mlp = [_get(ms, m, "step") for m in ("mlp-4x20", "mlp-4x46") if _get(ms, m, "step")]
         if mlp:
