@@ -57,7 +57,8 @@ def anderson(
     Tikhonov regularization ``lam`` ≥ 0 (see :func:`anderson_weights`).
 
     The history is a ring buffer of the last ``m`` differences, stored ``(S, m, N)`` (the
-    least-squares problem does not depend on the column order); its Gram matrix ΔFᵀΔF is
+    least-squares problem does not depend on the column order) as ΔF and ΔZ + βΔF, the one
+    combination the mixing step needs (one batched product per step); its Gram matrix ΔFᵀΔF is
     kept up to date one row/column per step instead of being rebuilt. All rows advance in
     lockstep, so the history length m_k is shared; the weights are per row and converged
     rows are frozen."""
@@ -69,7 +70,7 @@ def anderson(
         raise ValueError(f"anderson regularization lam must be >= 0, got {lam}")
     m = int(m)
     S, N = z0.shape
-    dZ = z0.new_zeros(S, m, N)
+    dM = z0.new_zeros(S, m, N)  # ΔZ + β ΔF: the only combination the mixing step uses
     dF = z0.new_zeros(S, m, N)
     gram = z0.new_zeros(S, m, m)
     track = Tracker(z0, tol, atol, store_trajectory)
@@ -87,8 +88,9 @@ def anderson(
             step = beta * F
         else:
             col = (k - 1) % m
-            dZ[:, col] = z - z_prev
             dF[:, col] = F - F_prev
+            dM[:, col] = z - z_prev
+            dM[:, col].add_(dF[:, col], alpha=beta)
             mk = min(k, m)
             # ΔFᵀ[ΔF_col, F] in one contraction: no (S, m, N) temporary, faster than bmm on CPU
             both = torch.einsum("smn,skn->smk", dF[:, :mk], torch.stack((dF[:, col], F), 1))
@@ -96,13 +98,12 @@ def anderson(
             gram[:, col, :mk] = dots
             gram[:, :mk, col] = dots
             gamma = anderson_weights(gram[:, :mk, :mk], rhs, lam, running)[:, None, :]  # (S, 1, m_k)
-            correction = torch.bmm(gamma, dZ[:, :mk]) + beta * torch.bmm(gamma, dF[:, :mk])
-            step = beta * F - correction.squeeze(1)
+            step = beta * F - torch.bmm(gamma, dM[:, :mk]).squeeze(1)
         z_prev, F_prev = z, F
         z = torch.where(running[:, None], z + step, z)
         if compact and int(running.sum()) < COMPACT_BELOW * running.numel():
             keep = running.nonzero().squeeze(1)
             z, z_prev, F_prev = z[keep], z_prev[keep], F_prev[keep]
-            dZ, dF, gram = compact_rows_(dZ, keep), compact_rows_(dF, keep), gram[keep]
+            dM, dF, gram = compact_rows_(dM, keep), compact_rows_(dF, keep), gram[keep]
             rows = keep if rows is None else rows[keep]
     return track.result, track.info("anderson", "forward", m=m, beta=beta, lam=lam)
