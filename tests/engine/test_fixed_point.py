@@ -3,6 +3,8 @@ references: dense (I − J)⁻¹ formulas, unrolled autodiff, gradcheck/gradgrad
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -191,10 +193,12 @@ def test_auto_backward_gmres_fallback_on_restricted_rows():
     assert info.derivatives[0].extra["finished_by"] == "gmres"
 
 
-def test_auto_backward_finishes_slow_tail_densely():
+def test_auto_backward_finishes_slow_tail_densely(monkeypatch):
     """With ``row_params`` "auto" runs Richardson for at most N iterations per row and
     hands rows still running to a dense LU on those rows only (in chunks): exact gradient,
     merged statistics, and a row's answer does not depend on its batch."""
+    ls = importlib.import_module("deqdiff.engine.linear_solve")  # the module, not the function
+    monkeypatch.setattr(ls, "TAIL_MIN_NUMBERS", 16 * 8 * 8)  # chunks of 16 rows here
     torch.manual_seed(4)
     n, B = 8, 300
     A = torch.randn(n, n, dtype=torch.float64)

@@ -46,8 +46,10 @@ DENSE_MAX_ROW_SIZE = 64
 ITERATIVE_AUTO = "richardson→dense/gmres"
 #: rows of at most this many unknowns finish Richardson's slow tail with a dense LU
 DENSE_TAIL_MAX_ROW_SIZE = 256
-#: dense tail blocks are factored in chunks holding as many numbers as this many states
+#: dense tail blocks are factored in chunks holding as many numbers as this many states,
+#: or at least ``TAIL_MIN_NUMBERS`` (4 M numbers: below that, chunking only adds overhead)
 TAIL_STATES = 2
+TAIL_MIN_NUMBERS = 1 << 22
 
 
 def _pick_solver(name, op: BoundOperator):
@@ -68,7 +70,7 @@ def _iterative_auto(op: BoundOperator, b: Tensor, budget: int | None, *, tol: fl
     own. Where ``A`` restricts to rows of N ≤ 256 unknowns: Richardson runs at most N
     iterations (a dense solve of one row costs about N products with ``A``) and a dense LU
     finishes the rest, in chunks of ``TAIL_STATES``·S/N rows (blocks no larger than that
-    many states). The cap is per row, so a row's answer does not depend on its batch.
+    many states, or than ``TAIL_MIN_NUMBERS``). The cap is per row, so a row's answer does not depend on its batch.
     Otherwise Richardson runs at most ``budget`` iterations and GMRES finishes the failed
     rows from Richardson's iterate (from zero where it diverged)."""
     S, N = b.shape
@@ -82,7 +84,8 @@ def _iterative_auto(op: BoundOperator, b: Tensor, budget: int | None, *, tol: fl
     rows = (~info.converged).nonzero().flatten()
     if dense_tail:
         dense = get_solver("dense", "linear")
-        parts = [dense(op.restrict(r), b.index_select(0, r)) for r in rows.split(max(16, TAIL_STATES * S // N))]
+        chunk = max(TAIL_STATES * S // N, TAIL_MIN_NUMBERS // (N * N), 1)
+        parts = [dense(op.restrict(r), b.index_select(0, r), tol=tol, atol=atol) for r in rows.split(chunk)]
         x_rows, sub = torch.cat([p[0] for p in parts]), concat_rows([p[1] for p in parts])
     elif steps < max_iter:
         sane = torch.isfinite(x).all(1) & (info.residual <= row_norm(b))

@@ -101,13 +101,23 @@ anderson_linear = register_solver("anderson", "linear")(forward_as_linear(anders
 
 @register_solver("dense", "linear")
 def dense(
-    op, b: Tensor, x0: Tensor | None = None, *, tol: float = 1e-6, atol: float = 0.0, max_iter: int = 1
+    op, b: Tensor, x0: Tensor | None = None, *, tol: float = 1e-6, atol: float = 0.0, max_iter: int = 4
 ) -> tuple[Tensor, SolveInfo]:
     """Direct solve x = A⁻¹ b through ``op.dense_solve(b)`` (the operator's cached
-    factorization); one ``op.mv`` gives the true residual for the info. ``x0`` and
-    ``max_iter`` are ignored; iterations = 1."""
+    factorization), then up to ``max_iter`` − 1 (at most 3) steps of iterative refinement
+    x ← x + A⁻¹(b − A x) while rows are above tolerance: on nearly singular rows (ρ(∂f/∂z)
+    close to 1, float32) one LU solve alone can miss the tolerance, and refinement reuses the
+    factorization. ``x0`` is ignored; iterations = LU solves used."""
     bnorm = row_norm(b)
-    x = torch.where((bnorm == 0)[:, None], 0.0, op.dense_solve(b))
+    zero = (bnorm == 0)[:, None]
+    x = torch.where(zero, 0.0, op.dense_solve(b))
     track = Tracker(x, tol, atol)
-    track.update(1, x, row_norm(b - op.mv(x)), bnorm)
+    r = b - op.mv(x)
+    running = track.update(1, x, row_norm(r), bnorm)
+    for k in range(2, min(int(max_iter), 4) + 1):
+        if track.finished:
+            break
+        x = torch.where(running[:, None] & ~zero, x + op.dense_solve(r), x)
+        r = b - op.mv(x)
+        running = track.update(k, x, row_norm(r), bnorm)
     return track.result, track.info("dense", "linear")
