@@ -53,13 +53,15 @@ TAIL_MIN_NUMBERS = 1 << 22
 
 
 def _pick_solver(name, op: BoundOperator):
-    """``"auto"``: where ``A`` restricts to rows (many independent samples, ``row_params``)
-    Richardson on the rows still running with its slow tail finished densely; otherwise a
-    dense batched LU for small rows (cheap, exact, shared by every solve at the same
-    point), else Richardson with a GMRES fallback."""
+    """``"auto"``: a dense batched LU (cheap, exact, shared by every solve at the same point)
+    for rows of ≤ 64 unknowns when all blocks hold ≤ ``TAIL_MIN_NUMBERS`` numbers or ``A``
+    cannot be restricted to rows; else, where ``A`` restricts to rows (many independent
+    samples, ``row_params``), Richardson on the rows still running with its slow tail
+    finished densely; otherwise Richardson with a GMRES fallback."""
     if name != "auto":
         return name
-    if op.row_size <= DENSE_MAX_ROW_SIZE and not op.can_restrict:
+    small = op.rows * op.row_size**2 <= TAIL_MIN_NUMBERS  # all blocks fit the dense budget
+    if op.row_size <= DENSE_MAX_ROW_SIZE and (small or not op.can_restrict):
         return "dense"
     return ITERATIVE_AUTO
 
