@@ -145,3 +145,15 @@ def test_taylor_features_keep_the_skip_exact_and_check_the_core_width():
     torch.testing.assert_close(dy, van_der_pol(0, x[:, 1:3], x[:, 3]), atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="core must take 8 inputs"):
         FlowMap(PIDEQ(4, 2, 3), 2, 1, rhs=van_der_pol, order=2, taylor_features=True)
+
+
+def test_spectral_norm_survives_two_training_passes_in_one_loss():
+    """A physics loss calls the model twice per step (collocation points, then the initial
+    condition); the second power iteration must not invalidate the first pass's graph."""
+    torch.manual_seed(2)
+    m = PIDEQ(1, 2, 8, spectral_norm=0.95, tol=1e-10).double().train()
+    loss = PhysicsLoss(van_der_pol, physics_weight=0.1)
+    ic = (torch.zeros(1, 1, dtype=torch.float64), torch.tensor([[0.0, 0.1]], dtype=torch.float64))
+    out = loss(m, torch.rand(6, 1, dtype=torch.float64), ic=ic)
+    out.total.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())

@@ -104,8 +104,9 @@ class TanhCell(nn.Module):
             if k + 1 >= steps and (tol <= 0 or (sigma is not None and abs(new - sigma) <= tol * new)):
                 break
             sigma = new
-        self._u.copy_(u)
-        self._v.copy_(v)
+        # new tensors, not in-place copies: a graph built since the last call (e.g. the
+        # collocation pass before the initial-condition pass of one loss) saved the old ones
+        self._u, self._v = u.clone(), v.clone()
 
     def sigma(self) -> Tensor:
         """Estimate ``σ̂ = uᵀ A v ≤ ‖A‖₂`` (differentiable in A; u, v fixed)."""
