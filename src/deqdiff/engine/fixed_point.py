@@ -59,6 +59,8 @@ class FixedPointSpec:
         cfg = dict(self.derivative, record=self.info.derivatives.append)
         if self.info.forward is not None:  # Richardson in "auto" gets twice the forward's iterations
             cfg["richardson_budget"] = 2 * self.info.forward.max_iterations + 10
+        # "auto" accelerates its iterations as the forward solve did: the linear systems share J
+        cfg["accelerate"] = self.solver == "anderson"
         return FixedPointJacobian(self.f, z.shape, self.batch_ndim, config=cfg, row_params=self.row_params)
 
     def vmapped(self, in_dims, size) -> "FixedPointSpec":
