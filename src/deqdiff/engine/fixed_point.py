@@ -59,8 +59,6 @@ class FixedPointSpec:
         cfg = dict(self.derivative, record=self.info.derivatives.append)
         if self.info.forward is not None:  # Richardson in "auto" gets twice the forward's iterations
             cfg["richardson_budget"] = 2 * self.info.forward.max_iterations + 10
-        # "auto" accelerates its iterations as the forward solve did: the linear systems share J
-        cfg["accelerate"] = self.solver == "anderson"
         return FixedPointJacobian(self.f, z.shape, self.batch_ndim, config=cfg, row_params=self.row_params)
 
     def vmapped(self, in_dims, size) -> "FixedPointSpec":
@@ -177,6 +175,10 @@ def fixed_point(
     ``f(z, *params)`` must be a plain function of its arguments: every tensor z* depends
     on (weights, inputs, time …) is passed in ``params``. The leading ``batch_ndim`` dims of
     ``z0`` index independent problems (f must not mix them); each converges on its own.
+
+    ``backward_solver="auto"`` picks a dense LU, or Richardson on the samples still running
+    with a dense or GMRES finish (README); ``"anderson"`` accelerates the derivative solves
+    where plain iteration contracts slowly.
 
     Tolerance: problem ``s`` has converged when ``‖f(z)_s − z_s‖₂ ≤ atol + tol·‖f(z)_s‖₂``
     (relative residual, thesis eq. 4.2). Derivative solves with ``I − ∂f/∂z`` stop at

@@ -32,7 +32,7 @@ def _numeric_solve(op: LinearOperator, b: Tensor, params) -> Tensor:
         bound = op.bind(params, b)
         name = _pick_solver(cfg.get("solver", "auto"), bound)
         if name == ITERATIVE_AUTO:
-            x, info = _iterative_auto(bound, rows, cfg.get("richardson_budget"), cfg.get("accelerate", False), **kw)
+            x, info = _iterative_auto(bound, rows, cfg.get("richardson_budget"), **kw)
         else:
             x, info = get_solver(name, "linear")(bound, rows, None, **kw, **cfg.get("options", {}))
     info.kind = cfg.get("kind", "linear") + (" (transposed)" if op.transposed else "")
@@ -66,8 +66,7 @@ def _pick_solver(name, op: BoundOperator):
     return ITERATIVE_AUTO
 
 
-def _iterative_auto(op: BoundOperator, b: Tensor, budget: int | None, accelerate: bool = False, *,
-                    tol: float, atol: float, max_iter: int):
+def _iterative_auto(op: BoundOperator, b: Tensor, budget: int | None, *, tol: float, atol: float, max_iter: int):
     """Richardson x ← b + J x (it converges at the rate ρ(∂f/∂z) of a Picard forward solve,
     and only where that is < 1), then the rows still above tolerance are finished on their
     own. Where ``A`` restricts to rows of N ≤ 256 unknowns: Richardson runs at most N
@@ -75,16 +74,13 @@ def _iterative_auto(op: BoundOperator, b: Tensor, budget: int | None, accelerate
     finishes the rest, in chunks of ``TAIL_STATES``·S/N rows (blocks no larger than that
     many states, or than ``TAIL_MIN_NUMBERS``). The cap is per row, so a row's answer does not depend on its batch.
     Otherwise Richardson runs at most ``budget`` iterations and GMRES finishes the failed
-    rows from Richardson's iterate (from zero where it diverged). ``accelerate`` (set when
-    the forward solve used Anderson) runs Anderson on the same map x ↦ b + J x instead of
-    plain Richardson: where Anderson cut the forward iterations, it cuts these too."""
+    rows from Richardson's iterate (from zero where it diverged)."""
     S, N = b.shape
-    iterate = get_solver("anderson" if accelerate else "richardson", "linear")
     steps = max_iter if budget is None else max(1, min(int(budget), max_iter))
     dense_tail = op.can_restrict and N <= DENSE_TAIL_MAX_ROW_SIZE
     if dense_tail:
         steps = min(max_iter, max(16, N))
-    x, info = iterate(op, b, None, tol=tol, atol=atol, max_iter=steps)
+    x, info = get_solver("richardson", "linear")(op, b, None, tol=tol, atol=atol, max_iter=steps)
     if info.all_converged:
         return x, info
     rows = (~info.converged).nonzero().flatten()
@@ -191,7 +187,8 @@ def linear_solve(
     The leading ``batch_ndim`` dims of ``b`` index independent systems (``A`` must not mix
     them); each stops when ``‖b − A x‖₂ ≤ atol + tol·‖b‖₂``. ``solver`` is a registered
     linear solver ("gmres", "bicgstab", "richardson", "anderson", "dense", ...) or "auto"
-    (dense LU for rows of at most 64 unknowns, else Richardson with a GMRES fallback).
+    (dense LU for rows of at most 64 unknowns, else Richardson with a GMRES fallback; see
+    ``_pick_solver`` for what it does on fixed points with ``row_params``).
     With ``return_info=True`` also returns the list of ``SolveInfo`` of this solve and of
     the derivative solves run later through it.
     """
