@@ -12,7 +12,7 @@ from .hessian import LossHessian
 from .jacobian import deq_jacobian, deq_jvp, deq_vjp
 from .lanczos import eigsh, hessian_eigenvalues, lanczos
 from .mixed import deq_second_jvp, derivative_loss_grad, mixed_jacobian, mixed_jvp, mixed_vjp
-from .time import time_derivatives
+from .time import input_derivatives, time_derivatives
 
 __all__ = [
     "LossHessian",
@@ -23,6 +23,7 @@ __all__ = [
     "derivative_loss_grad",
     "eigsh",
     "hessian_eigenvalues",
+    "input_derivatives",
     "lanczos",
     "mixed_jacobian",
     "mixed_jvp",

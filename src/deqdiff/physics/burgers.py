@@ -39,8 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..derivatives._problem import Equilibrium
-from ..derivatives.mixed import _t_dots
+from ..derivatives import input_derivatives
 from ..engine import fixed_point
 
 __all__ = [
@@ -252,17 +251,13 @@ def pde_terms(model: PDEDEQ, x: Tensor, t: Tensor) -> dict[str, Tensor]:
         u_x, u_s = torch.autograd.grad(u.sum(), (x, s), create_graph=True)
         (u_xx,) = torch.autograd.grad(u_x.sum(), x, create_graph=True)
         return {"z": z, "u": u, "u_t": u_s * (2.0 / model.T), "u_x": u_x, "u_xx": u_xx}
-    with torch.no_grad():  # z* only; every derivative (and u itself) comes from ``eq`` below
+    with torch.no_grad():  # z* only; every derivative (and u itself) comes from input_derivatives
         z = model.equilibrium(x, s)
-    # one Equilibrium (one re-entry of z*, one linearization/LU of I − J) for all three
-    # directions and for u; ``time_derivatives`` would build one per call, and a second
-    # fixed-point node for u would cost one more adjoint solve in the backward pass
-    eq = Equilibrium(cell, z, (*model.weights, x, s), (), batch_ndim=1, tol=model.tol, on_fail="warn")
-    z = eq.z
-    dx, ds = _t_dots(eq, 3, None), _t_dots(eq, 4, None)
-    z_x, z_s = eq.z_tangent(dx), eq.z_tangent(ds)  # (I − J) z_x = f_x, (I − J) z_s = f_s
-    a = (z_x, dx)
-    z_xx = eq.solve(eq.f_second(a, a))  # (I − J) z_xx = D²f[(z_x, ẋ), (z_x, ẋ)]
+    # one linearization of I − J for all three solves and one re-entry of z* for u too: a
+    # second fixed-point node for u would cost one more adjoint solve in the backward pass
+    z, d = input_derivatives(cell, z, (*model.weights, x, s), {"x": 3, "s": 4}, second=("x",),
+                             batch_ndim=1, tol=model.tol, on_fail="warn")
+    z_x, z_s, z_xx = d["x"], d["s"], d["xx"]  # (I − J) z_x = f_x, z_s = f_s, z_xx = D²f[·,·]
     C, D = model.C, model.D
     return {"z": z, "u": model.head(z, x, s), "u_t": (z_s @ C + D[1]) * (2.0 / model.T),
             "u_x": z_x @ C + D[0], "u_xx": z_xx @ C}
