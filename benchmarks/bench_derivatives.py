@@ -24,8 +24,8 @@ widths n = 64, 128, 256, float64, every method at the same tolerance ``TOL`` (fo
 * ``unrolled``: K plain iterations z ← f(z) recorded by autograd (K = iterations every sample
   needs to meet TOL, found once in the parent, not charged), then the same double backward.
 
-Backward solver ``auto`` (dense batched LU for n ≤ 64, GMRES above) for split and double
-backward. Memory as in ``bench_core.py`` (its helpers are imported): each (width, method) runs
+Backward solver ``auto`` (dense batched LU for n ≤ 64; above, Richardson with a GMRES
+fallback) for split and double backward. Memory as in ``bench_core.py`` (its helpers are imported): each (width, method) runs
 in a fresh subprocess — warm-up on a 4-sample problem, then the extra peak resident memory of
 one step (``ru_maxrss`` after − before, high-water mark reset first). Time: one subprocess per
 width runs every method once untimed, then ``--repeats`` rounds that time each method once
@@ -436,8 +436,8 @@ def render(res: dict) -> str:
     if it:
         out.append("* Iterations (forward Anderson / each of the 3 linear solves of `split`, dense LU = 1): "
                    + "; ".join(f"n={n}: {st.get('forward_iters')} / {st.get('solve_iters')}" for n, st in sorted(it.items()))
-                   + ". Unrolled autodiff needs only K plain iterations here (‖W‖₂ = 0.8), while every GMRES "
-                   "iteration costs a JVP and a VJP of f plus orthogonalization: the first product's time is of the "
+                   + ". Unrolled autodiff needs only K plain iterations here (‖W‖₂ = 0.8), while every iteration "
+                   "of a derivative solve costs products with J and Jᵀ (a JVP or VJP of f): the first product's time is of the "
                    "order of the unrolled one (ratios above), the implicit methods' memory does not grow with K, and "
                    "with λ cached every further product (a Lanczos step) is cheaper than a double backward.")
     out.append("\nAgreement (float64; relative L2 error vs. split at tol 1e-13):\n")
