@@ -81,6 +81,12 @@ def test_forward_mode_physics_loss_needs_fewer_solves():
         torch.autograd.grad(total, list(m.parameters()))
         counts[mode] = len(m.deq.last_info.derivatives)
     assert counts == {"forward": 3, "reverse": 5}
+    # the initial condition joins the collocation rows: still one fixed point, three solves
+    m = _model()
+    ic = (torch.zeros(1, 1, dtype=torch.float64), torch.tensor([[0.0, 0.1]], dtype=torch.float64))
+    out = PhysicsLoss(lambda t, y: van_der_pol(t, y))(m, t, ic=ic)
+    torch.autograd.grad(out.total, list(m.parameters()))
+    assert m.deq.last_info.forward.iterations.shape == (7,) and len(m.deq.last_info.derivatives) == 3
     with pytest.raises(ValueError, match="derivative_mode"):
         PhysicsLoss(lambda t, y: y, derivative_mode="sideways")
 

@@ -87,6 +87,16 @@ def _call_rhs(rhs: Callable, t: Tensor, y: Tensor, args) -> Tensor:
     return out
 
 
+def _output_and_time_derivative(model, x: Tensor, column: int, mode: str) -> tuple[Tensor, Tensor]:
+    if mode == "forward":
+        return output_tangent(model, x, column)
+    if mode == "reverse":
+        x = x.detach().requires_grad_(True)
+        y = model(x)
+        return y, output_gradient(y, x, column)
+    raise ValueError(f"derivative mode must be one of {MODES}, got {mode!r}")
+
+
 def ode_residual(model: nn.Module, x: Tensor, rhs: Callable, *, time_column: int = 0,
                  rhs_args: Callable[[Tensor], Any] | None = None,
                  time_of: Callable[[Tensor], Tensor] | None = None,
@@ -96,17 +106,15 @@ def ode_residual(model: nn.Module, x: Tensor, rhs: Callable, *, time_column: int
     leaf that requires grad made from ``x``). ``t = time_of(x)`` (default
     ``x[:, time_column]``; the conditioned flow maps pass ``Δ`` — an autonomous F does not
     care); ``args = rhs_args(x)``."""
-    if mode == "forward":
-        x = x.detach()
-        y, dy = output_tangent(model, x, time_column)
-    elif mode == "reverse":
-        x = x.detach().requires_grad_(True)
-        y = model(x)
-        dy = output_gradient(y, x, time_column)
-    else:
-        raise ValueError(f"derivative mode must be one of {MODES}, got {mode!r}")
+    x = x.detach()
+    y, dy = _output_and_time_derivative(model, x, time_column, mode)
+    return _residual(rhs, x, y, dy, time_column, rhs_args, time_of), y
+
+
+def _residual(rhs, x: Tensor, y: Tensor, dy: Tensor, time_column: int, rhs_args, time_of) -> Tensor:
+    """``dy − F(t, y[, args])`` with ``t`` and ``args`` read off the inputs ``x``."""
     t = x[:, time_column] if time_of is None else time_of(x)
-    return dy - _call_rhs(rhs, t, y, None if rhs_args is None else rhs_args(x)), y
+    return dy - _call_rhs(rhs, t, y, None if rhs_args is None else rhs_args(x))
 
 
 def hutchinson_frobenius(f: Callable[..., Tensor], z: Tensor, *args, generator: torch.Generator | None = None) -> Tensor:
@@ -120,20 +128,22 @@ def hutchinson_frobenius(f: Callable[..., Tensor], z: Tensor, *args, generator: 
 
 
 def jacobian_penalty(model: nn.Module, method: str = "exact", *, x: Tensor | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
-    """``mean_b ‖∂f/∂z‖_F`` at the model's last fixed point (``model.last_z`` / ``model.core.last_z``).
+                     generator: torch.Generator | None = None, rows: int | None = None) -> Tensor:
+    """``mean_b ‖∂f/∂z‖_F`` at the model's last fixed point (``model.last_z`` / ``model.core.last_z``),
+    over its first ``rows`` samples (default all).
 
-    ``"exact"`` needs ``model.jacobian_frobenius()``; ``"hutchinson"`` needs ``model.cell``
-    (or ``model.core.cell``) and the cell input ``x`` the last call used."""
+    ``"exact"`` needs ``model.jacobian_frobenius``; ``"hutchinson"`` needs ``model.cell`` (or
+    ``model.core.cell``) and the cell input ``x`` of those samples."""
+    core = getattr(model, "core", model)
+    z = getattr(core, "last_z", None)
     if method == "exact":
         if not hasattr(model, "jacobian_frobenius"):
             raise ValueError(f"{type(model).__name__} has no exact jacobian_frobenius; use method='hutchinson'")
-        return model.jacobian_frobenius().mean()
+        return model.jacobian_frobenius(None if z is None else z[:rows]).mean()
     if method == "hutchinson":
-        core = getattr(model, "core", model)
-        if x is None or getattr(core, "last_z", None) is None:
+        if x is None or z is None:
             raise ValueError("hutchinson jacobian penalty needs the cell input x and a previous model call")
-        return hutchinson_frobenius(core.cell, core.last_z, x, generator=generator).mean()
+        return hutchinson_frobenius(core.cell, z[:rows], x, generator=generator).mean()
     raise ValueError(f"jacobian_method must be 'exact' or 'hutchinson', got {method!r}")
 
 
@@ -180,12 +190,29 @@ class PhysicsLoss:
 
     def __call__(self, model: nn.Module, collocation: Tensor, ic: tuple[Tensor, Tensor] | None = None,
                  data: tuple[Tensor, Tensor] | None = None, generator: torch.Generator | None = None) -> LossTerms:
+        """In forward mode the initial-condition and data inputs join the collocation points in
+        one model call (rows are independent fixed points): one forward solve and one z*
+        adjoint for all, instead of one more of each per extra set of points."""
         check_finite("collocation points", collocation)
+        fits: list[tuple[str, Tensor, Tensor, float]] = []
+        for name, pair, w in (("ic", ic, self.ic_weight), ("data", data, self.data_weight)):
+            if pair is not None and w != 0:
+                check_finite(f"{name} inputs", pair[0])
+                check_finite(f"{name} targets", pair[1])
+                fits.append((name, pair[0], pair[1], w))
         total = collocation.new_zeros(())
         terms: dict[str, float] = {}
+        outputs: list[Tensor] = []
         if self.physics_weight > 0 or self.jacobian_weight > 0:
-            r, _ = ode_residual(model, collocation, self.rhs, time_column=self.time_column,
-                                rhs_args=self.rhs_args, time_of=self.time_of, mode=self.derivative_mode)
+            n = collocation.shape[0]
+            merge = bool(fits) and self.derivative_mode == "forward" and all(
+                xs.shape[1:] == collocation.shape[1:] and xs.dtype == collocation.dtype for _, xs, _, _ in fits)
+            x_all = torch.cat([collocation, *(xs for _, xs, _, _ in fits)]) if merge else collocation
+            y_all, dy_all = _output_and_time_derivative(model, x_all.detach(), self.time_column, self.derivative_mode)
+            if merge:
+                outputs = list(y_all[n:].split([xs.shape[0] for _, xs, _, _ in fits]))
+            r = _residual(self.rhs, collocation.detach(), y_all[:n], dy_all[:n], self.time_column,
+                          self.rhs_args, self.time_of)
             if self.residual_weight is not None:  # per-sample w(x): mean‖w(x)·r‖²
                 r = r * self.residual_weight(collocation).reshape(-1, 1)
             phys = (r * r).mean()
@@ -193,20 +220,15 @@ class PhysicsLoss:
             terms["physics"] = float(phys.detach())
             iters = getattr(getattr(model, "core", model), "last_iterations", None)
             if iters is not None:  # forward-solver iterations at the collocation points
-                terms["iters_mean"] = float(iters.float().mean())
-                terms["iters_max"] = float(iters.max())
+                terms["iters_mean"] = float(iters[:n].float().mean())
+                terms["iters_max"] = float(iters[:n].max())
             if self.jacobian_weight > 0 and _has_fixed_point(model):
                 x_cell = model.features(collocation) if hasattr(model, "features") else collocation
-                jac = jacobian_penalty(model, self.jacobian_method, x=x_cell, generator=generator)
+                jac = jacobian_penalty(model, self.jacobian_method, x=x_cell, generator=generator, rows=n)
                 total = total + self.jacobian_weight * jac
                 terms["jacobian"] = float(jac.detach())
-        for name, pair, w in (("ic", ic, self.ic_weight), ("data", data, self.data_weight)):
-            if pair is None or w == 0:
-                continue
-            xs, ys = pair
-            check_finite(f"{name} inputs", xs)
-            check_finite(f"{name} targets", ys)
-            err = model(xs) - ys
+        for k, (name, xs, ys, w) in enumerate(fits):
+            err = (outputs[k] if outputs else model(xs)) - ys
             mse = (err * err).mean()
             total = total + w * mse
             terms[name] = float(mse.detach())
