@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,15 +28,26 @@ def _worker(rank: int, world: int, init_file: str, config: dict, out: str) -> No
         result = train(TrainConfig.from_dict(config), tiny_data())
         if rank == 0:
             torch.save({"state": result.model.state_dict(), "history": result.history}, out)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    Path(f"{out}.rank{rank}.done").touch()
 
 
 def test_two_process_training_equals_single_process(tmp_path):
     config = tiny_config(**SETTINGS)
     single = train(config, tiny_data())
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), config.to_dict(), out), nprocs=2, join=True)
+    try:
+        mp.spawn(_worker, args=(2, str(tmp_path / "store"), config.to_dict(), out), nprocs=2, join=True)
+    except mp.ProcessExitedException as e:
+        # About 1 run in 30 on the 2-core box a rank dies with SIGABRT ("terminate called
+        # without an active exception") in torch/gloo's C++ teardown after
+        # destroy_process_group returned; tolerated only then (that rank finished our code and
+        # rank 0 wrote the result, which is checked below).
+        finished = Path(f"{out}.rank{e.error_index}.done").exists() and Path(out).exists()
+        if not (finished and e.exit_code is None and e.signal_name == "SIGABRT"):
+            raise
     ddp = torch.load(out, weights_only=True)
     for name, p in single.model.state_dict().items():
         torch.testing.assert_close(ddp["state"][name], p, rtol=1e-9, atol=1e-11)
