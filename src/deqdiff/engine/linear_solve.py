@@ -72,8 +72,8 @@ def _iterative_auto(op: BoundOperator, b: Tensor, budget: int | None, *, tol: fl
     own. Where ``A`` restricts to rows of N ≤ 256 unknowns: Richardson runs at most N
     iterations (a dense solve of one row costs about N products with ``A``) and a dense LU
     finishes the rest, in chunks of ``TAIL_STATES``·S/N rows (blocks no larger than that
-    many states, or than ``TAIL_MIN_NUMBERS``). The cap is per row, so a row's answer does not depend on its batch.
-    Otherwise Richardson runs at most ``budget`` iterations and GMRES finishes the failed
+    many states, or than ``TAIL_MIN_NUMBERS``). The cap is per row, so a row's answer does
+    not depend on its batch. Otherwise Richardson runs at most ``budget`` iterations and GMRES finishes the failed
     rows from Richardson's iterate (from zero where it diverged)."""
     S, N = b.shape
     steps = max_iter if budget is None else max(1, min(int(budget), max_iter))
