@@ -74,7 +74,7 @@ def main() -> int:
     path = ROOT / "results" / ("analysis_quick.json" if args.quick else "analysis.json")
     path.write_text(json.dumps(res, indent=1))
     L, N = res["landscape"], res["ntk"]
-    print(f"| run | size | time |\n|---|---|---|")
+    print("| run | size | time |\n|---|---|---|")
     print(f"| `{res['command']}` (models cached) | {len(L['models'])} models × {steps}×{steps} grid, "
           f"{L['samples']} images | {L['total_s']:.0f} s |")
     print(f"| NTK, monotone DEQ (width 64) | {N['samples']} samples, kernel {N['kernel_size']}², "

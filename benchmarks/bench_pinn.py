@@ -154,6 +154,11 @@ def physics_loss(kappa: float = KAPPA, derivative_mode: str = "forward") -> Phys
                        derivative_mode=derivative_mode)
 
 
+def _cell(z, A, U, b, t):
+    """The PIDEQ layer as a plain function (the peers section's twin of ``TanhCell``)."""
+    return torch.tanh(torch.addmm(torch.addmm(b, t, U.T), z, A.T))
+
+
 def make_step(method: str, quantity: str, regime: str, batch: int, dtype, device, tol: float = TOL):
     """``step(stats) -> list of tensors``: the weight gradient (``step``) or the forward
     solve alone at the collocation points (``fwd``)."""
@@ -798,7 +803,7 @@ count alone. The founding work's 19× was measured on a GPU at 10⁵ points (not
 
 def render(res: dict) -> str:
     meta = res["meta"]
-    out = [f"## Physics-informed step (PIDEQ setup, Van der Pol): implicit vs unrolled vs MLP vs JAX\n",
+    out = ["## Physics-informed step (PIDEQ setup, Van der Pol): implicit vs unrolled vs MLP vs JAX\n",
            f"Command: `{meta['command']}`  \nDate: {meta['date']}; {meta['machine']}; torch {meta['torch']}"
            f"{'; jax ' + meta['jax'] if meta.get('jax') else ''}; {meta['dtype']} on {meta['device']}, "
            f"{meta['threads']} thread(s) per process; {meta['points']} collocation points; 80 states; tol {TOL:g} (Anderson "

@@ -3,7 +3,6 @@ admissible FB step, Fourier structure against dense linear algebra, derivative s
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

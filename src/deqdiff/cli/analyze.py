@@ -185,7 +185,7 @@ def _trajectories(args, out: Path) -> list:
 
 def _ntk(args, out: Path) -> list:
     from ..analysis import plotting
-    from ..analysis.ntk import (empirical_ntk, equilibrium_matrix, lambda_0, linear_rate_check, ntk_summary,
+    from ..analysis.ntk import (empirical_ntk, equilibrium_matrix, lambda_0, ntk_summary,
                                 per_sample_jacobian)
     from ..analysis.runs import digits_split
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 from .base import COMPACT_BELOW, SolveInfo, Tracker, compaction, register_solver, row_norm

@@ -151,7 +151,7 @@ class SmoothProx(ProxActivation):
     def prox(self, x, alpha, iters: int = 60):
         if alpha == 1.0:
             return self.fn(x)
-        lo_slope, hi_slope = min(1.0, alpha), max(1.0, alpha)
+        lo_slope = min(1.0, alpha)  # h' = (1 − α) fn' + α ≥ min(1, α): the root lies within |h| / lo_slope
         y = x.clone()
         h = (1 - alpha) * self.fn(y) + alpha * y - x
         lo, hi = y - h.abs() / lo_slope, y + h.abs() / lo_slope

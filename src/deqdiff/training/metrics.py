@@ -6,7 +6,7 @@ over data-parallel ranks, and so they can be saved in a checkpoint mid-epoch."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 __all__ = ["Meter"]
 

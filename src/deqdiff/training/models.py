@@ -16,7 +16,7 @@ import math
 import re
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .config import TrainConfig
 

@@ -11,7 +11,6 @@ iterations) go to ``metrics.json``; ``checkpoint.pt`` resumes bit-exactly.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from contextlib import nullcontext
