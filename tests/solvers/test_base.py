@@ -52,3 +52,17 @@ def test_residual_trace_dense_roundtrip_and_empty():
     assert torch.equal(trace.scaled(4.0).dense(0), a / 4)
     empty = ResidualTrace(3, torch.float32, torch.device("cpu"))
     assert empty.dense().shape == (0, 3)
+
+
+def test_anderson_mixing_keeps_the_state_dtype_under_autocast():
+    """Training with ``--amp bf16`` runs f under autocast; Anderson's own least squares must
+    stay in the state's dtype (autocast turned its contraction into bfloat16 and broke it)."""
+    from deqdiff.solvers.anderson import anderson
+
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(16, 16, generator=gen, dtype=torch.float32) * 0.3 / 4
+    x = torch.randn(5, 16, generator=gen, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, info = anderson(lambda z: torch.tanh(z @ A.T + x), torch.zeros(5, 16, dtype=torch.float32),
+                           tol=2e-2, max_iter=50)
+    assert z.dtype == torch.float32 and info.all_converged

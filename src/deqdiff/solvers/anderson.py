@@ -92,13 +92,15 @@ def anderson(
             dM[:, col] = z - z_prev
             dM[:, col].add_(dF[:, col], alpha=beta)
             mk = min(k, m)
-            # ΔFᵀ[ΔF_col, F] in one contraction: no (S, m, N) temporary, faster than bmm on CPU
-            both = torch.einsum("smn,skn->smk", dF[:, :mk], torch.stack((dF[:, col], F), 1))
-            dots, rhs = both[..., 0], both[..., 1]
-            gram[:, col, :mk] = dots
-            gram[:, :mk, col] = dots
-            gamma = anderson_weights(gram[:, :mk, :mk], rhs, lam, running)[:, None, :]  # (S, 1, m_k)
-            step = beta * F - torch.bmm(gamma, dM[:, :mk]).squeeze(1)
+            # the mixing algebra runs in the state's dtype even when g runs under autocast
+            with torch.autocast(z.device.type, enabled=False):
+                # ΔFᵀ[ΔF_col, F] in one contraction: no (S, m, N) temporary, faster than bmm on CPU
+                both = torch.einsum("smn,skn->smk", dF[:, :mk], torch.stack((dF[:, col], F), 1))
+                dots, rhs = both[..., 0], both[..., 1]
+                gram[:, col, :mk] = dots
+                gram[:, :mk, col] = dots
+                gamma = anderson_weights(gram[:, :mk, :mk], rhs, lam, running)[:, None, :]  # (S, 1, m_k)
+                step = beta * F - torch.bmm(gamma, dM[:, :mk]).squeeze(1)
         z_prev, F_prev = z, F
         z = torch.where(running[:, None], z + step, z)
         if compact and int(running.sum()) < COMPACT_BELOW * running.numel():
