@@ -7,9 +7,10 @@ forward-mode pass with tangent ``e_t`` (``torch.autograd.forward_ad``): through
 :func:`deqdiff.fixed_point` that is one implicit solve ``(I − J) ż = ∂f/∂t`` for all outputs at
 once, and ``y`` comes from the same pass. ``"reverse"`` (:func:`output_gradient`) uses
 ``torch.autograd.grad(y[:, i].sum(), x, create_graph=True)``: one adjoint solve per output
-component. Either is kept in the graph. The gradient of the loss w.r.t. the weights then differentiates that derivative once
-more — seed 001, eq. hessian-t and "Computing gradients through derivatives of DEQs" — which
-the engine again does by implicit solves (never by unrolling). Because fixed points are
+component. Either is kept in the graph. The gradient of the loss w.r.t. the weights then
+differentiates that derivative once more — seed 001, eq. hessian-t and "Computing gradients
+through derivatives of DEQs" — which the engine again does by implicit solves (never by
+unrolling). Because fixed points are
 per sample, the gradient of ``y[:, i].sum()`` w.r.t. ``x`` is ``∂y_i/∂x`` row by row.
 
 Loss (weights ``w``; ``F`` is the user's right-hand side ``dy/dt = F(t, y[, args])``)::
@@ -39,8 +40,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-__all__ = ["output_gradient", "output_tangent", "ode_residual", "hutchinson_frobenius", "jacobian_penalty", "PhysicsLoss",
-           "LossTerms", "check_finite"]
+__all__ = ["output_gradient", "output_tangent", "ode_residual", "hutchinson_frobenius", "jacobian_penalty",
+           "PhysicsLoss", "LossTerms", "check_finite"]
 
 
 def check_finite(name: str, *tensors: Tensor) -> None:
