@@ -598,11 +598,11 @@ def _get(ms, method, quantity):
     return None
 
 
-def table_main(res: dict) -> str:
-    ms = res["measurements"]
-    rows = ["| method | fwd solve s | step s | step ÷ own fwd | extra peak MiB of a step: live (plain rss) | fwd iterations max/mean | "
-            "vs deqdiff: time, memory |", "|---|---|---|---|---|---|---|"]
-    ref = _get(ms, "deqdiff", "step")
+def _step_table(ms: list, ref_method: str, iters_header: str, ref_label: str) -> list[str]:
+    """Rows of a time/memory table: one per method, ratios against ``ref_method``."""
+    rows = ["| method | fwd solve s | step s | step ÷ own fwd | extra peak MiB of a step: live (plain rss) | "
+            f"{iters_header} | vs {ref_label}: time, memory |", "|---|---|---|---|---|---|---|"]
+    ref = _get(ms, ref_method, "step")
     for m in dict.fromkeys(x["method"] for x in ms if "method" in x):
         s, f = _get(ms, m, "step"), _get(ms, m, "fwd")
         if s is None:
@@ -611,12 +611,15 @@ def table_main(res: dict) -> str:
             continue
         it = s.get("iterations") or (f or {}).get("iterations")
         its = f"{it['max']}/{it['mean']}" if it else "–"
-        ratio = f"{s['median_s'] / f['median_s']:.1f}×" if f else "–"
+        fs, ratio = (f"{f['median_s']:.4f}", f"{s['median_s'] / f['median_s']:.1f}×") if f else ("–", "–")
         vs = f"{s['median_s'] / ref['median_s']:.2f}×, {_mem(s) / max(_mem(ref), 1e-9):.2f}×" if ref else "–"
-        rows.append(f"| {m} | {f['median_s']:.4f} | {s['median_s']:.4f} | {ratio} | {_mem(s):.1f} ({s['memory']['peak_mib']:.0f}) | "
-                    f"{its} | {vs} |" if f else
-                    f"| {m} | – | {s['median_s']:.4f} | – | {_mem(s):.1f} ({s['memory']['peak_mib']:.0f}) | {its} | {vs} |")
-    return "\n".join(rows)
+        rows.append(f"| {m} | {fs} | {s['median_s']:.4f} | {ratio} | {_mem(s):.1f} ({s['memory']['peak_mib']:.0f}) | "
+                    f"{its} | {vs} |")
+    return rows
+
+
+def table_main(res: dict) -> str:
+    return "\n".join(_step_table(res["measurements"], "deqdiff", "fwd iterations max/mean", "deqdiff"))
 
 
 def table_targets(res: dict) -> str:
@@ -707,23 +710,7 @@ def table_pde_train(rows: list[dict]) -> str:
 
 
 def table_pde(res: dict) -> str:
-    ms = res["measurements"]
-    rows = ["| method | fwd solve s | step s | step ÷ own fwd | extra peak MiB of a step: live (plain rss) | "
-            "fwd iterations | vs implicit: time, memory |", "|---|---|---|---|---|---|---|"]
-    ref = _get(ms, "burgers-implicit", "step")
-    for m in dict.fromkeys(x["method"] for x in ms if "method" in x):
-        s_, f = _get(ms, m, "step"), _get(ms, m, "fwd")
-        if s_ is None:
-            err = next((x.get("error", "") for x in ms if x.get("method") == m and "error" in x), "")
-            rows.append(f"| {m} | – | failed: {err[-120:]} | | | | |")
-            continue
-        it = s_.get("iterations")
-        its = f"{it['max']}/{it['mean']}" if it else "–"
-        vs = f"{s_['median_s'] / ref['median_s']:.2f}×, {_mem(s_) / max(_mem(ref), 1e-9):.2f}×" if ref else "–"
-        fs = f"{f['median_s']:.4f}" if f else "–"
-        ratio = f"{s_['median_s'] / f['median_s']:.1f}×" if f else "–"
-        rows.append(f"| {m} | {fs} | {s_['median_s']:.4f} | {ratio} | {_mem(s_):.1f} ({s_['memory']['peak_mib']:.0f}) | "
-                    f"{its} | {vs} |")
+    rows = _step_table(res["measurements"], "burgers-implicit", "fwd iterations", "implicit")
     rows.append("\n(A live figure of 0.0 MiB is below the resolution of the resident-set high-water mark.)")
     acc = res.get("accuracy", {})
     if "rows" in acc:
