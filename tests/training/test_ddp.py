@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,30 +24,23 @@ SETTINGS = dict(dtype="float64", batch_size=9, max_steps=5, tol=1e-10, max_iter=
 def _worker(rank: int, world: int, init_file: str, config: dict, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        result = train(TrainConfig.from_dict(config), tiny_data())
-        if rank == 0:
-            torch.save({"state": result.model.state_dict(), "history": result.history}, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    Path(f"{out}.rank{rank}.done").touch()
+    result = train(TrainConfig.from_dict(config), tiny_data())
+    if rank == 0:
+        torch.save({"state": result.model.state_dict(), "history": result.history}, out)
+    dist.barrier()
+    # Leave without gloo's C++ teardown: about 1 run in 25 on the 2-core box it aborted a
+    # rank with SIGABRT ("terminate called without an active exception") after our work
+    # had finished; the process group dies with the process.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_two_process_training_equals_single_process(tmp_path):
     config = tiny_config(**SETTINGS)
     single = train(config, tiny_data())
     out = str(tmp_path / "ddp.pt")
-    try:
-        mp.spawn(_worker, args=(2, str(tmp_path / "store"), config.to_dict(), out), nprocs=2, join=True)
-    except mp.ProcessExitedException as e:
-        # About 1 run in 30 on the 2-core box a rank dies with SIGABRT ("terminate called
-        # without an active exception") in torch/gloo's C++ teardown after
-        # destroy_process_group returned; tolerated only then (that rank finished our code and
-        # rank 0 wrote the result, which is checked below).
-        finished = Path(f"{out}.rank{e.error_index}.done").exists() and Path(out).exists()
-        if not (finished and e.exit_code is None and e.signal_name == "SIGABRT"):
-            raise
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), config.to_dict(), out), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     for name, p in single.model.state_dict().items():
         torch.testing.assert_close(ddp["state"][name], p, rtol=1e-9, atol=1e-11)
