@@ -193,7 +193,7 @@ class Tracker:
                 self.result.copy_(z)
             else:
                 self.result.index_copy_(0, idx, z.index_select(0, idx))
-            newly = running & (res_abs <= self.atol + self.tol * scale)
+            newly = running & self._met(res_abs, scale)
             self.done = self.done | newly
             running = ~self.done
         else:
@@ -206,12 +206,16 @@ class Tracker:
             kk = torch.as_tensor(k, device=keep.device)
             self.iterations = self.iterations.index_put((keep,), kk[live] if kk.ndim else kk)
             self.result.index_copy_(0, keep, z[live])
-            self.done = self.done.index_put((keep,), res_abs <= self.atol + self.tol * scale)
+            self.done = self.done.index_put((keep,), self._met(res_abs, scale))
             self.trace.append(keep, res_abs, rel)
             running = ~self.done[rows]
         if self.trajectory is not None:
             self.trajectory.append(self.result.clone())
         return running
+
+    def _met(self, res_abs: Tensor, scale: Tensor) -> Tensor:
+        # finite first: an overflowed iterate has res = scale = inf and inf ≤ tol·inf holds
+        return torch.isfinite(res_abs) & (res_abs <= self.atol + self.tol * scale)
 
     def note(self, res_abs: Tensor, scale: Tensor) -> None:
         """Record residual estimates of the running rows in the traces, without freezing
