@@ -31,6 +31,7 @@ def test_registry():
         ("anderson", {"beta": 1.2}, "beta"),
         ("anderson", {"lam": -1e-3}, "lam"),
         ("anderson", {"restart": 0.5}, "restart"),
+        ("anderson", {"max_restarts": -1}, "max_restarts"),
         ("broyden", {"m": 0}, "memory m"),
         ("newton_krylov", {"eta": 0.0}, "eta"),
         ("newton_krylov", {"eta": 1.0}, "eta"),

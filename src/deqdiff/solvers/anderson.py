@@ -9,13 +9,13 @@ regularized least-squares problem
 and mixes  z_{k+1} = z_k + β F_k − (ΔZ + β ΔF) γ.
 The first step (empty history) is the damped Picard step z_1 = z_0 + β F_0.
 
-Safeguard (restart): a row whose residual grew, ‖F_k‖ > restart·‖F_{k−1}‖, after at least m
-steps since its last restart drops its history and takes the plain mixing step z_k + β F_k.
-Far from the fixed point the secant model of a nonlinear g extrapolates badly: without the
-restart a few rows of a PIDEQ in training bounced for 265 iterations where plain iteration
-needed 49 (benchmarks/RESULTS.md §3), and the training then derailed. The m-step spacing keeps
-the extrapolation on maps where Anderson converges only through non-monotone steps (a
-monotone DEQ whose plain iteration diverges); restarting at every growth broke those.
+Safeguard (restart): a row whose residual grew, ‖F_k‖ > restart·‖F_{k−1}‖, drops its history
+and takes the plain mixing step z_k + β F_k, at most ``max_restarts`` times. Far from the fixed
+point the secant model of a nonlinear g extrapolates badly: without the restart a few rows of
+a PIDEQ in training bounced for 265 iterations where plain iteration needed 49, the forward
+solve failed and the training derailed (benchmarks/RESULTS.md §3). The budget keeps the
+extrapolation where Anderson converges only through non-monotone steps (a monotone DEQ whose
+plain iteration diverges): restarting at every growth broke those.
 """
 
 from __future__ import annotations
@@ -61,10 +61,12 @@ def anderson(
     beta: float = 1.0,
     lam: float = 1e-8,
     restart: float | None = 1.0,
+    max_restarts: int = 20,
 ) -> tuple[Tensor, SolveInfo]:
     """Anderson acceleration with memory ``m`` ≥ 1, mixing ``beta`` ∈ (0, 1] and relative
     Tikhonov regularization ``lam`` ≥ 0 (see :func:`anderson_weights`); ``restart`` ≥ 1 (or
-    None: never) is the residual growth that restarts a row (module docstring).
+    None: never) is the residual growth that restarts a row, at most ``max_restarts`` times
+    per row (module docstring).
 
     The history is a ring buffer of the last ``m`` differences, stored ``(S, m, N)`` (the
     least-squares problem does not depend on the column order) as ΔF and ΔZ + βΔF, the one
@@ -80,6 +82,8 @@ def anderson(
         raise ValueError(f"anderson regularization lam must be >= 0, got {lam}")
     if restart is not None and not restart >= 1.0:
         raise ValueError(f"anderson restart must be >= 1 (or None), got {restart}")
+    if int(max_restarts) != max_restarts or max_restarts < 0:
+        raise ValueError(f"anderson max_restarts must be an integer >= 0, got {max_restarts}")
     m = int(m)
     S, N = z0.shape
     dM = z0.new_zeros(S, m, N)  # ΔZ + β ΔF: the only combination the mixing step uses
@@ -88,7 +92,7 @@ def anderson(
     track = Tracker(z0, tol, atol, store_trajectory)
     compact = compaction(g)
     z, z_prev, F_prev, res_prev = z0, z0, z0, None
-    age = torch.zeros(S, dtype=torch.long, device=z0.device)
+    restarts = torch.zeros(S, dtype=torch.long, device=z0.device)
     rows = None  # indices of the rows the state holds (None: all)
     for k in range(max_iter + 1):
         gz = g(z) if rows is None else g(z, rows=rows)
@@ -116,9 +120,9 @@ def anderson(
                 gamma = anderson_weights(gram[:, :mk, :mk], rhs, lam, running)[:, None, :]  # (S, 1, m_k)
                 step = beta * F - torch.bmm(gamma, dM[:, :mk]).squeeze(1)
             if restart is not None:
-                grew = (res > restart * res_prev) & (age >= m)
-                age = torch.where(grew, 0, age + 1)
+                grew = (res > restart * res_prev) & (restarts < max_restarts)
                 if bool(grew.any()):
+                    restarts += grew
                     hold = (~grew).to(dF.dtype)[:, None, None]
                     dF.mul_(hold), dM.mul_(hold), gram.mul_(hold)
                     step = torch.where(grew[:, None], beta * F, step)
@@ -126,7 +130,9 @@ def anderson(
         z = torch.where(running[:, None], z + step, z)
         if compact and int(running.sum()) < COMPACT_BELOW * running.numel():
             keep = running.nonzero().squeeze(1)
-            z, z_prev, F_prev, res_prev, age = z[keep], z_prev[keep], F_prev[keep], res_prev[keep], age[keep]
+            z, z_prev, F_prev, res_prev = z[keep], z_prev[keep], F_prev[keep], res_prev[keep]
+            restarts = restarts[keep]
             dM, dF, gram = compact_rows_(dM, keep), compact_rows_(dF, keep), gram[keep]
             rows = keep if rows is None else rows[keep]
-    return track.result, track.info("anderson", "forward", m=m, beta=beta, lam=lam, restart=restart)
+    return track.result, track.info("anderson", "forward", m=m, beta=beta, lam=lam, restart=restart,
+                                    max_restarts=max_restarts)
