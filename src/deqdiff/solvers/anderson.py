@@ -12,7 +12,7 @@ The first step (empty history) is the damped Picard step z_1 = z_0 + β F_0.
 Safeguard (restart): a row whose residual grew, ‖F_k‖ > restart·‖F_{k−1}‖, drops its history
 and takes the plain mixing step z_k + β F_k, at most ``max_restarts`` times. Far from the fixed
 point the secant model of a nonlinear g extrapolates badly: without the restart a few rows of
-a PIDEQ in training bounced for 265 iterations where plain iteration needed 49, the forward
+a PIDEQ in training bounced for 200+ iterations where plain iteration needed 49, the forward
 solve failed and the training derailed (benchmarks/RESULTS.md §3). The budget keeps the
 extrapolation where Anderson converges only through non-monotone steps (a monotone DEQ whose
 plain iteration diverges): restarting at every growth broke those.
