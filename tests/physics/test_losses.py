@@ -13,7 +13,9 @@ from deqdiff.physics.problems import van_der_pol
 
 def _model(mode="implicit", in_features=1, width=6, seed=0):
     torch.manual_seed(seed)
-    m = PIDEQ(in_features, 2, width, mode=mode, rho=0.3, tol=1e-13, max_iter=300).double()
+    mode, _, unrolled_solver = mode.partition("-")  # "unrolled-anderson": the founding work's loop
+    m = PIDEQ(in_features, 2, width, mode=mode, rho=0.3, tol=1e-13, max_iter=300,
+              unrolled_solver=unrolled_solver or "fixed_point").double()
     with torch.no_grad():
         m.D.weight.normal_()  # exercise the skip term too
         m.cell.b.normal_(std=0.5)  # z = 0 must not be a fixed point (unrolled would take 0 steps)
@@ -40,7 +42,7 @@ def _reference_loss(m, t, ic, lam, kappa):
 
 
 @pytest.mark.parametrize("derivative_mode", ["forward", "reverse"])
-@pytest.mark.parametrize("mode", ["implicit", "unrolled"])
+@pytest.mark.parametrize("mode", ["implicit", "unrolled", "unrolled-anderson"])
 def test_loss_and_gradient_match_unrolled_autodiff(mode, derivative_mode):
     m = _model(mode)
     t = torch.rand(7, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2

@@ -73,7 +73,8 @@ def anderson(
     combination the mixing step needs (one batched product per step); its Gram matrix ΔFᵀΔF is
     kept up to date one row/column per step instead of being rebuilt. All rows advance in
     lockstep, so the history length m_k is shared; the weights are per row and converged
-    rows are frozen."""
+    rows are frozen. Run with autograd recording (an unrolled baseline) the history is
+    updated out of place, so the recorded loop can be differentiated."""
     if int(m) != m or m < 1:
         raise ValueError(f"anderson memory m must be an integer >= 1, got {m}")
     if not 0.0 < beta <= 1.0:
@@ -94,8 +95,10 @@ def anderson(
     z, z_prev, F_prev, res_prev = z0, z0, z0, None
     restarts = torch.zeros(S, dtype=torch.long, device=z0.device)
     rows = None  # indices of the rows the state holds (None: all)
+    recorded = False  # autograd records the loop (an unrolled baseline): no in-place history updates
     for k in range(max_iter + 1):
         gz = g(z) if rows is None else g(z, rows=rows)
+        recorded = recorded or gz.requires_grad
         F = gz - z
         sc = row_norm(gz) if scale is None else (scale if rows is None else scale[rows])
         res = row_norm(F)
@@ -106,6 +109,8 @@ def anderson(
             step = beta * F
         else:
             col = (k - 1) % m
+            if recorded:  # the previous step's products saved these tensors for backward
+                dF, dM, gram = dF.clone(), dM.clone(), gram.clone()
             dF[:, col] = F - F_prev
             dM[:, col] = z - z_prev
             dM[:, col].add_(dF[:, col], alpha=beta)
@@ -124,7 +129,7 @@ def anderson(
                 if bool(grew.any()):
                     restarts += grew
                     hold = (~grew).to(dF.dtype)[:, None, None]
-                    dF.mul_(hold), dM.mul_(hold), gram.mul_(hold)
+                    dF, dM, gram = dF * hold, dM * hold, gram * hold  # the products above saved them
                     step = torch.where(grew[:, None], beta * F, step)
         z_prev, F_prev, res_prev = z, F, res
         z = torch.where(running[:, None], z + step, z)
@@ -132,7 +137,11 @@ def anderson(
             keep = running.nonzero().squeeze(1)
             z, z_prev, F_prev, res_prev = z[keep], z_prev[keep], F_prev[keep], res_prev[keep]
             restarts = restarts[keep]
-            dM, dF, gram = compact_rows_(dM, keep), compact_rows_(dF, keep), gram[keep]
+            if recorded:
+                dM, dF = dM[keep], dF[keep]
+            else:
+                dM, dF = compact_rows_(dM, keep), compact_rows_(dF, keep)
+            gram = gram[keep]
             rows = keep if rows is None else rows[keep]
     return track.result, track.info("anderson", "forward", m=m, beta=beta, lam=lam, restart=restart,
                                     max_restarts=max_restarts)
