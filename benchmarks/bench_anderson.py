@@ -8,11 +8,13 @@ Run from the repository root (one thread)::
 Solvers (``deqdiff.solvers``, every row stops at ‖g(z) − z‖ ≤ tol·‖g(z)‖, from z = 0):
 ``fixed_point`` (plain iteration), ``anderson`` with ``restart=None`` (no safeguard, the
 behaviour before 2026-11-25) and ``anderson`` (default: a row whose residual grew drops its
-history and takes a plain step, at most 20 times). Problems:
+history and takes a plain step, at most 50 times). Problems:
 
 * ``pideq-epoch18``: the founding setup (``deqdiff pinn vdp --setup pideq``: 80 states, free A)
   after 18 Adam epochs — where the unsafeguarded forward solve failed and training derailed —
   at 1000 fresh collocation points, float32, tol 1e-4;
+* ``pideq-unrolled-epoch19``: the unrolled-Anderson baseline's model of that setup after 19
+  epochs (trained with a budget of 20 restarts, too few there: the default is 50);
 * ``pinn-init`` / ``pinn-hard``: the two regimes of ``benchmarks/bench_pinn.py`` (10⁴ points);
 * ``tanh-ρ``: ``tanh(W z + x)``, ``W = 0.3ρ·G`` (G standard Gaussian 64 × 64), ``x ~ N(0, 4)``,
   2000 rows — large inputs, where plain iteration fails on some rows;
@@ -44,15 +46,17 @@ sys.path.insert(0, str(ROOT / "tests" / "solvers"))
 from deqdiff.solvers import get_solver  # noqa: E402
 
 VARIANTS = {"plain iteration": ("fixed_point", {}), "anderson, no restart": ("anderson", {"restart": None}),
-            "anderson (default)": ("anderson", {})}
+            "anderson, ≤ 20 restarts": ("anderson", {"max_restarts": 20}), "anderson (default)": ("anderson", {})}
 
 
 def pideq_epoch18():
+    """The implicit model after 18 epochs of a hand-written loop (no restart then)."""
     from deqdiff.physics.vdp import VdPConfig, build_model, build_loss
 
     cfg = VdPConfig.for_setup("pideq", epochs=18)
     torch.manual_seed(0)
     model, loss = build_model(cfg), build_loss(cfg)
+    model.deq.solver_options["restart"] = None
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     ic = (torch.zeros(1, 1), torch.tensor([[0.0, 0.1]]))
     gen = torch.Generator().manual_seed(0)
@@ -65,6 +69,23 @@ def pideq_epoch18():
     x = torch.rand(1000, 1, generator=torch.Generator().manual_seed(5)) * 2
     cell = model.cell.requires_grad_(False)
     return (lambda z: cell(z, x)), torch.zeros(1000, 80), 1e-4
+
+
+def pideq_unrolled_epoch19():
+    """The unrolled-Anderson baseline's model after 19 epochs of ``deqdiff pinn vdp --setup
+    pideq --model unrolled`` trained with a budget of 20 restarts (the first default), at its
+    next batch: 20 was too few there, hence 50."""
+    from deqdiff.physics.vdp import VdPConfig, build_trainer
+
+    tr = build_trainer(VdPConfig.for_setup("pideq", model="unrolled", epochs=60, lr_final=1e-3))
+    tr.model.deq.solver_options["max_restarts"] = 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(19):
+            tr.step()
+    x = torch.cat([tr.sample_fn(tr.generator, tr.step_count), torch.zeros(1, 1)])
+    cell = tr.model.cell.requires_grad_(False)
+    return (lambda z: cell(z, x)), torch.zeros(1001, 80), 1e-4
 
 
 def pinn_regime(regime: str):
@@ -117,7 +138,8 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    problems = {"pideq-epoch18": pideq_epoch18, "tanh-0.6": lambda: tanh_wide(0.6), "tanh-0.9": lambda: tanh_wide(0.9),
+    problems = {"pideq-epoch18": pideq_epoch18, "pideq-unrolled-epoch19": pideq_unrolled_epoch19,
+                "tanh-0.6": lambda: tanh_wide(0.6), "tanh-0.9": lambda: tanh_wide(0.9),
                 "tanh-0.99": lambda: tanh_wide(0.99), **{f"monotone-{s}": (lambda s=s: monotone(s)) for s in range(8)}}
     if not args.quick:
         problems.update({"pinn-init": lambda: pinn_regime("init"), "pinn-hard": lambda: pinn_regime("hard")})

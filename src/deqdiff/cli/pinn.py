@@ -39,7 +39,8 @@ def _register_vdp(problems) -> None:
     a("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
       help="continue bit-identically from CHECKPOINT (default: OUT/checkpoint.pt)")
     a("--model", choices=("pideq", "unrolled", "mlp"), default="pideq",
-      help="pideq: implicit DEQ; unrolled: same DEQ by unrolled autodiff (founding baseline); mlp: explicit PINN")
+      help="pideq: implicit DEQ; unrolled: same DEQ by unrolled autodiff through the --solver loop "
+           "(founding baseline); mlp: explicit PINN")
     a("--width", type=int, default=None, help="DEQ states / MLP hidden width (default: 64 conditioned, 80 pideq)")
     a("--batch", type=int, default=None, help="collocation points per epoch")
     a("--lr", type=float, default=None, help="initial Adam learning rate")

@@ -53,6 +53,8 @@ from ..solvers import get_solver
 __all__ = ["TanhCell", "PIDEQ", "MLP", "FlowMap", "count_parameters", "MODES"]
 
 MODES = ("implicit", "unrolled")
+#: options of ``deqdiff.fixed_point`` itself, not of its forward solver
+_ENGINE_OPTIONS = {"solver", "on_fail", "store_trajectory", "row_params", "return_info"}
 
 
 class TanhCell(nn.Module):
@@ -193,10 +195,12 @@ class PIDEQ(nn.Module):
     def _unrolled(self, x: Tensor, **overrides) -> Tensor:
         opts = {**self.deq.solver_options, **overrides}
         solver = get_solver(opts.pop("unrolled_solver", self.unrolled_solver), "forward")
-        tol, atol, max_iter = opts.get("tol", 1e-6), opts.get("atol", 0.0), opts.get("max_iter", 200)
+        tol, atol, max_iter = opts.pop("tol", 1e-6), opts.pop("atol", 0.0), opts.pop("max_iter", 200)
+        # the solver's own options (Anderson's m, restart …) as the implicit mode passes them
+        own = {k: v for k, v in opts.items() if k not in _ENGINE_OPTIONS and not k.startswith("backward_")}
         cell = self.cell
         with torch.enable_grad():  # the solver loop records the graph: this *is* the baseline
-            z, info = solver(lambda z: cell(z, x), cell.init_state(x), tol=tol, atol=atol, max_iter=max_iter)
+            z, info = solver(lambda z: cell(z, x), cell.init_state(x), tol=tol, atol=atol, max_iter=max_iter, **own)
             z = cell(z, x)  # output f(z_K): dependence on the weights even when z_0 already met the rule
         self.last_iterations = info.iterations
         if opts.get("on_fail", "warn") != "ignore" and not info.all_converged:

@@ -135,9 +135,10 @@ def build_model(cfg: VdPConfig) -> torch.nn.Module:
     if cfg.model == "mlp":
         core = MLP(d_in, 2, cfg.width, cfg.mlp_depth)
     else:
+        # the unrolled baseline records the same solver's loop (Anderson: PIDEQ's own approach)
         core = PIDEQ(d_in, 2, cfg.width, mode="unrolled" if cfg.model == "unrolled" else "implicit",
-                     solver=cfg.solver, tol=cfg.tol, max_iter=cfg.max_iter, max_norm=cfg.max_norm,
-                     spectral_norm=cfg.spectral_norm)
+                     solver=cfg.solver, unrolled_solver=cfg.solver, tol=cfg.tol, max_iter=cfg.max_iter,
+                     max_norm=cfg.max_norm, spectral_norm=cfg.spectral_norm)
     if cfg.setup == "pideq":
         return core
     return FlowMap(core, 2, 1, horizon=cfg.horizon, state_scale=cfg.box, cond_center=cfg.mu,

@@ -61,7 +61,7 @@ def anderson(
     beta: float = 1.0,
     lam: float = 1e-8,
     restart: float | None = 1.0,
-    max_restarts: int = 20,
+    max_restarts: int = 50,
 ) -> tuple[Tensor, SolveInfo]:
     """Anderson acceleration with memory ``m`` ≥ 1, mixing ``beta`` ∈ (0, 1] and relative
     Tikhonov regularization ``lam`` ≥ 0 (see :func:`anderson_weights`); ``restart`` ≥ 1 (or
