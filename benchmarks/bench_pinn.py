@@ -29,9 +29,9 @@ w.r.t. t kept in the graph, so the weight gradient is a second derivative of z*.
   create_graph=True)``, one adjoint solve per output);
 * ``-fp`` variants use plain fixed-point iteration forward, ``-richardson`` / ``-dense`` that
   backward (derivative) solver;
-* ``unrolled`` (PIDEQ's approach): ``PIDEQ(mode="unrolled")`` — the solver loop (plain
-  iteration, or Anderson) recorded by autograd until the same stopping rule holds, so every
-  derivative backpropagates through all forward iterations;
+* ``unrolled-anderson`` (PIDEQ's approach: the same Anderson solve) and ``unrolled`` (plain
+  iteration): ``PIDEQ(mode="unrolled")`` — the solver loop recorded by autograd until the same
+  stopping rule holds, so every derivative backpropagates through all forward iterations;
 * ``mlp``: explicit tanh MLP PINNs, 4×20 (the founding work's baseline) and 4×46 (parameter
   count comparable to the 80-state PIDEQ), same loss without the Jacobian term;
 * ``jax``: JAX + optimistix, ``optx.fixed_point(FixedPointIteration, adjoint=ImplicitAdjoint())``
