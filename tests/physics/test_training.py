@@ -119,12 +119,15 @@ def test_default_conditioned_run_meets_the_issue_targets():
 
 
 def test_founding_setup_implicit_training_tracks_unrolled():
-    """The founding setup (80 states, 1000 points, Anderson tol 1e-4, free A): implicit and
-    unrolled gradients agree while every solve converges, so the two trainings must take the
-    same steps. Before Anderson's restart safeguard, at epoch 18 a few rows bounced for 100+
-    Anderson iterations (plain iteration needed 49), the unconverged rows gave a gradient of
-    norm 1e9 and the implicit training derailed (loss 0.45 vs 0.06 at epoch 40)."""
-    cfgs = {m: VdPConfig.for_setup("pideq", model=m, epochs=30, lr=1e-3, lr_final=1e-3) for m in ("pideq", "unrolled")}
+    """The founding setup (80 states, 1000 points, tol 1e-4, free A): the implicit gradient
+    (Anderson forward) and the gradient unrolled through plain iteration agree while every
+    solve converges, so the two trainings must take the same steps. Before Anderson's restart
+    safeguard, at epoch 18 a few rows bounced for 100+ Anderson iterations (plain iteration
+    needed 49), the unconverged rows gave a gradient of norm 1e9 and the implicit training
+    derailed (loss 0.45 vs 0.06 at epoch 40)."""
+    common = dict(epochs=30, lr=1e-3, lr_final=1e-3)
+    cfgs = {"pideq": VdPConfig.for_setup("pideq", model="pideq", **common),
+            "unrolled": VdPConfig.for_setup("pideq", model="unrolled", solver="fixed_point", **common)}
     runs = {}
     for m, cfg in cfgs.items():
         tr = build_trainer(cfg)
@@ -137,3 +140,15 @@ def test_founding_setup_implicit_training_tracks_unrolled():
     assert max(imp_iters) < cfgs["pideq"].max_iter  # every forward solve converged
     assert imp[-1] < 0.3 * imp[0]
     np.testing.assert_allclose(imp, unr, rtol=1e-2)  # both stop at tol 1e-4, at different iterates
+
+
+def test_unrolled_baseline_records_the_same_solver_and_its_options():
+    """``--model unrolled`` differentiates the loop of the configured forward solver (Anderson
+    by default: PIDEQ's own approach), with that solver's options."""
+    from deqdiff.physics.vdp import build_model
+
+    model = build_model(VdPConfig.for_setup("pideq", model="unrolled", width=6, dtype="float64"))
+    assert model.mode == "unrolled" and model.unrolled_solver == "anderson"
+    model.deq.solver_options["m"] = 0  # reaches the solver: Anderson rejects it
+    with pytest.raises(ValueError, match="memory m"):
+        model(torch.rand(4, 1))
