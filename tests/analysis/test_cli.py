@@ -30,6 +30,20 @@ def test_trajectories_reuse_cached_models(out, capsys):
     assert set(d["checkpoints"]) == {"epoch 0", "epoch 1"}
 
 
+def test_stale_cached_snapshots_are_retrained(out, capsys):
+    """A snapshot saved by a version whose model had other parameters is trained again, not a
+    crash (a state dict from before a model's refactor)."""
+    import torch
+
+    (out / "models" / "conv" / "epoch1.pt").unlink()
+    torch.save({"cell.U.weight": torch.zeros(2, 2)}, out / "models" / "conv" / "epoch1.pt")
+    assert main(["analyze", "trajectories", "--out", str(out), "--epochs", "0,1", "--samples", "6", "--max-iter", "4",
+                 *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "do not fit this model" in printed and "training to epoch 1" in printed
+    assert set(torch.load(out / "models" / "conv" / "epoch1.pt")) != {"cell.U.weight"}
+
+
 def test_hessian(out):
     assert main(["analyze", "hessian", "--out", str(out), "--epochs", "1", "--samples", "3", "--k", "1",
                  "--num-iters", "2", *TINY]) == 0

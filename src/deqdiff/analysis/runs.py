@@ -46,12 +46,18 @@ def trained_snapshots(model: str, epochs: Sequence[int], cache: str | Path, *, p
     meta = root / "config.json"
     out: dict[int, nn.Module] = {}
     if meta.is_file() and json.loads(meta.read_text()) == key and all(f.is_file() for f in files.values()):
-        for e, f in files.items():
-            m = build_model(config, data.image_shape, data.num_classes)
-            m.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
-            out[e] = m.eval()
-        log(f"[analyze] {model}: loaded cached snapshots {epochs} from {root}")
-        return out
+        try:
+            for e, f in files.items():
+                m = build_model(config, data.image_shape, data.num_classes)
+                m.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
+                out[e] = m.eval()
+        except (RuntimeError, KeyError) as err:  # saved by a version whose model had other parameters
+            first = str(err).strip().splitlines()[0]
+            log(f"[analyze] {model}: cached snapshots in {root} do not fit this model ({first}); training again")
+            out = {}
+        else:
+            log(f"[analyze] {model}: loaded cached snapshots {epochs} from {root}")
+            return out
     root.mkdir(parents=True, exist_ok=True)
     run_ckpt = root / "run" / "checkpoint.pt"
     if run_ckpt.is_file():
