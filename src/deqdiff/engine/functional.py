@@ -11,11 +11,11 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 __all__ = ["jvp_by_vjp", "partial_in", "forbid_nested_forward", "zero_point"]
 
 
-def zero_point(like: Tensor) -> Tensor:
-    """A zero tensor shaped like ``like`` that owns one element (stride 0): the primal of
-    a pullback whose value does not matter because the map is linear; autograd may save
-    it, so it must not cost a full tensor."""
-    return like.new_zeros(()).expand(like.shape)
+def zero_point(like: Tensor, shape=None) -> Tensor:
+    """A zero tensor of ``like``'s dtype/device and ``shape`` (default ``like.shape``) that
+    owns one element (stride 0): the primal of a pullback whose value does not matter
+    because the map is linear; autograd may save it, so it must not cost a full tensor."""
+    return like.new_zeros(()).expand(like.shape if shape is None else shape)
 
 
 def jvp_by_vjp(fn: Callable[..., Tensor], primals: Sequence[Tensor], tangents: Sequence[Tensor]) -> Tensor:

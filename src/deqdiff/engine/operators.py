@@ -144,8 +144,7 @@ class LinearOperator:
     def _linearize(self, params: Sequence[Tensor], like: Tensor) -> Linearization:
         """Generic: ``A v`` by evaluating ``apply``; ``Aᵀu`` by one stored vjp of the linear
         map ``v ↦ A v``."""
-        zero = like.new_zeros(()).expand(self.shape)
-        _, pull = torch.func.vjp(lambda v: self.apply(v, *params), zero)
+        _, pull = torch.func.vjp(lambda v: self.apply(v, *params), zero_point(like, self.shape))
         return Linearization(self.shape, self.batch_ndim, lambda v: self.apply(v, *params),
                              lambda u: pull(u)[0], like)
 

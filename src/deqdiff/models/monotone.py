@@ -15,7 +15,6 @@ inputs (any prox σ) ``‖z₁* − z₂*‖ ≤ ‖U(x₁ − x₂)‖/m``: ``x
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

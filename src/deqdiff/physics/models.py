@@ -40,12 +40,14 @@ Stable API (used by other modules and ``benchmarks/bench_pinn.py``):
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..engine import fixed_point
 from ..engine.functional import jvp_by_vjp
 from ..layers import DEQ
 from ..solvers import get_solver
@@ -53,8 +55,8 @@ from ..solvers import get_solver
 __all__ = ["TanhCell", "PIDEQ", "MLP", "FlowMap", "count_parameters", "MODES"]
 
 MODES = ("implicit", "unrolled")
-#: options of ``deqdiff.fixed_point`` itself, not of its forward solver
-_ENGINE_OPTIONS = {"solver", "on_fail", "store_trajectory", "row_params", "return_info"}
+#: keywords of ``deqdiff.fixed_point`` itself; its other keywords go to the forward solver
+_ENGINE_OPTIONS = frozenset(n for n, p in inspect.signature(fixed_point).parameters.items() if p.kind is p.KEYWORD_ONLY)
 
 
 class TanhCell(nn.Module):
@@ -197,7 +199,7 @@ class PIDEQ(nn.Module):
         solver = get_solver(opts.pop("unrolled_solver", self.unrolled_solver), "forward")
         tol, atol, max_iter = opts.pop("tol", 1e-6), opts.pop("atol", 0.0), opts.pop("max_iter", 200)
         # the solver's own options (Anderson's m, restart …) as the implicit mode passes them
-        own = {k: v for k, v in opts.items() if k not in _ENGINE_OPTIONS and not k.startswith("backward_")}
+        own = {k: v for k, v in opts.items() if k not in _ENGINE_OPTIONS}
         cell = self.cell
         with torch.enable_grad():  # the solver loop records the graph: this *is* the baseline
             z, info = solver(lambda z: cell(z, x), cell.init_state(x), tol=tol, atol=atol, max_iter=max_iter, **own)

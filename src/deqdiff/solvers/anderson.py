@@ -129,7 +129,7 @@ def anderson(
                 if bool(grew.any()):
                     restarts += grew
                     hold = (~grew).to(dF.dtype)[:, None, None]
-                    dF, dM, gram = dF * hold, dM * hold, gram * hold  # the products above saved them
+                    dF, dM, gram = dF * hold, dM * hold, gram * hold  # out of place: a recorded loop saved them
                     step = torch.where(grew[:, None], beta * F, step)
         z_prev, F_prev, res_prev = z, F, res
         z = torch.where(running[:, None], z + step, z)

@@ -156,6 +156,10 @@ class SolveInfo:
         )
 
 
+def _relative(res_abs: Tensor, scale: Tensor) -> Tensor:
+    return res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+
+
 class Tracker:
     """Per-row convergence bookkeeping shared by every solver loop.
 
@@ -184,7 +188,7 @@ class Tracker:
         (:func:`compaction`); ``None`` means all rows."""
         if rows is None:
             running = ~self.done
-            rel = res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+            rel = _relative(res_abs, scale)
             self.residual = torch.where(running, res_abs, self.residual)
             self.rel_residual = torch.where(running, rel, self.rel_residual)
             self.iterations = torch.where(running, torch.as_tensor(k, device=self.iterations.device), self.iterations)
@@ -200,7 +204,7 @@ class Tracker:
             live = ~self.done[rows]
             keep = rows[live]
             res_abs, scale = res_abs[live], scale[live]
-            rel = res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+            rel = _relative(res_abs, scale)
             self.residual = self.residual.index_put((keep,), res_abs)
             self.rel_residual = self.rel_residual.index_put((keep,), rel)
             kk = torch.as_tensor(k, device=keep.device)
@@ -220,7 +224,7 @@ class Tracker:
     def note(self, res_abs: Tensor, scale: Tensor) -> None:
         """Record residual estimates of the running rows in the traces, without freezing
         any row (for solvers whose iterate is formed only now and then, e.g. GMRES)."""
-        rel = res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+        rel = _relative(res_abs, scale)
         self._record(~self.done, res_abs, rel)
 
     def _record(self, running: Tensor, res_abs: Tensor, rel: Tensor) -> Tensor | None:
