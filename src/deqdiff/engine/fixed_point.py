@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..solvers.base import SolveInfo, get_solver, report_failure
+from ..solvers.scaling import solve_forward_rescaled
 from .functional import forbid_nested_forward, jvp_by_vjp, partial_in
 from .linear_solve import solve_with_operator
 from .operators import FixedPointJacobian
@@ -54,6 +55,7 @@ class FixedPointSpec:
     derivative: dict  # config of the derivative linear solves
     info: FixedPointInfo
     row_params: tuple[int, ...] | None = None  # params whose dim 0 indexes the rows (batch_ndim 1)
+    first_eval: Tensor | None = None  # f(z0, *params) from input validation, used once by the forward solve
 
     def operator(self, z: Tensor, params) -> FixedPointJacobian:
         cfg = dict(self.derivative, record=self.info.derivatives.append)
@@ -63,7 +65,7 @@ class FixedPointSpec:
 
     def vmapped(self, in_dims, size) -> "FixedPointSpec":
         f = torch.func.vmap(self.f, in_dims=(0, *in_dims))
-        return replace(self, f=f, batch_ndim=self.batch_ndim + 1, row_params=None)
+        return replace(self, f=f, batch_ndim=self.batch_ndim + 1, row_params=None, first_eval=None)
 
 
 def _forward_solve(spec: FixedPointSpec, z0: Tensor, params) -> Tensor:
@@ -81,9 +83,11 @@ def _forward_solve(spec: FixedPointSpec, z0: Tensor, params) -> Tensor:
 
     g.row_subsets = spec.row_params is not None and spec.batch_ndim == 1
 
+    gz0, spec.first_eval = spec.first_eval, None
     with torch.no_grad():
-        z, info = solver(
-            g, z0.detach().reshape(S, N), tol=spec.tol, atol=spec.atol, max_iter=spec.max_iter,
+        z, info = solve_forward_rescaled(
+            solver, g, z0.detach().reshape(S, N), None if gz0 is None else gz0.reshape(S, N),
+            tol=spec.tol, atol=spec.atol, max_iter=spec.max_iter,
             store_trajectory=spec.store_trajectory, **spec.options,
         )
     spec.info.forward = info
@@ -194,7 +198,7 @@ def fixed_point(
     With ``return_info=True`` returns ``(z*, FixedPointInfo)``; its ``derivatives`` list
     fills as autograd runs derivative solves through this fixed point.
     """
-    check_fixed_point_inputs(f, z0, params, batch_ndim)
+    first_eval = check_fixed_point_inputs(f, z0, params, batch_ndim)
     row_params = check_row_params(row_params, z0, params, batch_ndim)
     derivative = dict(
         solver=backward_solver, tol=tol if backward_tol is None else backward_tol,
@@ -206,7 +210,7 @@ def fixed_point(
     spec = FixedPointSpec(
         f=f, batch_ndim=batch_ndim, solver=solver, tol=tol, atol=atol, max_iter=max_iter,
         options=options, on_fail=on_fail, store_trajectory=store_trajectory,
-        derivative=derivative, info=info, row_params=row_params,
+        derivative=derivative, info=info, row_params=row_params, first_eval=first_eval,
     )
     z = fixed_point_node(spec, z0, params)
     return (z, info) if return_info else z

@@ -15,9 +15,11 @@ def is_transformed(t: Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def check_fixed_point_inputs(f: Callable, z0: Tensor, params: Sequence, batch_ndim: int) -> None:
+def check_fixed_point_inputs(f: Callable, z0: Tensor, params: Sequence, batch_ndim: int) -> Tensor | None:
     """Validate ``fixed_point(f, z0, *params)``: types, dtype/device agreement, finiteness,
-    the shape of ``f(z0, *params)`` and that ``f`` hides no tensor requiring grad."""
+    the shape of ``f(z0, *params)`` and that ``f`` hides no tensor requiring grad. Returns
+    that evaluation ``f(z0, *params)`` (detached; the forward solve's first one), or ``None``
+    under ``torch.func`` transforms, where values cannot be checked."""
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     if not isinstance(z0, Tensor):
@@ -37,7 +39,7 @@ def check_fixed_point_inputs(f: Callable, z0: Tensor, params: Sequence, batch_nd
         if p.is_floating_point() and p.dtype != z0.dtype:
             raise TypeError(f"params[{i}] has dtype {p.dtype} but z0 has dtype {z0.dtype}; cast them to one dtype")
     if is_transformed(z0) or any(is_transformed(p) for p in params):
-        return  # values are symbolic under vmap/grad transforms: checked at the outer call
+        return None  # values are symbolic under vmap/grad transforms: checked at the outer call
     if not torch.isfinite(z0).all():
         raise ValueError("z0 contains NaN or Inf")
     for i, p in enumerate(params):
@@ -64,6 +66,7 @@ def check_fixed_point_inputs(f: Callable, z0: Tensor, params: Sequence, batch_nd
         )
     if not torch.isfinite(out).all():
         raise ValueError("f(z0, *params) contains NaN or Inf")
+    return out
 
 
 def check_row_params(row_params, z0: Tensor, params, batch_ndim: int) -> tuple[int, ...] | None:

@@ -13,6 +13,11 @@ from . import fixed_point_iteration  # noqa: F401  (registers "fixed_point")
 from . import anderson, broyden, newton_krylov  # noqa: F401  (forward solvers)
 from . import linear, gmres, bicgstab  # noqa: F401  (linear solvers)
 
+# Solvers that see the map only through g commute with z ↦ c·z: the engine may rescale their
+# problems by powers of two (deqdiff.solvers.scaling); the splitting solvers hold W and c.
+for _name in ("fixed_point", "anderson", "broyden", "newton_krylov"):
+    get_solver(_name).scale_equivariant = True
+
 __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",

@@ -98,10 +98,15 @@ class ResidualTrace:
         trace._steps = self._steps + [(rows32 if r is None else rows32[r.long()], a, q) for r, a, q in other._steps]
         return trace
 
-    def scaled(self, factor: float) -> "ResidualTrace":
-        """The same trace with absolute residuals divided by ``factor``."""
+    def scaled(self, factor: float | Tensor) -> "ResidualTrace":
+        """The same trace with absolute residuals divided by ``factor`` (a number, or one
+        per row of the batch)."""
         trace = ResidualTrace(self.S, self.dtype, self.device)
-        trace._steps = [(rows, a / factor, r) for rows, a, r in self._steps]
+        if not isinstance(factor, Tensor):
+            trace._steps = [(rows, a / factor, r) for rows, a, r in self._steps]
+        else:
+            trace._steps = [(rows, a / (factor if rows is None else factor[rows.long()]), r)
+                            for rows, a, r in self._steps]
         return trace
 
 
@@ -165,12 +170,14 @@ class Tracker:
 
     ``update(k, z, res_abs, scale)`` records the residual of iterate ``z`` (iteration
     ``k``), freezes rows that just met ``atol + tol·scale`` (their answer is copied into
-    ``best``) and returns the boolean mask of rows still running.
+    ``best``) and returns the boolean mask of rows still running. ``atol`` is a number or
+    one per row ``(S,)`` (a problem rescaled row by row, :mod:`deqdiff.solvers.scaling`).
     """
 
-    def __init__(self, z0: Tensor, tol: float, atol: float, store_trajectory: bool = False):
+    def __init__(self, z0: Tensor, tol: float, atol: float | Tensor, store_trajectory: bool = False):
         S = z0.shape[0]
-        self.tol, self.atol = float(tol), float(atol)
+        self.tol = float(tol)
+        self.atol = atol if isinstance(atol, Tensor) else float(atol)
         self.result = z0.clone()
         self.done = torch.zeros(S, dtype=torch.bool, device=z0.device)
         self.iterations = torch.zeros(S, dtype=torch.long, device=z0.device)
@@ -197,7 +204,7 @@ class Tracker:
                 self.result.copy_(z)
             else:
                 self.result.index_copy_(0, idx, z.index_select(0, idx))
-            newly = running & self._met(res_abs, scale)
+            newly = running & self._met(res_abs, scale, None)
             self.done = self.done | newly
             running = ~self.done
         else:
@@ -210,16 +217,19 @@ class Tracker:
             kk = torch.as_tensor(k, device=keep.device)
             self.iterations = self.iterations.index_put((keep,), kk[live] if kk.ndim else kk)
             self.result.index_copy_(0, keep, z[live])
-            self.done = self.done.index_put((keep,), self._met(res_abs, scale))
+            self.done = self.done.index_put((keep,), self._met(res_abs, scale, keep))
             self.trace.append(keep, res_abs, rel)
             running = ~self.done[rows]
         if self.trajectory is not None:
             self.trajectory.append(self.result.clone())
         return running
 
-    def _met(self, res_abs: Tensor, scale: Tensor) -> Tensor:
+    def _met(self, res_abs: Tensor, scale: Tensor, rows: Tensor | None) -> Tensor:
+        atol = self.atol
+        if isinstance(atol, Tensor) and rows is not None:
+            atol = atol[rows]
         # finite first: an overflowed iterate has res = scale = inf and inf ≤ tol·inf holds
-        return torch.isfinite(res_abs) & (res_abs <= self.atol + self.tol * scale)
+        return torch.isfinite(res_abs) & (res_abs <= atol + self.tol * scale)
 
     def note(self, res_abs: Tensor, scale: Tensor) -> None:
         """Record residual estimates of the running rows in the traces, without freezing
@@ -397,5 +407,23 @@ def available_solvers(kind: str = "forward") -> list[str]:
 
 
 def row_norm(v: Tensor) -> Tensor:
-    """Euclidean norm of each row of an ``(S, N)`` tensor."""
-    return torch.linalg.vector_norm(v, dim=1)
+    """Euclidean norm of each row of an ``(S, N)`` tensor, accurate at every representable
+    scale: a sum of squares underflows below √(tiny/ε) and overflows above √max, so rows
+    whose norm falls outside that band are recomputed as ``m·‖v/m‖`` with ``m = max|v|``
+    (LAPACK's nrm2 idea; the common case costs one comparison)."""
+    n = torch.linalg.vector_norm(v, dim=1)
+    if not v.is_floating_point() or v.numel() == 0:
+        return n
+    lo, hi = _norm_band(v.dtype)
+    bad = (n < lo) | (n > hi)
+    if not bool(bad.any()):
+        return n
+    m = v.abs().amax(dim=1)
+    ok = torch.isfinite(m) & (m > 0)
+    safe = m * torch.linalg.vector_norm(v / torch.where(ok, m, 1.0)[:, None], dim=1)
+    return torch.where(bad & ok, safe, n)
+
+
+def _norm_band(dtype: torch.dtype) -> tuple[float, float]:
+    fi = torch.finfo(dtype)
+    return math.sqrt(fi.tiny / fi.eps), math.sqrt(fi.max) / 4
