@@ -3,7 +3,8 @@
 :func:`trained_snapshots` trains ``model`` once and keeps its parameters at the requested
 epochs (epoch 0 is the initialization): every stage resumes the same run
 (``train(config, resume=True)`` with a growing ``max_steps``), so the snapshots lie on one
-training trajectory. Each snapshot is saved as ``<cache>/<model>/epoch<E>.pt`` next to the
+training trajectory, bit-identical to one uninterrupted run. Each snapshot is saved as
+``<cache>/<model>/epoch<E>.pt`` next to the
 run's ``config.json``; a later call with the same settings loads them instead of training.
 """
 
@@ -20,10 +21,13 @@ from torch import nn
 __all__ = ["trained_snapshots", "digits_split"]
 
 _RUN_ONLY = ("out", "progress", "max_steps", "device", "checkpoint_every")
+#: bumped when staged training changes its numbers: snapshots cached by version 1 resumed every
+#: stage with a re-seeded data order, so they differ from one continuous run and are retrained
+_STAGING = 2
 
 
 def _key(config) -> dict:
-    return {k: v for k, v in config.to_dict().items() if k not in _RUN_ONLY}
+    return {**{k: v for k, v in config.to_dict().items() if k not in _RUN_ONLY}, "staging": _STAGING}
 
 
 def trained_snapshots(model: str, epochs: Sequence[int], cache: str | Path, *, progress: bool = False,

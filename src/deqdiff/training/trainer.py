@@ -129,7 +129,8 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
-            "loader": {"epoch_start": self.epoch_loader_state},
+            # the generator now (after this epoch's draw) and at the epoch's start (to replay it)
+            "loader": {"epoch_start": self.epoch_loader_state, "current": self.batches.get_state()},
             "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
             "meter": self.meter.state(),
             "history": self.history,
@@ -149,6 +150,14 @@ class _Run:
         set_rng_state(state["rng"])
         self.epoch_loader_state = state["loader"]["epoch_start"]
         self.epoch, self.step, self.step_in_epoch = int(state["epoch"]), int(state["step"]), int(state["step_in_epoch"])
+        # At an epoch boundary the next epoch draws its permutation from the generator as it is
+        # now, not from a freshly seeded one (that replayed epoch 1's order after every resume).
+        if "current" in state["loader"]:
+            self.batches.set_state(state["loader"]["current"])
+        else:  # checkpoints without it: replay the draws up to now
+            self.batches.set_state(self.epoch_loader_state)
+            if self.step_in_epoch == 0 and self.epoch > 0:
+                self.batches.epoch()
         self.meter = Meter.from_state(state["meter"])
         self.history = state["history"]
 
