@@ -60,8 +60,8 @@ def bicgstab(
         s = r - alpha[:, None] * v
         t = op.mv(s)
         matvecs += 2
-        tt = _dot(t, t)
-        omega = torch.where(tt > 0, _dot(t, s) / _safe(tt), 0.0)
+        tn = row_norm(t)  # ω = ⟨t, s⟩/⟨t, t⟩ via t/‖t‖: ⟨t, t⟩ under/overflows when A is tiny/huge
+        omega = torch.where(tn > 0, _dot(t / _safe(tn)[:, None], s) / _safe(tn), 0.0)
         half = (row_norm(s) <= thresh)[:, None]
         x_new = torch.where(half, x + alpha[:, None] * p, x + alpha[:, None] * p + omega[:, None] * s)
         r_new = torch.where(half, s, s - omega[:, None] * t)
@@ -76,5 +76,5 @@ def bicgstab(
         r = torch.where(running[:, None], r_new, r)
         running = track.update(k, x, res, bnorm)
         rho_prev = rho
-        fresh = ~ok | (omega.abs() * tt.sqrt() <= eps * row_norm(s)) | claim | ~running
+        fresh = ~ok | (omega.abs() * tn <= eps * row_norm(s)) | claim | ~running
     return track.result, track.info("bicgstab", "linear", matvecs=matvecs)
