@@ -65,7 +65,19 @@ class FixedPointSpec:
 
     def vmapped(self, in_dims, size) -> "FixedPointSpec":
         f = torch.func.vmap(self.f, in_dims=(0, *in_dims))
-        return replace(self, f=f, batch_ndim=self.batch_ndim + 1, row_params=None, first_eval=None)
+        # solver options tied to the row layout (splitting structures: ``vmap_rows``) follow the
+        # stacked rows; one copy per object, so forward and derivative solves still share it
+        memo: dict[int, object] = {}
+
+        def rows(opts: dict) -> dict:
+            for v in opts.values():
+                if hasattr(v, "vmap_rows") and id(v) not in memo:
+                    memo[id(v)] = v.vmap_rows(size)
+            return {k: memo.get(id(v), v) for k, v in opts.items()}
+
+        derivative = dict(self.derivative, options=rows(self.derivative["options"]))
+        return replace(self, f=f, batch_ndim=self.batch_ndim + 1, row_params=None, first_eval=None,
+                       options=rows(self.options), derivative=derivative)
 
 
 def _forward_solve(spec: FixedPointSpec, z0: Tensor, params) -> Tensor:

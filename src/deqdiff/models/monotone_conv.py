@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import DEQ
-from ..solvers.splitting import MonotoneSplit, ProxActivation, get_activation
+from ..solvers.splitting import MonotoneSplit, ProxActivation, _blocked, _lower_blocks, get_activation
 from .monotone import MonotoneModelMixin, fb_contraction_factor, lipschitz_bound, state_norm_bound
 
 __all__ = ["circular_conv", "circular_conv_adjoint", "conv_symbol", "FourierMonotone", "MonotoneConv", "MonotoneConvDEQ"]
@@ -49,7 +49,12 @@ def conv_symbol(K: Tensor, H: int, W: int) -> Tensor:
 
 
 class FourierMonotone(MonotoneSplit):
-    """Splitting structure of a circular-convolution monotone DEQ on rows ``(S, C·H·W)``."""
+    """Splitting structure of a circular-convolution monotone DEQ on rows ``(S, C·H·W)``.
+
+    Under ``torch.func.vmap`` over parameter sets (:meth:`MonotoneSplit.vmap_rows`) the kernels
+    differ per copy: the symbol then holds one block per copy ``(G, H, W, C, C)`` and W v is
+    applied in Fourier space, ``W v = v − F⁻¹[(I − W)^(ω) v̂(ω)]`` (a batched product instead of
+    G sets of convolutions)."""
 
     def __init__(self, A: Tensor, B: Tensor, c: Tensor, activation: ProxActivation, m: float, shape):
         super().__init__(activation, c, m)
@@ -64,7 +69,20 @@ class FourierMonotone(MonotoneSplit):
     def _img(self, v: Tensor) -> Tensor:
         return v.reshape(v.shape[0], *self.shape)
 
+    def _fourier(self, v: Tensor, mats: Tensor) -> Tensor:
+        """Rows of F⁻¹[M(ω) v̂(ω)] for per-frequency matrices ``mats`` (blocks ``(G, H, W, C, C)``)."""
+        z = self._img(v)
+        xh = torch.fft.fft2(z).permute(0, 2, 3, 1)  # (S, H, W, C)
+        if mats.ndim == 5:  # one block of rows per copy
+            yh = (mats.unsqueeze(1) @ _blocked(xh, mats.shape[0]).unsqueeze(-1)).squeeze(-1)
+            yh = yh.reshape(xh.shape)
+        else:
+            yh = (mats @ xh.unsqueeze(-1)).squeeze(-1)
+        return torch.fft.ifft2(yh.permute(0, 3, 1, 2)).real.reshape(v.shape)
+
     def matvec(self, v, transposed=False):
+        if self.symbol.ndim == 5:
+            return v - self._fourier(v, self.symbol.mH if transposed else self.symbol)
         z = self._img(v)
         sign = -1.0 if transposed else 1.0
         Az = circular_conv(z, self.A)
@@ -78,13 +96,18 @@ class FourierMonotone(MonotoneSplit):
         if key not in self._inv:
             eye = torch.eye(self.shape[0], dtype=self.symbol.dtype, device=self.symbol.device)
             self._inv[key] = torch.linalg.inv(eye + alpha * self.symbol)
-        inv = self._inv[key].mH if transposed else self._inv[key]
-        xh = torch.fft.fft2(self._img(v)).permute(0, 2, 3, 1)  # (S, H, W, C)
-        yh = (inv @ xh.unsqueeze(-1)).squeeze(-1).permute(0, 3, 1, 2)
-        return torch.fft.ifft2(yh).real.reshape(v.shape)
+        return self._fourier(v, self._inv[key].mH if transposed else self._inv[key])
 
     def _op_norm(self):
         return torch.linalg.matrix_norm(self.symbol, 2).max()
+
+    def _lower_operator(self, size):
+        self.symbol = _lower_blocks(self.symbol, size, 4)
+        if self.symbol.ndim == 5:  # per-copy kernels: W is applied through the symbol only
+            self.A = self.B = None
+        else:
+            self.A, self.B = _lower_blocks(self.A, size, 4), _lower_blocks(self.B, size, 4)
+        self._inv = {}
 
 
 class MonotoneConv(nn.Module):

@@ -32,10 +32,16 @@ Conventions are those of ``solvers/base.py``: ``(S, N)`` rows, the stopping rule
 The solvers are callables for ``fixed_point(..., solver=forward_backward, splitting=...)``
 (and ``backward_solver=..._linear`` with ``backward_options={"splitting": ...}``); the
 ``splitting`` object (:class:`MonotoneSplit`) holds the numeric structure (W, c, σ).
+
+Under ``torch.func.vmap`` the engine solves ``size`` copies of the problem stacked as rows
+``(size·S, N)``; :meth:`MonotoneSplit.vmap_rows` (called by the engine's vmap rule) gives the
+structure for that layout: c and D become rows, and W (or the convolution kernels), when the
+vmapped values differ per copy (a vmap over parameter sets), one block per copy.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Callable
@@ -45,6 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import SolveInfo, Tracker, row_norm
+
+_functorch = torch._C._functorch
 
 __all__ = [
     "ProxActivation",
@@ -208,6 +216,68 @@ class DiagonalProx(ProxActivation):
 # ----------------------------------------------------------------------------- structure
 
 
+def _above_current(t: Tensor) -> bool:
+    """Whether ``t``'s outer functorch wrapper belongs to a level that is not active here (a
+    vmap level lowered by a rule, or a dead wrapper of a finished grad level)."""
+    if not _functorch.is_functorch_wrapped_tensor(t):
+        return False
+    return _functorch.is_dead_tensor_wrapper(t) or _functorch.maybe_get_level(t) > (_functorch.maybe_current_level() or 0)
+
+
+def _lower(t: Tensor, size: int) -> tuple[Tensor, bool]:
+    """``t`` as the engine's vmap rule sees it: the functorch wrappers of levels above the
+    current one are peeled (the vmap level being lowered, and dead ones of grad levels already
+    processed); the vmapped dim, if ``t`` has one, moves to the front. Returns the tensor and
+    whether it was batched."""
+    batched = False
+    while _above_current(t):
+        if _functorch.is_batchedtensor(t):
+            bdim = _functorch.maybe_get_bdim(t)
+            t = _functorch.get_unwrapped(t).movedim(bdim, 0)
+            if batched or t.shape[0] != size:  # the rule lowers exactly one vmap level of this size
+                raise RuntimeError(f"splitting structure: unexpected vmap batching {tuple(t.shape)} (size {size})")
+            batched = True
+        else:
+            t = _functorch.get_unwrapped(t)
+    return t, batched
+
+
+def _vmapped_outside(t: Tensor | None) -> bool:
+    """Whether ``t`` is batched by a vmap level that is not active here: the tensor was made
+    inside a vmapped function and is used by a solve that vmap lowered past it."""
+    while t is not None and _above_current(t):
+        if _functorch.is_batchedtensor(t):
+            return True
+        t = _functorch.get_unwrapped(t)
+    return False
+
+
+def _lower_rows(t: Tensor, size: int) -> Tensor:
+    """Rows ``(S, N)`` of ``t`` stacked for the vmapped problem: ``(size·S, N)``, copy-major
+    (the order of the engine's vmapped rows)."""
+    t, batched = _lower(t, size)
+    if not batched:
+        t = t.expand(size, *t.shape)
+    return t.reshape(-1, t.shape[-1])
+
+
+def _lower_blocks(t: Tensor, size: int, ndim: int) -> Tensor:
+    """A per-problem tensor (``ndim`` dims, e.g. W) for the vmapped problem: unchanged when no
+    copy changes it, else one block per copy, ``(blocks, *shape)`` (copy-major, like the rows)."""
+    t, batched = _lower(t, size)
+    if not batched and t.ndim == ndim:
+        return t  # shared by every copy
+    if not batched:
+        t = t.expand(size, *t.shape)
+    return t.reshape(-1, *t.shape[-ndim:])
+
+
+def _blocked(v: Tensor, blocks: int) -> Tensor:
+    """Rows ``(R, …)`` as ``(blocks, R/blocks, …)``: the rows of each block's problem."""
+    return v.reshape(blocks, v.shape[0] // blocks, *v.shape[1:])
+
+
+
 class MonotoneSplit:
     """Numeric structure of ``z = σ(W z + c)`` on ``(S, N)`` rows with ``I − W ⪰ mI``.
 
@@ -253,9 +323,25 @@ class MonotoneSplit:
         """``σ(W z + c)`` (the DEQ map this structure describes)."""
         return self.activation(self.matvec(z) + self.c)
 
+    def vmap_rows(self, size: int) -> "MonotoneSplit":
+        """The structure of the ``size`` stacked copies that ``torch.func.vmap`` over a solve
+        produces (module docstring); called by the engine's vmap rule, inside it."""
+        new = copy.copy(self)
+        new.c = _lower_rows(self.c, size)
+        new.d = None if self.d is None else _lower_rows(self.d, size)
+        new._L = None
+        new._lower_operator(size)
+        return new
+
+    def _lower_operator(self, size: int) -> None:
+        """Lower the operator's tensors (W, kernels …) with :func:`_lower_blocks` (in place on a copy)."""
+        raise NotImplementedError
+
 
 class DenseMonotone(MonotoneSplit):
-    """Fully connected W (N×N); the resolvent is a dense inverse cached per (α, transposed)."""
+    """Fully connected W (N×N, or ``(G, N, N)`` blocks: block g acts on the g-th of G equal
+    slices of the rows, see :meth:`MonotoneSplit.vmap_rows`); the resolvent is a dense inverse
+    cached per α."""
 
     def __init__(self, W: Tensor, c: Tensor, activation: ProxActivation, m: float):
         super().__init__(activation, c, m)
@@ -264,21 +350,32 @@ class DenseMonotone(MonotoneSplit):
             raise ValueError(f"W has shape {tuple(W.shape)} but rows have {c.shape[-1]} unknowns")
         self._inv: dict[tuple[float, bool], Tensor] = {}
 
+    @staticmethod
+    def _rows_times(v: Tensor, M: Tensor, transposed: bool) -> Tensor:
+        """Rows of ``M v`` (``Mᵀ v`` if ``transposed``), M shared or one block per row slice."""
+        if M.ndim == 2:
+            return v @ M if transposed else v @ M.T
+        out = _blocked(v, M.shape[0]) @ (M if transposed else M.mT)
+        return out.reshape(v.shape)
+
     def matvec(self, v, transposed=False):
-        return v @ self.W if transposed else v @ self.W.T
+        return self._rows_times(v, self.W, transposed)
 
     def resolvent(self, v, alpha, transposed=False):
         key = (float(alpha), False)
         if key not in self._inv:
-            n = self.W.shape[0]
+            n = self.W.shape[-1]
             eye = torch.eye(n, dtype=self.W.dtype, device=self.W.device)
             self._inv[key] = torch.linalg.inv(eye + alpha * (eye - self.W))
-        inv = self._inv[key]
-        return v @ inv if transposed else v @ inv.T
+        return self._rows_times(v, self._inv[key], transposed)
 
     def _op_norm(self):
-        eye = torch.eye(self.W.shape[0], dtype=self.W.dtype, device=self.W.device)
-        return torch.linalg.matrix_norm(eye - self.W, 2)
+        eye = torch.eye(self.W.shape[-1], dtype=self.W.dtype, device=self.W.device)
+        return torch.linalg.matrix_norm(eye - self.W, 2).max()  # blocks: the largest L bounds them all
+
+    def _lower_operator(self, size):
+        self.W = _lower_blocks(self.W, size, 2)
+        self._inv = {}
 
 
 def fb_contraction_factor(alpha: float, m: float, L: float) -> float:
@@ -308,8 +405,7 @@ def _check_rows(split: MonotoneSplit, rows: Tensor, what: str) -> None:
     if rows.shape != split.c.shape:
         raise ValueError(
             f"{what}: the solver works on rows of shape {tuple(rows.shape)} but the splitting structure "
-            f"describes {tuple(split.c.shape)} (batch × unknowns); build it from the same batch (under vmap, "
-            "use a generic solver)"
+            f"describes {tuple(split.c.shape)} (batch × unknowns); build it from the same batch"
         )
 
 
@@ -460,6 +556,11 @@ def _linear_problem(split: MonotoneSplit, op, b: Tensor) -> tuple[_Problem, Tens
     returns the problem, ``x ↦ u0`` and the scale ‖b‖."""
     if split.d is None:
         raise ValueError("splitting structure has no point: call splitting.set_point(z*) before derivative solves")
+    if _vmapped_outside(split.d) or _vmapped_outside(split.c):
+        raise NotImplementedError(
+            "splitting derivative solves (backward_solver 'pr'/'fb') do not run in derivatives taken under "
+            "torch.func.vmap (the structure holds vmapped values the solve cannot see); use an engine "
+            "backward_solver such as 'auto' (the models' default)")
     S = split.c.shape[0]
     if b.shape[1] != split.c.shape[1] or b.shape[0] % S:
         raise ValueError(f"derivative rows {tuple(b.shape)} do not match the structure {tuple(split.c.shape)}")
