@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,24 +21,60 @@ class DEQ(nn.Module):
     parameters and inputs are implicit solves, and no tensor hides in a closure. The
     leading dimension of ``x`` and ``z`` is the batch: samples converge independently.
 
-    ``z_init(x)`` gives the initial state (default: ``cell.init_state(x)`` if the cell
-    defines it, else ``zeros_like(x)``). Other keyword arguments are ``fixed_point``
-    options (``solver``, ``tol``, ``max_iter``, ``backward_solver``, ``on_fail``, …).
+    The initial state, first that applies: ``forward(x, z0=...)``; ``z_init(x)``; zeros of
+    shape ``(batch, *state_shape)`` when ``state_shape`` (the per-sample state shape, an int or
+    a tuple) is given; ``cell.init_state(x)`` if the cell defines it; else ``zeros_like(x)``,
+    which fits only a cell whose state has the input's shape — that default is checked once
+    per input shape, and a cell that fails on it or returns another shape raises an error
+    naming ``state_shape``. Other keyword arguments are ``fixed_point`` options (``solver``,
+    ``tol``, ``max_iter``, ``backward_solver``, ``on_fail``, …).
     """
 
-    def __init__(self, cell: nn.Module, *, z_init: Callable[[Tensor], Tensor] | None = None, **solver_options):
+    def __init__(self, cell: nn.Module, *, z_init: Callable[[Tensor], Tensor] | None = None,
+                 state_shape: int | Sequence[int] | None = None, **solver_options):
         super().__init__()
         self.cell = cell
         self.z_init = z_init
+        if state_shape is not None:
+            state_shape = (state_shape,) if isinstance(state_shape, int) else tuple(state_shape)
+            if not all(isinstance(n, int) and n >= 1 for n in state_shape):
+                raise ValueError(f"state_shape must be positive integers (the per-sample state shape), got {state_shape}")
+        self.state_shape: tuple[int, ...] | None = state_shape
         self.solver_options = solver_options
         self.last_info: FixedPointInfo | None = None
+        self._default_checked: set[tuple] = set()  # input shapes on which zeros_like(x) was a valid state
 
     def init_state(self, x: Tensor) -> Tensor:
         if self.z_init is not None:
             return self.z_init(x)
+        if self.state_shape is not None:
+            return x.new_zeros(x.shape[0], *self.state_shape)
         if hasattr(self.cell, "init_state"):
             return self.cell.init_state(x)
-        return torch.zeros_like(x)
+        z0 = torch.zeros_like(x)
+        self._check_default_state(z0, x)
+        return z0
+
+    def _check_default_state(self, z0: Tensor, x: Tensor) -> None:
+        """The fallback start ``zeros_like(x)`` assumes the state has the input's shape: evaluate
+        the cell on it once per input shape and say what to pass when it does not fit."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key in self._default_checked:
+            return
+        fix = ("the default initial state is zeros_like(x); pass DEQ(cell, state_shape=<per-sample state "
+               "shape>), z_init=, forward(x, z0=...), or give the cell an init_state(x)")
+        try:
+            with torch.no_grad():
+                out = self.cell(z0, x)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"DEQ: the cell fails on the state zeros_like(x) of shape {tuple(z0.shape)} "
+                             f"({first}); {fix}") from e
+        if not isinstance(out, Tensor) or out.shape != z0.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            hint = f" (state_shape={tuple(out.shape[1:])}?)" if isinstance(out, Tensor) and out.ndim else ""
+            raise ValueError(f"DEQ: the cell maps the state zeros_like(x) of shape {tuple(z0.shape)} to {got}{hint}; {fix}")
+        self._default_checked.add(key)
 
     def forward(self, x: Tensor, z0: Tensor | None = None, **overrides) -> Tensor:
         names = [n for n, _ in self.cell.named_parameters()] + [n for n, _ in self.cell.named_buffers()]
