@@ -554,13 +554,13 @@ def peaceman_rachford(
 def _linear_problem(split: MonotoneSplit, op, b: Tensor) -> tuple[_Problem, Tensor, Callable]:
     """The derivative system ``A x = b`` (A = I − DW, or its transpose) as a monotone DEQ in u;
     returns the problem, ``x ↦ u0`` and the scale ‖b‖."""
-    if split.d is None:
-        raise ValueError("splitting structure has no point: call splitting.set_point(z*) before derivative solves")
-    if _vmapped_outside(split.d) or _vmapped_outside(split.c):
+    if _vmapped_outside(split.c) or _vmapped_outside(split.d):
         raise NotImplementedError(
             "splitting derivative solves (backward_solver 'pr'/'fb') do not run in derivatives taken under "
             "torch.func.vmap (the structure holds vmapped values the solve cannot see); use an engine "
             "backward_solver such as 'auto' (the models' default)")
+    if split.d is None:
+        raise ValueError("splitting structure has no point: call splitting.set_point(z*) before derivative solves")
     S = split.c.shape[0]
     if b.shape[1] != split.c.shape[1] or b.shape[0] % S:
         raise ValueError(f"derivative rows {tuple(b.shape)} do not match the structure {tuple(split.c.shape)}")
