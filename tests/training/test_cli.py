@@ -31,7 +31,30 @@ def test_train_cli_writes_metrics_checkpoint_and_resumes(tmp_path, capsys):
 def test_train_cli_repeat_k_and_bad_inputs(tmp_path, capsys):
     assert main(["train", "--model", "repeat-3", "--epochs", "1", "--out", str(tmp_path), *TINY]) == 0
     assert "fwd_iter_mean" not in json.loads(capsys.readouterr().out)["final"]["test"]
-    with pytest.raises(ValueError, match="unknown model 'resnet'"):
-        main(["train", "--model", "resnet", "--out", str(tmp_path / "x"), *TINY])
-    with pytest.raises(FileNotFoundError, match="MNIST directory not found"):
-        main(["train", "--data", "mnist", "--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "y")])
+    assert main(["train", "--model", "resnet", "--out", str(tmp_path / "x"), *TINY]) == 2
+    assert "deqdiff train: error: --model: unknown model 'resnet'" in capsys.readouterr().err
+    assert main(["train", "--data", "mnist", "--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
+    assert "--data mnist: MNIST directory not found" in capsys.readouterr().err
+
+
+def _train(tmp_path, *flags):
+    return main(["train", "--out", str(tmp_path / "run"), *TINY, *flags])
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
+    assert _train(tmp_path, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"deqdiff train: error: --resume: no checkpoint at {tmp_path / 'run' / 'checkpoint.pt'}"
+    assert not (tmp_path / "run" / "metrics.json").exists()  # nothing was trained
+
+
+def test_resume_keeps_the_runs_settings_and_refuses_changed_ones(tmp_path, capsys):
+    assert _train(tmp_path, "--epochs", "2", "--max-steps", "4", "--lr", "0.01") == 0
+    capsys.readouterr()
+    assert _train(tmp_path, "--resume", "--epochs", "3") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume: --epochs 3 (checkpoint: 2)" in err
+    # not given: the checkpoint's settings (lr 0.01, 2 epochs), no step limit
+    assert _train(tmp_path, "--resume", "--epochs", "2") == 0
+    loaded = load_checkpoint(tmp_path / "run")
+    assert loaded.config.lr == 0.01 and loaded.state["step"] == 8

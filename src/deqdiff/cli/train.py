@@ -9,8 +9,28 @@ from __future__ import annotations
 import argparse
 
 
+from ._common import (UsageError, check_device, check_solver, nonneg_float, nonneg_int, one_line, out_dir,
+                      positive_float, positive_int, seed, user_errors)
+
+
 def _opt_int(s: str) -> int | None:
-    return None if s.lower() == "none" else int(s)
+    return None if s.lower() == "none" else nonneg_int(s)
+
+
+_opt_int.__name__ = "an integer ≥ 0 or 'none'"
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows the ``TrainConfig`` default of each setting (the flags default to "not given")."""
+
+    def _get_help_string(self, action):
+        from ..training.config import TrainConfig
+
+        text = action.help or ""
+        default = getattr(TrainConfig(), action.dest, None) if action.default is argparse.SUPPRESS else action.default
+        if "%(default)" in text or default in (None, False) or action.dest == "help":
+            return text
+        return f"{text} (default: {default})"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,48 +39,52 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = TrainConfig()
     p = sub.add_parser(
         "train", help="train a DEQ (conv, mon, mon-conv) or repeat-k classifier on digits/MNIST/CIFAR-10",
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__, formatter_class=_Help, argument_default=argparse.SUPPRESS,
     )
+    # Settings default to "not given" (SUPPRESS), so that --resume can tell the flags given on
+    # this command line from the checkpoint's own settings; TrainConfig supplies the defaults.
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, help="conv | repeat-K (e.g. repeat-6) | mon | mon-conv")
-    g.add_argument("--channels", type=int, default=d.channels, help="conv: state channels")
-    g.add_argument("--hidden", type=int, default=d.hidden, help="conv: hidden channels of W1")
-    g.add_argument("--groups", type=int, default=d.groups, help="conv: group-norm groups")
-    g.add_argument("--init-std", type=float, default=d.init_std, help="conv: std of the cell's weights")
-    g.add_argument("--width", type=int, default=d.width, help="monotone: state width/channels")
-    g.add_argument("--mon-m", type=float, default=None, help="monotone: margin m (I - W >= mI); default: the model's")
-    g.add_argument("--mon-alpha", type=float, default=d.mon_alpha, help="monotone: splitting step size")
+    g.add_argument("--model", help="conv | repeat-K (e.g. repeat-6) | mon | mon-conv")
+    g.add_argument("--channels", type=positive_int, help="conv: state channels")
+    g.add_argument("--hidden", type=positive_int, help="conv: hidden channels of W1")
+    g.add_argument("--groups", type=positive_int, help="conv: group-norm groups")
+    g.add_argument("--init-std", type=nonneg_float, help="conv: std of the cell's weights")
+    g.add_argument("--width", type=positive_int, help="monotone: state width/channels")
+    g.add_argument("--mon-m", type=positive_float, help="monotone: margin m (I - W >= mI); default: the model's")
+    g.add_argument("--mon-alpha", type=positive_float, help="monotone: splitting step size")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=d.data, choices=("digits", "mnist", "cifar10"))
-    g.add_argument("--data-dir", default=None, help="directory of the MNIST IDX files / CIFAR-10 python batches")
-    g.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
-    g.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+    g.add_argument("--data", choices=("digits", "mnist", "cifar10"))
+    g.add_argument("--data-dir", help="directory of the MNIST IDX files / CIFAR-10 python batches")
+    g.add_argument("--train-limit", type=positive_int, help="use only the first N training images")
+    g.add_argument("--test-limit", type=positive_int, help="use only the first N test images")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (all processes)")
-    g.add_argument("--optimizer", default=d.optimizer, choices=("adam", "sgd"))
-    g.add_argument("--lr", type=float, default=None, help="default: 1e-3 (conv, repeat-K), 3e-3 (mon, mon-conv)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--scheduler", default=d.scheduler, choices=("cosine", "none"))
-    g.add_argument("--grad-clip", type=float, default=None)
-    g.add_argument("--jac-reg", type=float, default=d.jac_reg, help="weight of the Jacobian penalty ||J_f||_F^2/N")
-    g.add_argument("--jac-reg-samples", type=int, default=d.jac_reg_samples, help="Hutchinson vectors per step")
+    g.add_argument("--epochs", type=positive_int)
+    g.add_argument("--batch-size", type=positive_int, help="global batch size (all processes)")
+    g.add_argument("--optimizer", choices=("adam", "sgd"))
+    g.add_argument("--lr", type=positive_float, help="default: 1e-3 (conv, repeat-K), 3e-3 (mon, mon-conv)")
+    g.add_argument("--weight-decay", type=nonneg_float)
+    g.add_argument("--scheduler", choices=("cosine", "none"))
+    g.add_argument("--grad-clip", type=positive_float)
+    g.add_argument("--jac-reg", type=nonneg_float, help="weight of the Jacobian penalty ||J_f||_F^2/N")
+    g.add_argument("--jac-reg-samples", type=positive_int, help="Hutchinson vectors per step")
     g = p.add_argument_group("equilibrium solve")
-    g.add_argument("--solver", default=None, help="forward solver: anderson, broyden, fixed_point, newton_krylov; monotone models also pr/fb "
+    g.add_argument("--solver", help="forward solver: anderson, broyden, fixed_point, newton_krylov; monotone models also pr/fb "
                    "(splitting; their default pr)")
-    g.add_argument("--tol", type=float, default=None, help="relative residual tolerance (default: the model's; conv 1e-2)")
-    g.add_argument("--max-iter", type=int, default=None, help="default: the model's (conv 50)")
-    g.add_argument("--backward-tol", type=float, default=None)
+    g.add_argument("--tol", type=positive_float, help="relative residual tolerance (default: the model's; conv 1e-2)")
+    g.add_argument("--max-iter", type=positive_int, help="default: the model's (conv 50)")
+    g.add_argument("--backward-tol", type=positive_float)
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/train", help="run directory (checkpoint.pt, metrics.json)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (its settings are kept)")
-    g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", default=d.dtype, choices=("float32", "float64"))
-    g.add_argument("--amp", default=None, choices=("bf16",), help="autocast the forward pass")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps (0: every epoch)")
-    g.add_argument("--max-steps", type=_opt_int, default=None, help="stop after this many steps in total")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--resume", action="store_true", default=False,
+                   help="continue from OUT/checkpoint.pt with its settings (only the run controls "
+                        "--max-steps, --device, --checkpoint-every, --data-dir, --no-progress may be given anew)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", choices=("float32", "float64"))
+    g.add_argument("--amp", choices=("bf16",), help="autocast the forward pass")
+    g.add_argument("--seed", type=seed)
+    g.add_argument("--checkpoint-every", type=nonneg_int, help="steps (0: every epoch)")
+    g.add_argument("--max-steps", type=_opt_int, help="stop after this many steps in total")
+    g.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
     p.set_defaults(func=_run)
 
 
@@ -72,26 +96,77 @@ _FIELDS = (
 )
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _config(args: argparse.Namespace):
+    """The run's ``TrainConfig``: the flags given, over the checkpoint's settings with
+    ``--resume`` (a changed setting that would break the continuation is refused)."""
+    from pathlib import Path
+
+    from ..training import TrainConfig, read_checkpoint
+    from ..training.trainer import RESUMABLE_CHANGES
+
+    given = {k: getattr(args, k) for k in _FIELDS if hasattr(args, k)}
+    if not args.resume:
+        with user_errors():
+            return TrainConfig(**given, progress=not args.no_progress), None
+    ckpt = Path(args.out) / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise UsageError(f"--resume: no checkpoint at {ckpt}")
+    with user_errors("--resume"):
+        saved = dict(read_checkpoint(ckpt)["config"])
+    changed = sorted(k for k, v in given.items() if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v)
+    if changed:
+        what = ", ".join(f"{_flag(k)} {given[k]} (checkpoint: {saved[k]})" for k in changed)
+        raise UsageError(f"--resume: {what} would not continue the run in {args.out}; a resumed run keeps its "
+                         f"settings (only {', '.join(_flag(k) for k in sorted(RESUMABLE_CHANGES - {'progress'}))} "
+                         "and --no-progress may change)")
+    with user_errors("--resume"):
+        # run controls not given: no step limit; the run's own device, cadence and data folder
+        config = TrainConfig.from_dict({**saved, "max_steps": None, **given, "out": args.out,
+                                        "progress": not args.no_progress})
+    return config, ckpt
+
+
+def _setup(args: argparse.Namespace, ctx):
+    """Everything that can fail on bad input, before training: config, device, solver,
+    output folder, checkpoint, data and a trial build of the model."""
+    from ..data import load_dataset
+    from ..training import build_model, model_kind
+
+    config, ckpt = _config(args)
+    check_device(config.device)
+    check_solver(config.solver, extra=("pr", "fb", "forward_backward", "peaceman_rachford")
+                 if config.model.startswith("mon") else ())
+    if ctx.is_main:
+        out_dir(config.out)
+    with user_errors(f"--data {config.data}", kinds=(ValueError, TypeError, OSError, ImportError)):
+        data = load_dataset(config.data, config.data_dir, seed=config.seed, test_fraction=config.test_fraction)
+    with user_errors("--model"):
+        model_kind(config.model)
+    with user_errors(f"--model {config.model}: cannot build it"):
+        build_model(config, data.image_shape, data.num_classes)  # e.g. --channels not divisible by --groups
+    return config, ckpt, data
+
+
 def _run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     import torch.distributed as dist
 
-    from ..training import TrainConfig, init_from_env, read_checkpoint, train
+    from ..training import init_from_env, train
 
-    ctx = init_from_env(args.device)
+    ctx = init_from_env(getattr(args, "device", "cpu"))
     try:
-        config = TrainConfig(**{k: getattr(args, k) for k in _FIELDS}, progress=not args.no_progress)
-        ckpt = Path(args.out) / "checkpoint.pt"
-        if args.resume and ckpt.is_file():
-            # the run's own settings; only the run controls given here may differ
-            saved = read_checkpoint(ckpt)["config"]
-            keep = {"max_steps", "progress", "out", "device", "checkpoint_every", "data_dir"}
-            config = TrainConfig.from_dict({**saved, **{k: getattr(config, k) for k in keep}})
-            if ctx.is_main:
-                print(f"resuming from {ckpt}")
-        result = train(config, resume=bool(args.resume))
+        config, ckpt, data = _setup(args, ctx)
+        if ckpt is not None and ctx.is_main:
+            print(f"resuming from {ckpt}")
+        try:
+            result = train(config, data, resume=ckpt is not None)
+        except OSError as err:  # e.g. the disk filled up while writing a checkpoint
+            raise UsageError(f"--out {config.out}: {one_line(err)}") from err
         if ctx.is_main:
             final = result.final
             summary = {"out": str(result.out), "steps": result.steps, "final": final}

@@ -1,11 +1,13 @@
 """Checkpoints that resume bit-exactly: model, optimizer, scheduler, every RNG (torch, CUDA,
 numpy, python, the data-order generator) and the position (epoch, step, step within the epoch,
 the epoch's running sums). Stored with plain tensors/lists only, so ``torch.load`` runs with
-``weights_only=True``."""
+``weights_only=True``. The physics-informed runs (``deqdiff pinn``) write theirs through the
+same functions under their own format tag (:data:`PINN_FORMAT`)."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +18,10 @@ from torch import nn
 
 from .config import TrainConfig
 
-__all__ = ["FORMAT", "rng_state", "set_rng_state", "save_checkpoint", "read_checkpoint", "load_checkpoint", "LoadedCheckpoint"]
+__all__ = ["FORMAT", "PINN_FORMAT", "rng_state", "set_rng_state", "save_checkpoint", "read_checkpoint", "load_checkpoint", "LoadedCheckpoint"]
 
 FORMAT = "deqdiff-train-checkpoint/1"
+PINN_FORMAT = "deqdiff-pinn-checkpoint/1"
 
 
 def rng_state() -> dict:
@@ -45,24 +48,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
+def save_checkpoint(path: str | Path, state: dict, *, format: str = FORMAT) -> None:
     """Write atomically (a crash mid-write leaves the previous checkpoint intact)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
+    torch.save({**state, "format": format}, tmp)
     os.replace(tmp, path)
 
 
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def read_checkpoint(path: str | Path, map_location="cpu", *, format: str = FORMAT,
+                    unversioned: bool = False) -> dict:
+    """The checkpoint at ``path`` (a file, or a run directory holding ``checkpoint.pt``).
+
+    Raises ``FileNotFoundError`` if there is none and ``ValueError`` if the file is not a
+    checkpoint of ``format`` (``unversioned``: also accept a dict without a format tag, as
+    written before the tag existed)."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a deqdiff training checkpoint (format {FORMAT})")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # truncated, or not torch.save's
+        first = (str(err).strip() or type(err).__name__).splitlines()[0].split(". ")[0]
+        raise ValueError(f"{path} is not a readable deqdiff checkpoint ({first})") from err
+    tag = state.get("format") if isinstance(state, dict) else None
+    if not isinstance(state, dict) or (tag != format and not (unversioned and tag is None)):
+        raise ValueError(f"{path} is not a deqdiff checkpoint of format {format} (found {tag})")
     return state
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 __all__ = ["TrainConfig"]
@@ -75,11 +77,28 @@ class TrainConfig:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.amp not in (None, "bf16"):
             raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "max_iter", "jac_reg_samples"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.jac_reg < 0 or self.lr <= 0 or (self.tol is not None and self.tol <= 0):
-            raise ValueError("jac_reg must be >= 0, lr and tol > 0")
+        # every number is checked here, so that a bad value fails now and names its setting,
+        # not deep inside training (NaN passes every comparison, so test finiteness explicitly)
+        for name in ("channels", "hidden", "groups", "pool", "width", "epochs", "batch_size", "eval_batch_size",
+                     "max_iter", "backward_max_iter", "jac_reg_samples", "train_limit", "test_limit"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("checkpoint_every", "max_steps", "seed"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0):
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        for name, lower, strict in (("lr", 0.0, True), ("tol", 0.0, True), ("backward_tol", 0.0, True),
+                                    ("grad_clip", 0.0, True), ("mon_m", 0.0, True), ("mon_alpha", 0.0, True),
+                                    ("init_std", 0.0, False), ("weight_decay", 0.0, False), ("momentum", 0.0, False),
+                                    ("jac_reg", 0.0, False)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < lower or (strict and v == lower):
+                raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {lower:g}, got {v!r}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
