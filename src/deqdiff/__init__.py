@@ -2,7 +2,7 @@
 
 from . import solvers
 from . import derivatives
-from .engine import FixedPointInfo, fixed_point, linear_solve
+from .engine import FixedPointInfo, SingularOperatorError, fixed_point, linear_solve
 from .layers import DEQ
 from .solvers import ConvergenceError, ConvergenceWarning, SolveInfo, register_solver
 
@@ -13,6 +13,7 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "FixedPointInfo",
+    "SingularOperatorError",
     "SolveInfo",
     "fixed_point",
     "linear_solve",

@@ -73,3 +73,22 @@ def test_batched_systems_and_info(gen):
     ref = torch.linalg.solve(torch.eye(n) - Ms, b)
     assert rel_err(x, ref) < 1e-10
     assert infos[0].converged.shape == (S,) and infos[0].all_converged
+
+
+def test_auto_escalates_to_dense_where_richardson_diverges_and_gmres_stalls():
+    # I − J with J = 1.5·Q (Q orthogonal): Richardson diverges and restarted GMRES stalls
+    # (the spectrum surrounds 0); a dense LU solves it at once
+    import time
+
+    n = 100
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    z0 = torch.linalg.solve(torch.eye(n) - 1.5 * Q, x.detach())  # the fixed point itself
+    z, info = deqdiff.fixed_point(lambda z, x: 1.5 * (z @ Q.T) + x, z0, x, return_info=True, on_fail="raise")
+    start = time.perf_counter()
+    (g,) = torch.autograd.grad(z.sum(), x)
+    elapsed = time.perf_counter() - start
+    ref = torch.linalg.solve((torch.eye(n) - 1.5 * Q).T, torch.ones(n))
+    assert float((g - ref).norm() / ref.norm()) < 1e-6
+    assert info.derivatives[0].extra["gmres_finished_by"] == "dense"
+    assert elapsed < 20  # before the escalation GMRES ran its whole budget and ended unconverged

@@ -80,3 +80,53 @@ def test_batch_ndim_out_of_range(gen):
     z0, p = make_problem(gen)
     with pytest.raises(ValueError, match="batch_ndim"):
         deqdiff.fixed_point(tanh_cell, z0, *p, batch_ndim=3)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(tol=0), "tol and atol are both 0"),
+    (dict(tol=-1e-3), "tol must be a finite number >= 0"),
+    (dict(tol=float("nan")), "tol must be a finite number >= 0"),
+    (dict(atol=float("inf")), "atol must be a finite number >= 0"),
+    (dict(max_iter=0), "max_iter must be an integer >= 1"),
+    (dict(max_iter=2.5), "max_iter must be an integer >= 1"),
+    (dict(on_fail="bogus"), "on_fail must be one of"),
+    (dict(backward_tol=-1.0), "backward_tol must be"),
+    (dict(backward_max_iter=0), "backward_max_iter must be"),
+])
+def test_bad_solve_options_are_refused_up_front(gen, options, match):
+    z0, p = make_problem(gen)
+    with pytest.raises(ValueError, match=match):
+        deqdiff.fixed_point(tanh_cell, z0, *p, **options)
+
+
+def test_tol_below_the_dtype_resolution_names_it(gen):
+    z0, p = make_problem(gen)
+    with pytest.raises(ValueError, match="below the resolution of torch.float32"):
+        deqdiff.fixed_point(tanh_cell, z0.float(), *(t.detach().float() for t in p), tol=1e-9)
+
+
+def test_zero_tolerance_runs_max_iter_when_failure_is_ignored(gen):
+    z0, p = make_problem(gen)
+    _, info = deqdiff.fixed_point(tanh_cell, z0, *p, solver="fixed_point", tol=0, max_iter=7, on_fail="ignore",
+                                  return_info=True)
+    assert info.forward.max_iterations == 7 or bool((info.forward.residual == 0).all())
+
+
+def test_linear_solve_options_are_validated():
+    b = torch.ones(3)
+    with pytest.raises(ValueError, match="max_iter"):
+        deqdiff.linear_solve(lambda v: 2 * v, b, max_iter=0)
+    with pytest.raises(TypeError, match="floating-point"):
+        deqdiff.linear_solve(lambda v: 2 * v, torch.ones(3, dtype=torch.long))
+
+
+def test_singular_jacobian_at_the_fixed_point_says_the_ift_does_not_apply():
+    x = torch.ones(3, requires_grad=True)
+    z = deqdiff.fixed_point(lambda z, x: z + 0 * x, torch.ones(3), x, backward_solver="dense")
+    with pytest.raises(deqdiff.SingularOperatorError, match="implicit function theorem does not apply"):
+        torch.autograd.grad(z.sum(), x)
+
+
+def test_singular_linear_operator_is_named():
+    with pytest.raises(deqdiff.SingularOperatorError, match="linear operator A is singular"):
+        deqdiff.linear_solve(lambda v: v * torch.tensor([1.0, 0.0]), torch.ones(2), solver="dense")

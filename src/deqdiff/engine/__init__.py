@@ -3,6 +3,7 @@ derivatives of every order are linear solves with ``I − ∂f/∂z`` at the fix
 
 from .fixed_point import FixedPointInfo, fixed_point
 from .linear_solve import linear_solve
-from .operators import FixedPointJacobian, FunctionOperator, LinearOperator
+from .operators import FixedPointJacobian, FunctionOperator, LinearOperator, SingularOperatorError
 
-__all__ = ["FixedPointInfo", "FixedPointJacobian", "FunctionOperator", "LinearOperator", "fixed_point", "linear_solve"]
+__all__ = ["FixedPointInfo", "FixedPointJacobian", "FunctionOperator", "LinearOperator", "SingularOperatorError",
+           "fixed_point", "linear_solve"]

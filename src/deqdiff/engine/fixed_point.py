@@ -25,7 +25,7 @@ from ..solvers.scaling import solve_forward_rescaled
 from .functional import forbid_nested_forward, jvp_by_vjp, partial_in
 from .linear_solve import solve_with_operator
 from .operators import FixedPointJacobian
-from .validation import check_fixed_point_inputs, check_row_params
+from .validation import check_fixed_point_inputs, check_row_params, check_solve_options
 
 __all__ = ["FixedPointSpec", "FixedPointInfo", "fixed_point", "fixed_point_node"]
 
@@ -211,6 +211,11 @@ def fixed_point(
     fills as autograd runs derivative solves through this fixed point.
     """
     first_eval = check_fixed_point_inputs(f, z0, params, batch_ndim)
+    check_solve_options(z0.dtype, tol=tol, atol=atol, max_iter=max_iter, on_fail=on_fail)
+    check_solve_options(z0.dtype, tol=tol if backward_tol is None else backward_tol,
+                        atol=atol if backward_atol is None else backward_atol,
+                        max_iter=1 if backward_max_iter is None else backward_max_iter, on_fail=on_fail,
+                        prefix="backward_")
     row_params = check_row_params(row_params, z0, params, batch_ndim)
     derivative = dict(
         solver=backward_solver, tol=tol if backward_tol is None else backward_tol,

@@ -12,15 +12,17 @@ differentiation reduces to further linear solves with the operator at the same p
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ..solvers.base import concat_rows, get_solver, merge_rows, report_failure, row_norm
+from ..solvers.base import ResidualTrace, concat_rows, get_solver, merge_rows, report_failure, row_norm
 from ..solvers.scaling import solve_linear_rescaled
 from .functional import forbid_nested_forward, jvp_by_vjp, partial_in
+from .validation import check_solve_options
 from .operators import BoundOperator, FunctionOperator, LinearOperator, VmappedOperator
 
 __all__ = ["linear_solve", "solve_with_operator"]
@@ -51,6 +53,8 @@ DENSE_MAX_ROW_SIZE = 64
 ITERATIVE_AUTO = "richardson→dense/gmres"
 #: rows of at most this many unknowns finish Richardson's slow tail with a dense LU
 DENSE_TAIL_MAX_ROW_SIZE = 256
+#: GMRES failures are finished by a dense LU when their blocks hold at most this many numbers
+DENSE_FALLBACK_NUMBERS = 1 << 24
 #: dense tail blocks are factored in chunks holding as many numbers as this many states,
 #: or at least ``TAIL_MIN_NUMBERS`` (4 M numbers: below that, chunking only adds overhead)
 TAIL_STATES = 2
@@ -79,7 +83,10 @@ def _iterative_auto(op: BoundOperator, b: Tensor, *, budget: int | None, tol: fl
     finishes the rest, in chunks of ``TAIL_STATES``·S/N rows (blocks no larger than that
     many states, or than ``TAIL_MIN_NUMBERS``). The cap is per row, so a row's answer does
     not depend on its batch. Otherwise Richardson runs at most ``budget`` iterations and GMRES finishes the failed
-    rows from Richardson's iterate (from zero where it diverged)."""
+    rows from Richardson's iterate (from zero where it diverged); where their blocks hold at
+    most ``DENSE_FALLBACK_NUMBERS`` numbers GMRES gets max(2N, 40) products and a dense LU
+    finishes the rows it leaves (restarted GMRES stalls on operators whose eigenvalues
+    surround 0, as I − J with ρ(J) > 1)."""
     S, N = b.shape
     steps = max_iter if budget is None else max(1, min(int(budget), max_iter))
     dense_tail = op.can_restrict and N <= DENSE_TAIL_MAX_ROW_SIZE
@@ -100,12 +107,35 @@ def _iterative_auto(op: BoundOperator, b: Tensor, *, budget: int | None, tol: fl
         x0 = torch.where(sane[:, None], x, 0.0)
         if not op.can_restrict:
             rows = torch.arange(S, device=b.device)
-        x_rows, sub = get_solver("gmres", "linear")(
-            op.restrict(rows) if op.can_restrict else op, b.index_select(0, rows), x0.index_select(0, rows),
-            tol=tol, atol=_rows_of(atol, rows), max_iter=max_iter - steps)
+        sub_op = op.restrict(rows) if op.can_restrict else op
+        sub_b = b.index_select(0, rows)
+        # restarted GMRES can stall (I − J with eigenvalues around 0, ρ(J) > 1); where the
+        # blocks fit, a dense LU finishes what N Krylov steps did not
+        dense_ok = rows.numel() * N * N <= DENSE_FALLBACK_NUMBERS
+        budget = max_iter - steps if not dense_ok else min(max_iter - steps, max(2 * N, 40))
+        x_rows, sub = get_solver("gmres", "linear")(sub_op, sub_b, x0.index_select(0, rows),
+                                                    tol=tol, atol=_rows_of(atol, rows), max_iter=budget)
+        if dense_ok and not sub.all_converged:
+            left = (~sub.converged).nonzero().flatten()
+            dense_op = sub_op.restrict(left) if sub_op.can_restrict else sub_op
+            if sub_op.can_restrict:
+                x_left, fin = get_solver("dense", "linear")(dense_op, sub_b.index_select(0, left), tol=tol,
+                                                            atol=_rows_of(atol, rows.index_select(0, left)))
+            else:
+                x_left, fin = get_solver("dense", "linear")(dense_op, sub_b, tol=tol, atol=_rows_of(atol, rows))
+            if not sub_op.can_restrict:
+                x_left, fin = x_left.index_select(0, left), _select_rows(fin, left)
+            x_rows, sub = x_rows.index_copy(0, left, x_left), merge_rows(sub, left, fin, "gmres")
     else:
         return x, info
     return x.index_copy(0, rows, x_rows), merge_rows(info, rows, sub, ITERATIVE_AUTO)
+
+
+def _select_rows(info, rows: Tensor):
+    """Statistics of the rows ``rows`` of a solve (its trace is dropped)."""
+    return replace(info, iterations=info.iterations[rows], residual=info.residual[rows],
+                   rel_residual=info.rel_residual[rows], converged=info.converged[rows],
+                   trace=ResidualTrace(rows.numel(), info.residual.dtype, info.residual.device))
 
 
 def _rows_of(atol, rows: Tensor):
@@ -237,6 +267,10 @@ def linear_solve(
     With ``return_info=True`` also returns the list of ``SolveInfo`` of this solve and of
     the derivative solves run later through it.
     """
+    if not isinstance(b, Tensor) or not b.is_floating_point():
+        raise TypeError(f"b must be a floating-point tensor, got {type(b).__name__}"
+                        + (f" of dtype {b.dtype}" if isinstance(b, Tensor) else ""))
+    check_solve_options(b.dtype, tol=tol, atol=atol, max_iter=max_iter, on_fail=on_fail)
     records: list = []
     config = dict(
         solver=solver, tol=tol, atol=atol, max_iter=max_iter, on_fail=on_fail,

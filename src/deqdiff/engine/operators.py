@@ -26,7 +26,7 @@ from torch import Tensor
 from .functional import jvp_by_vjp, zero_point
 from .validation import is_transformed
 
-__all__ = ["LinearOperator", "FunctionOperator", "FixedPointJacobian", "VmappedOperator", "Linearization"]
+__all__ = ["SingularOperatorError", "LinearOperator", "FunctionOperator", "FixedPointJacobian", "VmappedOperator", "Linearization"]
 
 
 class Linearization:
@@ -35,6 +35,9 @@ class Linearization:
     Operators of the form ``A = I − J`` may also give ``cmv``/``crmv``, the products with
     ``J``/``Jᵀ`` themselves: Richardson then iterates ``x ← b + J x`` directly, without
     forming ``x − A x`` (two fewer temporaries per iteration, no cancellation)."""
+
+    #: how a singular operator is reported (:class:`FixedPointJacobian` names the IFT)
+    singular_message = "the linear operator A is singular"
 
     def __init__(self, shape, batch_ndim: int, mv: Callable, rmv: Callable, like: Tensor,
                  cmv: Callable | None = None, crmv: Callable | None = None):
@@ -61,9 +64,19 @@ class Linearization:
         """Batched LU of the blocks; the blocks are released once factored (dense solves
         need only the LU, and on small-width/many-row problems the blocks dominate memory)."""
         if self._lu is None:
-            self._lu = torch.linalg.lu_factor(self.blocks())
+            LU, piv, info = torch.linalg.lu_factor_ex(self.blocks())
+            bad = (info > 0).nonzero().flatten()
+            if bad.numel():
+                raise SingularOperatorError(
+                    f"{self.singular_message} (exactly singular in {bad.numel()} of {info.numel()} rows, "
+                    f"first row {int(bad[0])})")
+            self._lu = (LU, piv)
             self._blocks = None
         return self._lu
+
+
+class SingularOperatorError(ValueError):
+    """A derivative or linear solve met an exactly singular operator."""
 
 
 class StackedLinearization(Linearization):
@@ -245,8 +258,12 @@ class FixedPointJacobian(LinearOperator):
         _, f_vjp = torch.func.vjp(lambda zz: self.f(zz, *theta), z)
         _, f_jvp = torch.func.vjp(lambda w: f_vjp(w)[0], zero_point(z))
         jv, jtu = (lambda v: f_jvp(v)[0]), (lambda u: f_vjp(u)[0])
-        return Linearization(shape, self.batch_ndim, lambda v: v - jv(v), lambda u: u - jtu(u), like,
-                             cmv=jv, crmv=jtu)
+        lin = Linearization(shape, self.batch_ndim, lambda v: v - jv(v), lambda u: u - jtu(u), like,
+                            cmv=jv, crmv=jtu)
+        lin.singular_message = (
+            "I − ∂f/∂z is singular at the fixed point z*: the implicit function theorem does not apply "
+            "there (z* is not locally unique or not differentiable in the parameters; e.g. f(z) = z)")
+        return lin
 
 
 class VmappedOperator(LinearOperator):

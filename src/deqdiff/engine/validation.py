@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_fixed_point_inputs", "is_transformed"]
+__all__ = ["check_fixed_point_inputs", "check_solve_options", "is_transformed"]
+
+ON_FAIL = ("warn", "raise", "ignore")
 
 
 def is_transformed(t: Tensor) -> bool:
@@ -86,3 +89,28 @@ def check_row_params(row_params, z0: Tensor, params, batch_ndim: int) -> tuple[i
                              f"must index the {z0.shape[0]} rows of z0")
         out.append(i)
     return tuple(sorted(set(out)))
+
+
+def check_solve_options(dtype: torch.dtype, *, tol, atol, max_iter, on_fail: str, prefix: str = "") -> None:
+    """Refuse stopping options that cannot work: ``tol``/``atol`` finite and ≥ 0, ``max_iter``
+    an integer ≥ 1, ``on_fail`` one of warn/raise/ignore. ``tol = atol = 0`` and a relative
+    ``tol`` below the dtype's resolution ε (the residual of a computed f(z) − z is ~ε‖f(z)‖)
+    cannot be met in general: refused, naming ε, unless ``on_fail="ignore"`` says that running
+    ``max_iter`` iterations is the point (e.g. residual curves). ``prefix`` ("backward_")
+    names the option as the caller spelled it."""
+    for name, v in (("tol", tol), ("atol", atol)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{prefix}{name} must be a finite number >= 0, got {v!r}")
+    if on_fail not in ON_FAIL:
+        raise ValueError(f"on_fail must be one of {ON_FAIL}, got {on_fail!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"{prefix}max_iter must be an integer >= 1, got {max_iter!r}")
+    if on_fail == "ignore":
+        return
+    if tol == 0 and atol == 0:
+        raise ValueError(f"{prefix}tol and {prefix}atol are both 0: no residual can meet that; set {prefix}tol > 0 "
+                         "(or on_fail='ignore' to run exactly max_iter iterations)")
+    eps = torch.finfo(dtype).eps
+    if 0 < tol < eps:
+        raise ValueError(f"{prefix}tol={tol:g} is below the resolution of {dtype} (eps {eps:.3g}): a relative "
+                         f"residual that small cannot be reached; use {prefix}tol >= {eps:.1g} or a wider dtype")
