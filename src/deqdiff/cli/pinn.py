@@ -13,6 +13,8 @@ import importlib
 import math
 import sys
 
+from ._common import UsageError, check_device, check_solver, nonneg_int, one_line, out_dir, user_errors
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pinn", help="physics-informed DEQs (Van der Pol, Burgers, …)",
@@ -37,7 +39,9 @@ def _register_vdp(problems) -> None:
     a("--epochs", type=int, default=None, help="Adam epochs (one fresh batch each); default per setup")
     a("--seed", type=int, default=0)
     a("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-      help="continue bit-identically from CHECKPOINT (default: OUT/checkpoint.pt)")
+      help="continue bit-identically from CHECKPOINT (default: OUT/checkpoint.pt); a different --epochs "
+           "(in the Adam phase) or --lbfgs-steps extends or shortens the run")
+    a("--checkpoint-every", type=nonneg_int, default=250, help="write OUT/checkpoint.pt every this many epochs (0: at the end only)")
     a("--model", choices=("pideq", "unrolled", "mlp"), default="pideq",
       help="pideq: implicit DEQ; unrolled: same DEQ by unrolled autodiff through the --solver loop "
            "(founding baseline); mlp: explicit PINN")
@@ -61,7 +65,7 @@ def _register_vdp(problems) -> None:
     a("--dtype", choices=("float32", "float64"), default=None)
     # 1 thread: the matrices are tiny (width 64, 256 points), so more intra-op threads spend CPU
     # on synchronization (measured: 2 threads used >3× the CPU time of 1 for the default run).
-    a("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    a("--threads", type=nonneg_int, default=1, help="torch CPU threads (0: torch's default)")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--no-plots", action="store_true", help="skip the PNG figures")
     v.set_defaults(func=_run_vdp)
@@ -84,7 +88,7 @@ def _register_pde(problems) -> None:
             mod.add_arguments(q)
         else:
             mod.add_arguments(q, problem=name)
-        q.set_defaults(func=mod.run)
+        q.set_defaults(func=_run_pde)
 
 
 def _unavailable(name: str, err: Exception) -> int:
@@ -92,16 +96,19 @@ def _unavailable(name: str, err: Exception) -> int:
     return 2
 
 
+def _flagged(err: ValueError, flags: set[str]) -> UsageError:
+    field = str(err).split(" ", 1)[0].rstrip(",:")  # validate()'s messages start with the setting's name
+    msg = one_line(err)
+    return UsageError(f"--{field.replace('_', '-')}: {msg}" if field in flags else msg)
+
+
 def _run_vdp(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     import torch
 
-    from ..physics.vdp import VdPConfig, run
+    from ..physics.vdp import VdPConfig, resume_state, run
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     overrides = dict(model=args.model, width=args.width, batch=args.batch, epochs=args.epochs, lr=args.lr,
                      lr_final=args.lr_final, lbfgs_steps=args.lbfgs_steps, mu=args.mu, horizon=args.horizon,
                      t_end=args.t_end, rollout_t_end=args.rollout_t_end, n_test=args.n_test,
@@ -110,23 +117,37 @@ def _run_vdp(args: argparse.Namespace) -> int:
                      taylor=args.taylor, spectral_norm=args.spectral_norm)
     try:
         cfg = VdPConfig.for_setup(args.setup, **overrides)
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
-        resume = args.resume
-        if resume is True:
-            resume = str(Path(args.out) / "checkpoint.pt")
-        if resume and not os.path.isfile(resume):
-            raise ValueError(f"--resume: no checkpoint at {resume}")
     except ValueError as err:
-        print(f"deqdiff pinn vdp: error: {err}", file=sys.stderr)
-        return 2
-    if resume and Path(resume) != Path(args.out) / "checkpoint.pt":
-        import shutil
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(resume, Path(args.out) / "checkpoint.pt")
-    res = run(cfg, args.out, resume=bool(resume), progress=not args.no_progress, plots=not args.no_plots)
+        raise _flagged(err, set(overrides)) from err
+    check_device(cfg.device)
+    check_solver(cfg.solver)
+    out = out_dir(args.out)
+    state = None
+    if args.resume:
+        path = out / "checkpoint.pt" if args.resume is True else Path(args.resume)
+        if not path.is_file():
+            raise UsageError(f"--resume: no checkpoint at {path}")
+        with user_errors():  # its messages name the flag
+            state = resume_state(cfg, path)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with user_errors(kinds=(FloatingPointError, OSError)):  # a diverged loss names the flags to change
+        res = run(cfg, out, resume=state if state is not None else False, progress=not args.no_progress,
+                  plots=not args.no_plots, checkpoint_every=args.checkpoint_every)
     _summary(cfg, res)
     return 0
+
+
+def _run_pde(args: argparse.Namespace) -> int:
+    from ..physics import burgers
+
+    with user_errors():
+        cfg, state = burgers.prepare(args)  # flags, --resume and its checkpoint
+    check_device(cfg.device)
+    check_solver(cfg.solver)
+    out_dir(args.out)
+    with user_errors(kinds=(FloatingPointError, OSError)):
+        return burgers.execute(cfg, args, state)
 
 
 def _summary(cfg, res: dict) -> None:

@@ -41,10 +41,12 @@ from torch import Tensor, nn
 
 from ..derivatives import input_derivatives
 from ..engine import fixed_point
+from ..training.checkpoint import PINN_FORMAT, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 __all__ = [
     "PDEConfig", "PROBLEMS", "PDEDEQ", "PDEMLP", "cell", "pde_terms", "residual", "initial_condition",
-    "pde_loss", "reference_solution", "reference_fd", "train", "evaluate", "add_arguments", "run",
+    "pde_loss", "reference_solution", "reference_fd", "train", "evaluate", "checkpoint", "resume_state",
+    "add_arguments", "prepare", "execute", "run",
 ]
 
 #: convection coefficient c of each problem
@@ -109,6 +111,8 @@ class PDEConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)!r}")
         if self.epochs < 0:
             raise ValueError(f"epochs must be ≥ 0, got {self.epochs}")
+        if not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be in 0..2**63-1, got {self.seed}")
         return self
 
     @property
@@ -392,10 +396,13 @@ def evaluate(model: PDEDEQ, cfg: PDEConfig) -> dict:
 
 
 def train(cfg: PDEConfig, *, progress: bool = False, state: dict | None = None, log_every: int = 10,
-          until: int | None = None):
+          until: int | None = None, checkpoint_path: str | Path | None = None, checkpoint_every: int = 0):
     """Train for ``cfg.epochs`` full-batch Adam steps (fresh points each epoch; stop early
     at epoch ``until``). With ``state`` (a checkpoint dict) training continues where it
-    stopped, bit-identically.
+    stopped, bit-identically; if the checkpoint's run had another ``epochs``, the learning rate
+    anneals (cosine) from its current value to the final one over the epochs that remain. With
+    ``checkpoint_path``, a checkpoint is written every ``checkpoint_every`` epochs, so an
+    interrupted run can resume.
     Returns ``(model, history, extras)``; ``extras`` has the objects to checkpoint."""
     model, opt, sched, g = build(cfg)
     history: dict[str, list] = {"epoch": [], "loss": [], "ic": [], "bc": [], "pde": [], "fwd_iters": [], "time_s": []}
@@ -405,14 +412,18 @@ def train(cfg: PDEConfig, *, progress: bool = False, state: dict | None = None, 
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         g.set_state(state["generator"])
-        history, start = state["history"], state["epoch"]
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        history, start = state["history"], int(state["epoch"])
+        if int(state["config"]["epochs"]) != cfg.epochs and cfg.epochs > start:
+            sched = _reanneal(opt, cfg, cfg.epochs - start)
     stop = cfg.epochs if until is None else min(until, cfg.epochs)
     bar = range(start, stop)
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(bar, desc=f"pinn {cfg.problem}", initial=start, total=cfg.epochs, dynamic_ncols=True)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - (history["time_s"][-1] if history["time_s"] else 0.0)  # time since the run began
     for epoch in bar:
         pts = sample_points(cfg, g, cfg.torch_dtype, cfg.device)
         opt.zero_grad(set_to_none=True)
@@ -432,14 +443,54 @@ def train(cfg: PDEConfig, *, progress: bool = False, state: dict | None = None, 
             history["time_s"].append(time.perf_counter() - t0)
         if progress:
             bar.set_postfix(loss=f"{loss.item():.2e}", pde=f"{parts['pde']:.1e}", it=its)
+        if checkpoint_path is not None and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
+            extras = {"optimizer": opt, "scheduler": sched, "generator": g, "epoch": epoch + 1}
+            save_checkpoint(checkpoint_path, checkpoint(model, history, extras, cfg), format=PINN_FORMAT)
     extras = {"optimizer": opt, "scheduler": sched, "generator": g, "epoch": max(stop, start)}
     return model, history, extras
 
 
+def _reanneal(opt: torch.optim.Optimizer, cfg: PDEConfig, remaining: int):
+    """Cosine annealing from the current learning rate to the run's final one (``lr/50``) over
+    ``remaining`` epochs: the schedule of a run resumed with another ``epochs``."""
+    for group in opt.param_groups:
+        group.pop("initial_lr", None)  # the new schedule starts from the current rate
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=remaining, eta_min=cfg.lr / 50)
+
+
 def checkpoint(model, history, extras, cfg: PDEConfig) -> dict:
+    """Everything the next epoch depends on (``epoch``: the next epoch to run)."""
     return {"config": asdict(cfg), "model": model.state_dict(), "optimizer": extras["optimizer"].state_dict(),
             "scheduler": extras["scheduler"].state_dict(), "generator": extras["generator"].get_state(),
-            "history": history, "epoch": extras["epoch"]}
+            "rng": rng_state(), "history": history, "epoch": extras["epoch"]}
+
+
+#: flags whose names differ from their config field
+_FLAGS = {"n_states": "--states", "n_collocation": "--collocation", "n_initial": "--initial-points",
+          "n_boundary": "--boundary-points"}
+#: settings a resumed run may change: they only affect the evaluation or the device
+_EVALUATION_ONLY = frozenset({"device", "eval_nx", "eval_nt"})
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def resume_state(cfg: PDEConfig, path: str | Path) -> dict:
+    """The checkpoint at ``path``, checked against ``cfg`` (``ValueError`` naming the flag): only
+    ``epochs`` (not below those done; the rest re-anneal) and evaluation settings may change."""
+    try:
+        state = read_checkpoint(path, format=PINN_FORMAT, unversioned=True)
+    except ValueError as err:  # not a checkpoint at all
+        raise ValueError(f"--resume: {err}") from None
+    saved, now = state["config"], asdict(cfg)
+    changed = [k for k, v in now.items() if k not in _EVALUATION_ONLY | {"epochs"} and saved.get(k) != v]
+    if changed:
+        what = ", ".join(f"{_flag(k)} {now[k]} (checkpoint: {saved.get(k)})" for k in changed)
+        raise ValueError(f"--resume: {what} differ from the checkpoint's run; resume with its settings")
+    if cfg.epochs < int(state["epoch"]):
+        raise ValueError(f"--epochs {cfg.epochs}: the checkpoint has already trained {state['epoch']} epochs")
+    return state
 
 
 # --------------------------------------------------------------------------- figures
@@ -518,36 +569,56 @@ def add_arguments(parser: argparse.ArgumentParser, problem: str = "burgers") -> 
     a("--model", default=d.model, choices=MODELS, help="the DEQ, or the explicit MLP PINN baseline")
     a("--mlp-width", type=int, default=d.mlp_width)
     a("--mlp-depth", type=int, default=d.mlp_depth)
-    a("--resume", default=None, help="checkpoint.pt to continue from (training continues bit-identically)")
+    a("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+      help="continue bit-identically from CHECKPOINT (default: OUT/checkpoint.pt); a larger --epochs "
+           "extends the run (the learning rate re-anneals over the added epochs)")
+    a("--checkpoint-every", type=int, default=100, help="also write OUT/checkpoint.pt every this many epochs (0: at the end only)")
     a("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(problem=problem)
 
 
 def config_from_args(args: argparse.Namespace) -> PDEConfig:
+    """The validated config of the parsed flags; a ``ValueError`` names the flag that is wrong."""
     fields = PDEConfig.__dataclass_fields__
-    return PDEConfig(**{k: getattr(args, k) for k in fields if hasattr(args, k)}).validate()
+    try:
+        return PDEConfig(**{k: getattr(args, k) for k in fields if hasattr(args, k)}).validate()
+    except ValueError as err:
+        field = str(err).split(" ", 1)[0]  # validate()'s messages start with the setting's name
+        if field in fields and hasattr(args, field):
+            raise ValueError(f"{_flag(field)}: {err}") from None
+        raise
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train, evaluate against the reference, write figures, ``results.json`` and a checkpoint."""
+def prepare(args: argparse.Namespace) -> tuple[PDEConfig, dict | None]:
+    """The run's config and, with ``--resume``, the checked checkpoint; ``ValueError`` (naming
+    the flag) or ``OSError`` for bad input, before any training."""
     cfg = config_from_args(args)
+    if int(getattr(args, "checkpoint_every", 0)) < 0:
+        raise ValueError(f"--checkpoint-every must be ≥ 0, got {args.checkpoint_every}")
+    resume = getattr(args, "resume", None)
+    if not resume:
+        return cfg, None
+    path = Path(args.out) / "checkpoint.pt" if resume is True else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    return cfg, resume_state(cfg, path)
+
+
+def execute(cfg: PDEConfig, args: argparse.Namespace, state: dict | None = None) -> int:
+    """Train (from ``state`` if given), evaluate against the reference, write figures,
+    ``results.json`` and ``checkpoint.pt`` (also every ``--checkpoint-every`` epochs)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    state = None
-    if getattr(args, "resume", None):
-        state = torch.load(args.resume, weights_only=False)
-        saved = dict(state["config"], epochs=cfg.epochs, device=cfg.device)
-        if saved != asdict(cfg):
-            diff = {k: (saved[k], v) for k, v in asdict(cfg).items() if saved.get(k) != v}
-            raise ValueError(f"--resume: the checkpoint's config differs from the flags: {diff}")
+    ckpt = out / "checkpoint.pt"
     t0 = time.perf_counter()
-    model, history, extras = train(cfg, progress=not args.no_progress, state=state)
+    model, history, extras = train(cfg, progress=not args.no_progress, state=state, checkpoint_path=ckpt,
+                                   checkpoint_every=int(getattr(args, "checkpoint_every", 0)))
     wall = time.perf_counter() - t0
-    torch.save(checkpoint(model, history, extras, cfg), out / "checkpoint.pt")
+    save_checkpoint(ckpt, checkpoint(model, history, extras, cfg), format=PINN_FORMAT)
     ev = evaluate(model, cfg)
     figs = save_figures(ev, history, cfg, out, cfg.problem)
     n_params = sum(p.numel() for p in model.parameters())
-    epochs_run = cfg.epochs - (state["epoch"] if state else 0)
+    epochs_run = cfg.epochs - (int(state["epoch"]) if state else 0)
     results = {"config": asdict(cfg), "rel_l2": ev["rel_l2"], "max_abs_error": ev["max_abs"],
                "final_loss": history["loss"][-1] if history["loss"] else None, "parameters": n_params,
                "train_wall_s": wall, "s_per_epoch": wall / max(epochs_run, 1), "figures": figs,
@@ -557,3 +628,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{cfg.problem}: relative L2 error {ev['rel_l2']:.3e} (max abs {ev['max_abs']:.3e}), "
           f"{n_params} parameters, {wall:.1f}s; results in {out}")
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """``deqdiff pinn burgers|heat``: :func:`prepare` then :func:`execute`."""
+    cfg, state = prepare(args)
+    return execute(cfg, args, state)

@@ -6,11 +6,13 @@ learning-rate schedule, then L-BFGS); one *step* = one fresh batch from
 (a :class:`~deqdiff.physics.losses.LossTerms`). Randomness flows from one seeded CPU
 ``torch.Generator`` (device independent), and the checkpoint holds everything the next step
 depends on — model, optimizer, scheduler, generator and global RNG states, step, phase, history —
-so a resumed run takes bit-identical steps (``tests/physics/test_training.py``).
+so a resumed run takes bit-identical steps (``tests/physics/test_training.py``). Checkpoints
+go through :mod:`deqdiff.training.checkpoint` (atomic writes, ``weights_only`` loading) with
+the format tag ``PINN_FORMAT``.
 
 Stable API: ``Phase(name, steps, make_optimizer, make_scheduler=None)``, ``Trainer`` with
 ``step()``, ``run(n_steps=None, progress=False, checkpoint=None, checkpoint_every=0)``,
-``save(path)``, ``load(path)``, ``history`` (list of per-step dicts), ``done``.
+``save(path, extra=None)``, ``load(path) -> state``, ``history`` (list of per-step dicts), ``done``.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from ..training.checkpoint import PINN_FORMAT, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .losses import LossTerms
 
 __all__ = ["Phase", "Trainer"]
@@ -119,9 +121,10 @@ class Trainer:
         return rec
 
     def run(self, n_steps: int | None = None, *, progress: bool = False, checkpoint: str | os.PathLike | None = None,
-            checkpoint_every: int = 0, desc: str = "train") -> list[dict]:
-        """Run ``n_steps`` (default: to the end of the last phase), saving a checkpoint every
-        ``checkpoint_every`` steps and at the end when ``checkpoint`` is given."""
+            checkpoint_every: int = 0, checkpoint_extra: dict | None = None, desc: str = "train") -> list[dict]:
+        """Run ``n_steps`` (default: to the end of the last phase), saving a checkpoint (with
+        ``checkpoint_extra``) every ``checkpoint_every`` steps and at the end when ``checkpoint``
+        is given."""
         end = self.total_steps if n_steps is None else min(self.total_steps, self.step_count + n_steps)
         bar = None
         if progress:
@@ -137,52 +140,60 @@ class Trainer:
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
                 if checkpoint is not None and checkpoint_every and self.step_count % checkpoint_every == 0:
-                    self.save(checkpoint)
+                    self.save(checkpoint, checkpoint_extra)
         finally:
             if bar is not None:
                 bar.close()
         if checkpoint is not None:
-            self.save(checkpoint)
+            self.save(checkpoint, checkpoint_extra)
         return self.history
 
     # --- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
             "step": self.step_count,
-            "phase_index": self.phase_index,
+            "phase_index": self.phase_index,  # the phase of the last step taken
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rng": rng_state(),
             "history": list(self.history),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        step, phase = int(state["step"]), int(state["phase_index"])
+        # The checkpoint holds the optimizer of the phase its last step ran in; at a phase's end
+        # (e.g. the last Adam step) the next step() switches phases exactly as an uninterrupted
+        # run does, so restore that phase, not the one of the next step.
+        expected = self._phase_for(step - 1) if step > 0 else 0
+        if step > self.total_steps or phase != expected:
+            raise ValueError(f"the checkpoint (step {step}, phase {phase}) does not fit these phases "
+                             f"({[(p.name, p.steps) for p in self.phases]}): different settings?")
         self.model.load_state_dict(state["model"])
-        self.step_count = int(state["step"])
-        self.phase_index = -1
-        self._enter_phase()
-        if self.phase_index != state["phase_index"]:
-            raise ValueError("checkpoint phase does not match this trainer's phases (different config?)")
+        self.step_count = step
+        self.phase_index = phase
+        p = self.phases[phase]
+        self.optimizer = p.make_optimizer([q for q in self.model.parameters() if q.requires_grad])
+        self.scheduler = p.make_scheduler(self.optimizer) if p.make_scheduler else None
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        else:  # written before the shared checkpoint module: torch (and CUDA) only
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.history = list(state["history"])
 
-    def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)  # never leave a half-written checkpoint
+    def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
+        """Write the checkpoint atomically; ``extra`` (e.g. the run's config) is stored with it."""
+        save_checkpoint(path, {**(extra or {}), **self.state_dict()}, format=PINN_FORMAT)
 
-    def load(self, path: str | os.PathLike) -> None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no checkpoint at {path}")
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+    def load(self, path: str | os.PathLike) -> dict:
+        """Continue from the checkpoint at ``path``; returns the whole checkpoint dict."""
+        state = read_checkpoint(path, format=PINN_FORMAT, unversioned=True)
+        self.load_state_dict(state)
+        return state

@@ -16,6 +16,12 @@ Two setups (``VdPConfig.setup``):
 Errors against ``solve_ivp`` (DOP853, rtol 1e-11): IAE and relative L2
 (:mod:`deqdiff.physics.metrics`). ``run(config, out_dir)`` trains (with checkpoint/resume),
 evaluates, plots and writes ``results.json``; it returns the results dict.
+
+Resuming (:func:`resume_state`) continues bit-identically when the settings are unchanged. It
+may also lengthen the run: more ``lbfgs_steps`` (or fewer, down to those already taken) change
+nothing that was done; a different ``epochs`` while still in the Adam phase decays the learning
+rate exponentially from its current value to ``lr_final`` over the remaining Adam epochs. Any
+other change (physics, model, the Adam schedule once L-BFGS began) is refused, naming the flag.
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ from .metrics import iae, relative_l2
 from .models import MLP, PIDEQ, FlowMap, count_parameters
 from .problems import reference_flow, reference_trajectory, van_der_pol
 from .rollout import rollout
+from ..training.checkpoint import PINN_FORMAT, read_checkpoint
 from .training import Phase, Trainer
 
-__all__ = ["VdPConfig", "SETUPS", "build_model", "build_trainer", "evaluate", "run"]
+__all__ = ["VdPConfig", "SETUPS", "build_model", "build_trainer", "evaluate", "resume_state", "run"]
 
 SETUPS = ("pideq", "conditioned")
 
@@ -111,6 +118,12 @@ class VdPConfig:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and 0 < v < 1):
                 raise ValueError(f"{name} must be in (0, 1) or None, got {v}")
+        for name in ("physics_weight", "ic_weight", "jacobian_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {v}")
+        if not 0 <= int(self.seed) < 2 ** 63:
+            raise ValueError(f"seed must be in 0..2**63-1, got {self.seed}")
         if not (math.isfinite(self.state_floor) and self.state_floor >= 0):
             raise ValueError(f"state_floor must be a finite number ≥ 0, got {self.state_floor}")
         for name in ("epochs", "lbfgs_steps"):
@@ -294,18 +307,74 @@ def _history_stats(history: list[dict]) -> dict:
     return out
 
 
-def run(cfg: VdPConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+#: settings a resumed run may change freely: they only affect the evaluation or the device
+_EVALUATION_ONLY = frozenset({"n_test", "rollout_t_end", "device"})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resume_state(cfg: VdPConfig, path: str | Path) -> dict:
+    """The checkpoint at ``path``, checked against ``cfg``: ``ValueError`` naming the flag when
+    the run cannot continue under ``cfg`` (see the module docstring)."""
+    try:
+        state = read_checkpoint(path, format=PINN_FORMAT, unversioned=True)
+    except ValueError as err:  # not a checkpoint at all
+        raise ValueError(f"--resume: {err}") from None
+    saved = state.get("config")
+    step, adam = int(state["step"]), cfg.epochs
+    if saved is None:  # written before checkpoints kept their config: the phases must agree
+        return state
+    now = asdict(cfg)
+    changed = [k for k, v in now.items() if k not in _EVALUATION_ONLY | {"epochs", "lbfgs_steps"}
+               and json.dumps(saved.get(k)) != json.dumps(v)]
+    if changed:
+        what = ", ".join(f"{_flag(k)} {now[k]} (checkpoint: {saved.get(k)})" for k in changed)
+        raise ValueError(f"--resume: {what} differ from the checkpoint's run; resume with its settings")
+    old_adam = int(saved["epochs"])
+    if step > old_adam:  # in the L-BFGS phase: the Adam schedule is history
+        if adam != old_adam:
+            raise ValueError(f"--epochs {adam}: the checkpoint is past its {old_adam} Adam epochs (L-BFGS step "
+                             f"{step - old_adam}), so --epochs cannot change")
+        if cfg.lbfgs_steps < step - old_adam:
+            raise ValueError(f"--lbfgs-steps {cfg.lbfgs_steps}: the checkpoint has already taken "
+                             f"{step - old_adam} L-BFGS steps")
+    elif adam < step:
+        raise ValueError(f"--epochs {adam}: the checkpoint has already taken {step} Adam epochs")
+    return state
+
+
+def _reanneal(trainer: Trainer, cfg: VdPConfig) -> None:
+    """A run resumed with another ``epochs`` in its Adam phase: decay exponentially from the
+    current learning rate to ``lr_final`` over the Adam epochs that remain."""
+    remaining = cfg.epochs - trainer.step_count
+    if remaining <= 0 or trainer.phases[trainer.phase_index].name != "adam":
+        return
+    opt = trainer.optimizer
+    for group in opt.param_groups:
+        group.pop("initial_lr", None)  # the new schedule starts from the current rate
+    lr_now = opt.param_groups[0]["lr"]
+    trainer.scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, (cfg.lr_final / lr_now) ** (1.0 / remaining))
+
+
+def run(cfg: VdPConfig, out_dir: str | Path, *, resume: bool | str | Path | dict = False, progress: bool = True,
         plots: bool = True, checkpoint_every: int = 250) -> dict:
-    """Train (resuming from ``out_dir/checkpoint.pt`` if asked), evaluate, plot, write JSON."""
+    """Train (``resume``: from ``out_dir/checkpoint.pt`` if True, a checkpoint path, or a state
+    from :func:`resume_state`), evaluate, plot, write JSON. Checkpoints go to
+    ``out_dir/checkpoint.pt`` every ``checkpoint_every`` epochs and at the end."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg)
     ckpt = out / "checkpoint.pt"
-    if resume:
-        trainer.load(ckpt)
+    if resume is not False and resume is not None:
+        state = resume if isinstance(resume, dict) else resume_state(cfg, ckpt if resume is True else resume)
+        trainer.load_state_dict(state)
+        if state.get("config") is not None and int(state["config"]["epochs"]) != cfg.epochs:
+            _reanneal(trainer, cfg)
     t0 = time.perf_counter()
     trainer.run(progress=progress, checkpoint=ckpt, checkpoint_every=checkpoint_every,
-                desc=f"vdp/{cfg.setup}")
+                checkpoint_extra={"config": asdict(cfg)}, desc=f"vdp/{cfg.setup}")
     wall = time.perf_counter() - t0
     ev = evaluate(cfg, trainer.model)
     results = {"problem": "vdp", "config": asdict(cfg), "parameters": count_parameters(trainer.model),
