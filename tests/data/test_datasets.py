@@ -125,3 +125,15 @@ def test_digits_stratified_fixed_split():
     assert not torch.equal(load_digits(seed=1).test_labels, a.test_labels)
     with pytest.raises(ValueError, match="unknown data set"):
         load_dataset("imagenet")
+
+
+def test_corrupt_gzip_is_a_data_format_error(tmp_path):
+    """A gzip whose deflate stream is damaged raises zlib.error, not OSError: it must still be
+    reported as a data-format error naming the file."""
+    make_mnist(tmp_path, compress=True)
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = bytearray(bad.read_bytes())
+    raw[20:40] = b"\xff" * 20
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(DataFormatError, match="train-images-idx3-ubyte.gz"):
+        load_mnist(tmp_path)

@@ -15,19 +15,21 @@ import json
 import time
 from pathlib import Path
 
+from ._common import (UsageError, check_solver, finite_float, float_list, int_list, nonneg_float, nonneg_int,
+                      out_dir, positive_float, positive_int, seed, str_list, user_errors)
+
 TOOLS = ("residuals", "trajectories", "ntk", "hessian", "landscape")
 
-
-def _ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",") if v.strip()]
-
-
-def _floats(s: str) -> list[float]:
-    return [float(v) for v in s.split(",") if v.strip()]
+_ints = int_list(nonneg_int)  # training epochs (0 = the initialization)
+_floats = float_list(positive_float)
+_strs = str_list
 
 
-def _strs(s: str) -> list[str]:
-    return [v.strip() for v in s.split(",") if v.strip()]
+def _odd(text: str) -> int:
+    v = positive_int(text)
+    if v % 2 == 0:
+        raise argparse.ArgumentTypeError(f"expected an odd integer ≥ 1 (the grid is centred on the model), got {text!r}")
+    return v
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,57 +42,57 @@ def register(sub: argparse._SubParsersAction) -> None:
         g.add_argument("--out", default="analysis_out", help="output folder (figures, JSON, cached models)")
         g.add_argument("--data", default="digits", choices=("digits", "mnist", "cifar10"))
         g.add_argument("--data-dir", default=None)
-        g.add_argument("--train-limit", type=int, default=None, help="train on the first N images only")
+        g.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N images only")
         g.add_argument("--epochs", type=_ints, default=_ints(epochs), help="training checkpoints (epochs, comma-separated; 0 = init)")
-        g.add_argument("--batch-size", type=int, default=64)
-        g.add_argument("--lr", type=float, default=1e-3)
-        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--batch-size", type=positive_int, default=64)
+        g.add_argument("--lr", type=positive_float, default=1e-3)
+        g.add_argument("--seed", type=seed, default=0)
         g.add_argument("--no-progress", action="store_true")
         q.set_defaults(func=_run)
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     q = tools.add_parser("residuals", help="relative residual curves (eq. 4.2, Fig. 4.1)", formatter_class=fmt)
     q.add_argument("--model", default="conv", help="conv | mon | mon-conv")
-    q.add_argument("--samples", type=int, default=64)
+    q.add_argument("--samples", type=positive_int, default=64)
     q.add_argument("--solvers", type=_strs, default=_strs("anderson,fixed_point"))
     q.add_argument("--stds", type=_floats, default=_floats("1.0,0.1,0.01"),
                    help="stds of the re-drawn cell weights: N(0,1), N(0,0.01) (variance), N(0,1e-4)")
-    q.add_argument("--max-iter", type=int, default=40)
-    q.add_argument("--tol", type=float, default=0.0, help="0: run every input for max-iter iterations")
+    q.add_argument("--max-iter", type=positive_int, default=40)
+    q.add_argument("--tol", type=nonneg_float, default=0.0, help="0: run every input for max-iter iterations")
     common(q, "2")
 
     q = tools.add_parser("trajectories", help="PCA of solver trajectories over training (Figs. 4.2/4.3)", formatter_class=fmt)
     q.add_argument("--model", default="conv")
-    q.add_argument("--samples", type=int, default=150)
-    q.add_argument("--max-iter", type=int, default=30)
+    q.add_argument("--samples", type=positive_int, default=150)
+    q.add_argument("--max-iter", type=positive_int, default=30)
     q.add_argument("--solver", default="anderson")
     common(q, "0,1,2")
 
     q = tools.add_parser("ntk", help="empirical NTK over training and the linear-rate check (ch. 3)", formatter_class=fmt)
     q.add_argument("--model", default="mon", help="model whose NTK is tracked (mon, conv, …)")
-    q.add_argument("--samples", type=int, default=60)
-    q.add_argument("--width", type=int, default=64, help="width of the monotone model")
-    q.add_argument("--tol", type=float, default=1e-6, help="solve tolerance for the Jacobians")
-    q.add_argument("--rate-samples", type=int, default=20, help="N of the linear-rate check (classes 0 vs 1)")
-    q.add_argument("--rate-width", type=int, default=256, help="width n of the wide monotone DEQ (n >= N)")
-    q.add_argument("--rate-steps", type=int, default=200)
-    q.add_argument("--rate-m", type=float, default=1.0, help="monotonicity margin m")
-    q.add_argument("--rate-lr", type=float, default=None, help="GD step η (default 1/λ_max(Θ(0)))")
+    q.add_argument("--samples", type=positive_int, default=60)
+    q.add_argument("--width", type=positive_int, default=64, help="width of the monotone model")
+    q.add_argument("--tol", type=positive_float, default=1e-6, help="solve tolerance for the Jacobians")
+    q.add_argument("--rate-samples", type=positive_int, default=20, help="N of the linear-rate check (classes 0 vs 1)")
+    q.add_argument("--rate-width", type=positive_int, default=256, help="width n of the wide monotone DEQ (n >= N)")
+    q.add_argument("--rate-steps", type=positive_int, default=200)
+    q.add_argument("--rate-m", type=positive_float, default=1.0, help="monotonicity margin m")
+    q.add_argument("--rate-lr", type=positive_float, default=None, help="GD step η (default 1/λ_max(Θ(0)))")
     common(q, "0,1,2")
 
     q = tools.add_parser("hessian", help="top Hessian eigenvalues (total, Gauss–Newton, dynamics) over training", formatter_class=fmt)
     q.add_argument("--model", default="conv")
-    q.add_argument("--samples", type=int, default=64)
-    q.add_argument("--k", type=int, default=3)
-    q.add_argument("--num-iters", type=int, default=12, help="Lanczos steps per term")
+    q.add_argument("--samples", type=positive_int, default=64)
+    q.add_argument("--k", type=positive_int, default=3)
+    q.add_argument("--num-iters", type=positive_int, default=12, help="Lanczos steps per term")
     common(q, "0,1,2")
 
     q = tools.add_parser("landscape", help="filter-normalized loss landscapes of a DEQ and repeat-k (§4.2.1)", formatter_class=fmt)
     q.add_argument("--models", type=_strs, default=_strs("conv,repeat-6,repeat-11,repeat-18"))
-    q.add_argument("--steps", type=int, default=51, help="grid points per axis (odd)")
-    q.add_argument("--span", type=float, nargs=2, default=(-1.0, 1.0))
-    q.add_argument("--samples", type=int, default=32, help="training images the loss is averaged over")
-    q.add_argument("--points-per-batch", type=int, default=128, help="grid points evaluated in one vmapped pass")
+    q.add_argument("--steps", type=_odd, default=51, help="grid points per axis (odd)")
+    q.add_argument("--span", type=finite_float, nargs=2, default=(-1.0, 1.0))
+    q.add_argument("--samples", type=positive_int, default=32, help="training images the loss is averaged over")
+    q.add_argument("--points-per-batch", type=positive_int, default=128, help="grid points evaluated in one vmapped pass")
     q.add_argument("--ignore", default="biasbn", choices=("biasbn", "copy"), help="1-D parameters: zero or copy")
     q.add_argument("--no-1d", action="store_true")
     common(q, "2")
@@ -121,15 +123,39 @@ def _write(out: Path, name: str, data: dict) -> Path:
     return path
 
 
+def _check(args: argparse.Namespace) -> Path:
+    """Every input that can be wrong, before any training: models, solvers, span, data, --out."""
+    from ..data import load_dataset
+    from ..training import model_kind
+
+    for flag, names in (("--model", [getattr(args, "model", None)]), ("--models", getattr(args, "models", []))):
+        for name in names:
+            if name is not None:
+                with user_errors(flag):
+                    model_kind(name)
+    mon = str(getattr(args, "model", "")).startswith("mon")
+    splitting = ("pr", "fb", "forward_backward", "peaceman_rachford") if mon else ()
+    for flag in ("--solver", "--solvers"):
+        names = getattr(args, flag[2:], None)
+        for name in [names] if isinstance(names, str) else names or []:
+            check_solver(name, flag, extra=splitting)
+    if hasattr(args, "span") and not args.span[0] < args.span[1]:
+        raise UsageError(f"--span {args.span[0]:g} {args.span[1]:g}: the first end must be below the second")
+    with user_errors(f"--data {args.data}", kinds=(ValueError, TypeError, OSError, ImportError)):
+        load_dataset(args.data, args.data_dir, seed=args.seed)  # missing or corrupt files
+    return out_dir(args.out)
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _check(args)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    files = {"residuals": _residuals, "trajectories": _trajectories, "ntk": _ntk, "hessian": _hessian,
-             "landscape": _landscape}[args.tool](args, out)
+    tool = {"residuals": _residuals, "trajectories": _trajectories, "ntk": _ntk, "hessian": _hessian,
+            "landscape": _landscape}[args.tool]
+    with user_errors(kinds=(OSError,)):  # e.g. the disk filled up while writing figures
+        files = tool(args, out)
     print(f"[analyze] {args.tool} finished in {time.perf_counter() - t0:.1f} s; wrote " + ", ".join(map(str, files)))
     return 0
 

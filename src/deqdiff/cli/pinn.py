@@ -41,7 +41,8 @@ def _register_vdp(problems) -> None:
     a("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
       help="continue bit-identically from CHECKPOINT (default: OUT/checkpoint.pt); a different --epochs "
            "(in the Adam phase) or --lbfgs-steps extends or shortens the run")
-    a("--checkpoint-every", type=nonneg_int, default=250, help="write OUT/checkpoint.pt every this many epochs (0: at the end only)")
+    a("--checkpoint-every", type=nonneg_int, default=250,
+      help="write OUT/checkpoint.pt every this many epochs (0: at the end only)")
     a("--model", choices=("pideq", "unrolled", "mlp"), default="pideq",
       help="pideq: implicit DEQ; unrolled: same DEQ by unrolled autodiff through the --solver loop "
            "(founding baseline); mlp: explicit PINN")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ def read_idx(path: str | Path, *, ndim: int | None = None) -> np.ndarray:
     try:
         with opener(path, "rb") as fh:
             raw = fh.read()
-    except (OSError, EOFError) as err:  # e.g. a plain file named .gz, or a truncated gzip
+    except (OSError, EOFError, zlib.error) as err:  # a plain file named .gz, a truncated or corrupt gzip
         raise DataFormatError(f"cannot read IDX file {path}: {err}") from err
     if len(raw) < 4:
         raise DataFormatError(f"{path} is too short ({len(raw)} bytes) to be an IDX file")

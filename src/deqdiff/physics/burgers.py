@@ -572,7 +572,8 @@ def add_arguments(parser: argparse.ArgumentParser, problem: str = "burgers") -> 
     a("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
       help="continue bit-identically from CHECKPOINT (default: OUT/checkpoint.pt); a larger --epochs "
            "extends the run (the learning rate re-anneals over the added epochs)")
-    a("--checkpoint-every", type=int, default=100, help="also write OUT/checkpoint.pt every this many epochs (0: at the end only)")
+    a("--checkpoint-every", type=int, default=100,
+      help="also write OUT/checkpoint.pt every this many epochs (0: at the end only)")
     a("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(problem=problem)
 

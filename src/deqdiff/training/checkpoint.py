@@ -18,7 +18,8 @@ from torch import nn
 
 from .config import TrainConfig
 
-__all__ = ["FORMAT", "PINN_FORMAT", "rng_state", "set_rng_state", "save_checkpoint", "read_checkpoint", "load_checkpoint", "LoadedCheckpoint"]
+__all__ = ["FORMAT", "PINN_FORMAT", "rng_state", "set_rng_state", "save_checkpoint", "read_checkpoint",
+           "load_checkpoint", "LoadedCheckpoint"]
 
 FORMAT = "deqdiff-train-checkpoint/1"
 PINN_FORMAT = "deqdiff-pinn-checkpoint/1"

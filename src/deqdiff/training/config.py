@@ -95,7 +95,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < lower or (strict and v == lower):
+            bad = isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+            if bad or v < lower or (strict and v == lower):
                 raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {lower:g}, got {v!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
