@@ -28,7 +28,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
         text = action.help or ""
         default = getattr(TrainConfig(), action.dest, None) if action.default is argparse.SUPPRESS else action.default
-        if "%(default)" in text or default in (None, False) or action.dest == "help":
+        if "%(default)" in text or default is None or default is False or action.dest in ("help", "lr"):
             return text
         return f"{text} (default: {default})"
 
@@ -53,18 +53,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--mon-m", type=positive_float, help="monotone: margin m (I - W >= mI); default: the model's")
     g.add_argument("--mon-alpha", type=positive_float, help="monotone: splitting step size")
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=("digits", "mnist", "cifar10"))
+    g.add_argument("--data", choices=("digits", "mnist", "cifar10"), help="data set")
     g.add_argument("--data-dir", help="directory of the MNIST IDX files / CIFAR-10 python batches")
     g.add_argument("--train-limit", type=positive_int, help="use only the first N training images")
     g.add_argument("--test-limit", type=positive_int, help="use only the first N test images")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=positive_int)
+    g.add_argument("--epochs", type=positive_int, help="passes over the training set")
     g.add_argument("--batch-size", type=positive_int, help="global batch size (all processes)")
-    g.add_argument("--optimizer", choices=("adam", "sgd"))
+    g.add_argument("--optimizer", choices=("adam", "sgd"), help="optimizer")
     g.add_argument("--lr", type=positive_float, help="default: 1e-3 (conv, repeat-K), 3e-3 (mon, mon-conv)")
-    g.add_argument("--weight-decay", type=nonneg_float)
-    g.add_argument("--scheduler", choices=("cosine", "none"))
-    g.add_argument("--grad-clip", type=positive_float)
+    g.add_argument("--weight-decay", type=nonneg_float, help="L2 weight decay")
+    g.add_argument("--scheduler", choices=("cosine", "none"), help="learning-rate schedule (per step)")
+    g.add_argument("--grad-clip", type=positive_float, help="clip the gradient norm to this")
     g.add_argument("--jac-reg", type=nonneg_float, help="weight of the Jacobian penalty ||J_f||_F^2/N")
     g.add_argument("--jac-reg-samples", type=positive_int, help="Hutchinson vectors per step")
     g = p.add_argument_group("equilibrium solve")
@@ -72,16 +72,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(splitting; their default pr)")
     g.add_argument("--tol", type=positive_float, help="relative residual tolerance (default: the model's; conv 1e-2)")
     g.add_argument("--max-iter", type=positive_int, help="default: the model's (conv 50)")
-    g.add_argument("--backward-tol", type=positive_float)
+    g.add_argument("--backward-tol", type=positive_float, help="tolerance of the implicit backward solves")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/train", help="run directory (checkpoint.pt, metrics.json)")
     g.add_argument("--resume", action="store_true", default=False,
                    help="continue from OUT/checkpoint.pt with its settings (only the run controls "
                         "--max-steps, --device, --checkpoint-every, --data-dir, --no-progress may be given anew)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", choices=("float32", "float64"))
+    g.add_argument("--dtype", choices=("float32", "float64"), help="parameters and states")
     g.add_argument("--amp", choices=("bf16",), help="autocast the forward pass")
-    g.add_argument("--seed", type=seed)
+    g.add_argument("--seed", type=seed, help="seeds the model, the data order and the data split")
     g.add_argument("--checkpoint-every", type=nonneg_int, help="steps (0: every epoch)")
     g.add_argument("--max-steps", type=_opt_int, help="stop after this many steps in total")
     g.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
