@@ -131,7 +131,7 @@ def test_row_compaction_changes_cost_not_answers(solver, B):
 
     z0 = torch.zeros(B, n, dtype=torch.float64)
     opts = dict(solver=solver, tol=1e-10, batch_ndim=1, max_iter=300, return_info=True)
-    z_full, info_full = deqdiff.fixed_point(f, z0, A, x, c, **opts)
+    z_full, info_full = deqdiff.fixed_point(f, z0, A, x, c, row_params=False, **opts)
     full_cost, rows_seen[:] = sum(rows_seen), []
     z_cmp, info_cmp = deqdiff.fixed_point(f, z0, A, x, c, row_params=(1, 2), **opts)
     assert sum(rows_seen) < 0.8 * full_cost
@@ -147,7 +147,7 @@ def test_row_params_are_validated():
     with pytest.raises(ValueError, match="dim 0 must index the 4 rows"):
         deqdiff.fixed_point(f, torch.zeros(4, 3), A, x, batch_ndim=1, row_params=(0,))
     with pytest.raises(ValueError, match="batch_ndim=1"):
-        deqdiff.fixed_point(f, torch.zeros(4, 3), A, x, row_params=(1,))
+        deqdiff.fixed_point(f, torch.zeros(4, 3), A, x, batch_ndim=0, row_params=(1,))
 
 
 def test_auto_backward_falls_back_to_gmres_where_richardson_diverges():
@@ -162,7 +162,7 @@ def test_auto_backward_falls_back_to_gmres_where_richardson_diverges():
     c = torch.randn(B, n, dtype=torch.float64, requires_grad=True)
     f = lambda z, A, c: z @ A.T + c  # noqa: E731
     z, info = deqdiff.fixed_point(f, torch.zeros(B, n, dtype=torch.float64), A, c, solver="newton_krylov",
-                                  tol=1e-10, batch_ndim=1, on_fail="raise", return_info=True)
+                                  tol=1e-10, batch_ndim=1, row_params=False, on_fail="raise", return_info=True)
     (g,) = torch.autograd.grad((z**2).sum(), c)
     M = torch.eye(n, dtype=torch.float64) - A
     ref = torch.linalg.solve(M.T, (2 * torch.linalg.solve(M, c.detach().T)).T.T).T

@@ -25,6 +25,7 @@ from ..solvers.scaling import solve_forward_rescaled
 from .functional import forbid_nested_forward, jvp_by_vjp, partial_in
 from .linear_solve import solve_with_operator
 from .operators import FixedPointJacobian
+from .structure import infer_rows
 from .validation import check_fixed_point_inputs, check_row_params, check_solve_options
 
 __all__ = ["FixedPointSpec", "FixedPointInfo", "fixed_point", "fixed_point_node"]
@@ -174,7 +175,7 @@ def fixed_point(
     tol: float = 1e-6,
     atol: float = 0.0,
     max_iter: int = 200,
-    batch_ndim: int = 0,
+    batch_ndim: int | None = None,
     on_fail: str = "warn",
     return_info: bool = False,
     store_trajectory: bool = False,
@@ -183,7 +184,7 @@ def fixed_point(
     backward_atol: float | None = None,
     backward_max_iter: int | None = None,
     backward_options: dict | None = None,
-    row_params: tuple[int, ...] | None = None,
+    row_params: tuple[int, ...] | None | bool = None,
     **options,
 ):
     """Return z* with ``z* = f(z*, *params)``, differentiable to every order in ``params``.
@@ -191,6 +192,9 @@ def fixed_point(
     ``f(z, *params)`` must be a plain function of its arguments: every tensor z* depends
     on (weights, inputs, time …) is passed in ``params``. The leading ``batch_ndim`` dims of
     ``z0`` index independent problems (f must not mix them); each converges on its own.
+    ``batch_ndim=None`` (default) finds out: dim 0 of a z0 with ≥ 2 dims counts as a batch
+    of independent samples when probing f shows that no sample's output depends on another
+    sample (:mod:`deqdiff.engine.structure`), else the whole z0 is one problem (0).
 
     ``backward_solver="auto"`` picks a dense LU, or Richardson on the samples still running
     with a dense or GMRES finish (README); ``"anderson"`` accelerates the derivative solves
@@ -205,17 +209,28 @@ def fixed_point(
     ``row_params`` (with ``batch_ndim=1``): indices of the params whose dim 0 indexes the
     rows, as ``x`` in ``f(z, W, x)``; f must then accept any number of rows. The forward
     solvers ``fixed_point`` and ``anderson`` use it to evaluate f on the rows still running
-    only, so samples that converged early cost nothing more.
+    only, so samples that converged early cost nothing more. Left ``None`` with a batch, it is
+    found by the same probe (params whose gradient stays in the probed samples' rows);
+    ``row_params=False`` turns row subsets off.
 
     With ``return_info=True`` returns ``(z*, FixedPointInfo)``; its ``derivatives`` list
     fills as autograd runs derivative solves through this fixed point.
     """
-    first_eval = check_fixed_point_inputs(f, z0, params, batch_ndim)
+    first_eval = check_fixed_point_inputs(f, z0, params, 0 if batch_ndim is None else batch_ndim)
     check_solve_options(z0.dtype, tol=tol, atol=atol, max_iter=max_iter, on_fail=on_fail)
     check_solve_options(z0.dtype, tol=tol if backward_tol is None else backward_tol,
                         atol=atol if backward_atol is None else backward_atol,
                         max_iter=1 if backward_max_iter is None else backward_max_iter, on_fail=on_fail,
                         prefix="backward_")
+    if row_params is False:  # explicitly none: every iteration evaluates every row
+        row_params, probe_rows = None, False
+    else:
+        probe_rows = row_params is None
+    if batch_ndim is None and row_params is not None:
+        batch_ndim = 1  # naming per-sample params says the rows are samples
+    if batch_ndim is None or (batch_ndim == 1 and probe_rows):
+        batch_ndim, found = infer_rows(f, z0, params, first_eval, want_batch=batch_ndim is None)
+        row_params = found if probe_rows else None
     row_params = check_row_params(row_params, z0, params, batch_ndim)
     derivative = dict(
         solver=backward_solver, tol=tol if backward_tol is None else backward_tol,
