@@ -107,8 +107,8 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
     try:
         from sklearn.datasets import load_digits as sk_digits
         from sklearn.model_selection import train_test_split
-    except ImportError as err:  # optional dependency: pip install deqdiff[digits]
-        raise ImportError("the digits data set needs scikit-learn: pip install 'deqdiff[digits]'") from err
+    except ImportError as err:  # a core dependency; missing only in a hand-made environment
+        raise ImportError("the digits data set needs scikit-learn: pip install scikit-learn") from err
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     d = sk_digits()
