@@ -242,28 +242,34 @@ class FixedPointJacobian(LinearOperator):
         """One vjp of ``f`` at z* gives ``Jᵀu``; the vjp of that linear map gives ``J v``
         (the double-vjp trick): no iteration re-evaluates ``f``."""
         z, *theta = params
-        lin = self._linearize_at(z, theta, self.shape, like)
+        # The linearization is cached on this operator, so nothing in it may refer back to the
+        # operator: a cycle operator → cache → closures → operator outlives its step until a
+        # full garbage collection, keeping z*, the LU and f's vjp graphs alive (memory then
+        # grows with the number of training steps). Its closures capture f and batch_ndim only.
+        f, batch_ndim = self.f, self.batch_ndim
+        lin = _linearize_fixed_point(f, batch_ndim, z, theta, self.shape, like)
         if self.row_params is not None:
             keep = set(self.row_params)
 
             def restrict(rows: Tensor) -> Linearization:
                 sub = [t.index_select(0, rows) if i in keep else t for i, t in enumerate(theta)]
                 zr = z.index_select(0, rows)
-                return self._linearize_at(zr, sub, zr.shape, like)
+                return _linearize_fixed_point(f, batch_ndim, zr, sub, zr.shape, like)
 
             lin.restrict = restrict
         return lin
 
-    def _linearize_at(self, z: Tensor, theta, shape, like) -> Linearization:
-        _, f_vjp = torch.func.vjp(lambda zz: self.f(zz, *theta), z)
-        _, f_jvp = torch.func.vjp(lambda w: f_vjp(w)[0], zero_point(z))
-        jv, jtu = (lambda v: f_jvp(v)[0]), (lambda u: f_vjp(u)[0])
-        lin = Linearization(shape, self.batch_ndim, lambda v: v - jv(v), lambda u: u - jtu(u), like,
-                            cmv=jv, crmv=jtu)
-        lin.singular_message = (
-            "I − ∂f/∂z is singular at the fixed point z*: the implicit function theorem does not apply "
-            "there (z* is not locally unique or not differentiable in the parameters; e.g. f(z) = z)")
-        return lin
+
+def _linearize_fixed_point(f: Callable, batch_ndim: int, z: Tensor, theta, shape, like) -> Linearization:
+    """``I − ∂f/∂z`` at ``(z, θ)`` (:meth:`FixedPointJacobian._linearize`); refers to no operator."""
+    _, f_vjp = torch.func.vjp(lambda zz: f(zz, *theta), z)
+    _, f_jvp = torch.func.vjp(lambda w: f_vjp(w)[0], zero_point(z))
+    jv, jtu = (lambda v: f_jvp(v)[0]), (lambda u: f_vjp(u)[0])
+    lin = Linearization(shape, batch_ndim, lambda v: v - jv(v), lambda u: u - jtu(u), like, cmv=jv, crmv=jtu)
+    lin.singular_message = (
+        "I − ∂f/∂z is singular at the fixed point z*: the implicit function theorem does not apply "
+        "there (z* is not locally unique or not differentiable in the parameters; e.g. f(z) = z)")
+    return lin
 
 
 class VmappedOperator(LinearOperator):
