@@ -2,7 +2,7 @@
 
 from . import solvers
 from . import derivatives
-from .engine import FixedPointInfo, SingularOperatorError, fixed_point, linear_solve
+from .engine import FixedPointInfo, SingularOperatorError, WarmStart, fixed_point, linear_solve
 from .layers import DEQ
 from .solvers import ConvergenceError, ConvergenceWarning, SolveInfo, register_solver
 
@@ -15,6 +15,7 @@ __all__ = [
     "FixedPointInfo",
     "SingularOperatorError",
     "SolveInfo",
+    "WarmStart",
     "fixed_point",
     "linear_solve",
     "register_solver",

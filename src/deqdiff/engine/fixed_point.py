@@ -26,6 +26,7 @@ from .functional import forbid_nested_forward, jvp_by_vjp, partial_in
 from .linear_solve import solve_with_operator
 from .operators import FixedPointJacobian
 from .structure import infer_rows
+from .warm_start import WarmStart
 from .validation import check_fixed_point_inputs, check_row_params, check_solve_options
 
 __all__ = ["FixedPointSpec", "FixedPointInfo", "fixed_point", "fixed_point_node"]
@@ -57,11 +58,15 @@ class FixedPointSpec:
     info: FixedPointInfo
     row_params: tuple[int, ...] | None = None  # params whose dim 0 indexes the rows (batch_ndim 1)
     first_eval: Tensor | None = None  # f(z0, *params) from input validation, used once by the forward solve
+    warm: WarmStart | None = None  # previous solutions to start from (opt-in)
 
     def operator(self, z: Tensor, params) -> FixedPointJacobian:
         cfg = dict(self.derivative, record=self.info.derivatives.append)
         if self.info.forward is not None:  # Richardson in "auto" gets twice the forward's iterations
-            cfg["richardson_budget"] = 2 * self.info.forward.max_iterations + 10
+            cold = self.info.forward.max_iterations
+            if self.warm is not None:  # a warm forward solve says nothing about a cold start
+                cold, cfg["warm"] = max(cold, self.warm.cold_iterations or 0), self.warm.call()
+            cfg["richardson_budget"] = 2 * cold + 10
         return FixedPointJacobian(self.f, z.shape, self.batch_ndim, config=cfg, row_params=self.row_params)
 
     def vmapped(self, in_dims, size) -> "FixedPointSpec":
@@ -77,7 +82,7 @@ class FixedPointSpec:
             return {k: memo.get(id(v), v) for k, v in opts.items()}
 
         derivative = dict(self.derivative, options=rows(self.derivative["options"]))
-        return replace(self, f=f, batch_ndim=self.batch_ndim + 1, row_params=None, first_eval=None,
+        return replace(self, f=f, batch_ndim=self.batch_ndim + 1, row_params=None, first_eval=None, warm=None,
                        options=rows(self.options), derivative=derivative)
 
 
@@ -104,6 +109,8 @@ def _forward_solve(spec: FixedPointSpec, z0: Tensor, params) -> Tensor:
             store_trajectory=spec.store_trajectory, **spec.options,
         )
     spec.info.forward = info
+    if spec.warm is not None:
+        spec.warm.store_forward(z.reshape(shape), info.max_iterations)
     report_failure(info, spec.on_fail, "fixed-point forward solve")
     return z.reshape(shape)
 
@@ -185,6 +192,7 @@ def fixed_point(
     backward_max_iter: int | None = None,
     backward_options: dict | None = None,
     row_params: tuple[int, ...] | None | bool = None,
+    warm_start: WarmStart | None = None,
     **options,
 ):
     """Return z* with ``z* = f(z*, *params)``, differentiable to every order in ``params``.
@@ -213,9 +221,18 @@ def fixed_point(
     found by the same probe (params whose gradient stays in the probed samples' rows);
     ``row_params=False`` turns row subsets off.
 
+    ``warm_start`` (a :class:`~deqdiff.engine.warm_start.WarmStart`, passed at every call of
+    a training loop that solves the same samples again): the forward solve starts from the
+    previous z* and each derivative solve from the previous solution of the same solve; the
+    derivatives are unchanged to tolerance (they depend on z*, not on the start).
+
     With ``return_info=True`` returns ``(z*, FixedPointInfo)``; its ``derivatives`` list
     fills as autograd runs derivative solves through this fixed point.
     """
+    if warm_start is not None:
+        if not isinstance(warm_start, WarmStart):
+            raise TypeError(f"warm_start must be a deqdiff.WarmStart, got {type(warm_start).__name__}")
+        z0 = warm_start.initial_state(z0)
     first_eval = check_fixed_point_inputs(f, z0, params, 0 if batch_ndim is None else batch_ndim)
     check_solve_options(z0.dtype, tol=tol, atol=atol, max_iter=max_iter, on_fail=on_fail)
     check_solve_options(z0.dtype, tol=tol if backward_tol is None else backward_tol,
@@ -242,7 +259,7 @@ def fixed_point(
     spec = FixedPointSpec(
         f=f, batch_ndim=batch_ndim, solver=solver, tol=tol, atol=atol, max_iter=max_iter,
         options=options, on_fail=on_fail, store_trajectory=store_trajectory,
-        derivative=derivative, info=info, row_params=row_params, first_eval=first_eval,
+        derivative=derivative, info=info, row_params=row_params, first_eval=first_eval, warm=warm_start,
     )
     z = fixed_point_node(spec, z0, params)
     return (z, info) if return_info else z

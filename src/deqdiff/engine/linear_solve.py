@@ -40,8 +40,12 @@ def _numeric_solve(op: LinearOperator, b: Tensor, params) -> Tensor:
         if name == ITERATIVE_AUTO:
             solve = partial(_iterative_auto, bound, budget=cfg.get("richardson_budget"))
         else:
-            solve = partial(get_solver(name, "linear"), bound, x0=None, **cfg.get("options", {}))
-        x, info = solve_linear_rescaled(solve, rows, **kw)
+            solve = partial(get_solver(name, "linear"), bound, **cfg.get("options", {}))
+        warm = cfg.get("warm")
+        key = None if warm is None else warm.key(op.transposed, rows)
+        x, info = solve_linear_rescaled(solve, rows, x0=None if warm is None else warm.start(key), **kw)
+        if warm is not None:
+            warm.store(key, x)
     info.kind = cfg.get("kind", "linear") + (" (transposed)" if op.transposed else "")
     if cfg.get("record") is not None:
         cfg["record"](info)
@@ -75,7 +79,8 @@ def _pick_solver(name, op: BoundOperator):
     return ITERATIVE_AUTO
 
 
-def _iterative_auto(op: BoundOperator, b: Tensor, *, budget: int | None, tol: float, atol, max_iter: int):
+def _iterative_auto(op: BoundOperator, b: Tensor, x0: Tensor | None = None, *, budget: int | None, tol: float,
+                    atol, max_iter: int):
     """Richardson x ← b + J x (it converges at the rate ρ(∂f/∂z) of a Picard forward solve,
     and only where that is < 1), then the rows still above tolerance are finished on their
     own. Where ``A`` restricts to rows of N ≤ 256 unknowns: Richardson runs at most N
@@ -92,7 +97,7 @@ def _iterative_auto(op: BoundOperator, b: Tensor, *, budget: int | None, tol: fl
     dense_tail = op.can_restrict and N <= DENSE_TAIL_MAX_ROW_SIZE
     if dense_tail:
         steps = min(max_iter, max(16, N))
-    x, info = get_solver("richardson", "linear")(op, b, None, tol=tol, atol=atol, max_iter=steps)
+    x, info = get_solver("richardson", "linear")(op, b, x0, tol=tol, atol=atol, max_iter=steps)
     if info.all_converged:
         return x, info
     rows = (~info.converged).nonzero().flatten()

@@ -95,11 +95,14 @@ def solve_forward_rescaled(solver: Callable, g: Callable, z0: Tensor, gz0: Tenso
     return z * s[:, None], _rescale_info(info, s, atol)
 
 
-def solve_linear_rescaled(solve: Callable, b: Tensor, *, atol: float = 0.0, **kwargs) -> tuple[Tensor, SolveInfo]:
-    """Run ``solve(b, atol=…, **kwargs)`` for ``A x = b`` on ``(S, N)`` rows, with the rows of
-    ``b`` whose norm is outside the safe band brought to norm ≈ 1 (x is linear in b)."""
+def solve_linear_rescaled(solve: Callable, b: Tensor, *, x0: Tensor | None = None, atol: float = 0.0,
+                          **kwargs) -> tuple[Tensor, SolveInfo]:
+    """Run ``solve(b, x0, atol=…, **kwargs)`` for ``A x = b`` on ``(S, N)`` rows, with the rows of
+    ``b`` (and of the initial guess ``x0``) whose norm is outside the safe band brought to
+    norm ≈ 1 (x is linear in b)."""
     s = row_scales(row_norm(b))
     if s is None:
-        return solve(b, atol=atol, **kwargs)
-    x, info = solve(b / s[:, None], atol=_atol_rows(atol, s), **kwargs)
+        return solve(b, x0, atol=atol, **kwargs)
+    x0 = None if x0 is None else x0 / s[:, None]
+    x, info = solve(b / s[:, None], x0, atol=_atol_rows(atol, s), **kwargs)
     return x * s[:, None], _rescale_info(info, s, atol)
