@@ -152,3 +152,30 @@ def test_unrolled_baseline_records_the_same_solver_and_its_options():
     model.deq.solver_options["m"] = 0  # reaches the solver: Anderson rejects it
     with pytest.raises(ValueError, match="memory m"):
         model(torch.rand(4, 1))
+
+
+def test_a_non_finite_gradient_skips_the_update_and_is_recorded():
+    from deqdiff.physics.losses import LossTerms
+    from deqdiff.physics.training import Phase, Trainer
+
+    model = torch.nn.Linear(2, 1)
+    poison = [False]  # as a failed derivative solve would: a finite loss with a NaN gradient
+    model.weight.register_hook(lambda g: torch.full_like(g, float("nan")) if poison[0] else g)
+
+    def loss_fn(model, batch, gen):
+        out = model(batch).pow(2).mean()
+        return LossTerms(out, {"total": float(out)})
+
+    trainer = Trainer(model, loss_fn, lambda gen, k: torch.randn(8, 2, generator=gen),
+                      [Phase("adam", 3, lambda p: torch.optim.Adam(p, lr=1e-2))])
+    trainer.run(1)
+    before = [p.detach().clone() for p in model.parameters()]
+    poison[0] = True
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        trainer.run(1)
+    assert trainer.history[-1]["skipped"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    poison[0] = False
+    trainer.run(1)
+    assert not trainer.history[-1]["skipped"]
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -44,6 +45,10 @@ class Phase:
     def __post_init__(self):
         if self.steps < 0:
             raise ValueError(f"phase {self.name!r}: steps must be ≥ 0, got {self.steps}")
+
+
+def _grads_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
 
 
 class Trainer:
@@ -92,6 +97,7 @@ class Trainer:
         t0, c0 = time.perf_counter(), time.process_time()
         batch = self.sample_fn(self.generator, self.step_count)
         first: list[LossTerms] = []
+        skipped: list[bool] = []
 
         def closure():
             self.optimizer.zero_grad(set_to_none=True)
@@ -100,6 +106,14 @@ class Trainer:
             if not torch.isfinite(out.total):
                 raise FloatingPointError(f"loss became {float(out.total)} at step {self.step_count}: "
                                          "lower the learning rate or check the data")
+            if not _grads_finite(self.model):
+                # a derivative solve that failed (reported by its own ConvergenceWarning, e.g.
+                # where I − ∂f/∂z is nearly singular) would write NaN into every weight: skip
+                # this update, as mixed-precision loss scaling does with an overflowed gradient
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped.append(True)
+                warnings.warn(f"step {self.step_count}: non-finite gradient; the optimizer step is skipped",
+                              RuntimeWarning, stacklevel=2)
             if self.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             if not first:
@@ -110,12 +124,13 @@ class Trainer:
             self.optimizer.step(closure)
         else:
             closure()
-            self.optimizer.step()
+            if not skipped:
+                self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scheduler is not None:
             self.scheduler.step()
         rec = dict(first[0].terms, step=self.step_count, phase=self.phases[self.phase_index].name, lr=lr,
-                   time=time.perf_counter() - t0, cpu_time=time.process_time() - c0)
+                   time=time.perf_counter() - t0, cpu_time=time.process_time() - c0, skipped=bool(skipped))
         self.history.append(rec)
         self.step_count += 1
         return rec

@@ -297,7 +297,8 @@ def _history_stats(history: list[dict]) -> dict:
     out = {"epochs": len(history), "epoch_time_mean_s": float(times.mean()) if times.size else None,
            "epoch_cpu_time_mean_s": float(cpu.mean()) if cpu.size else None, "train_cpu_time_s": float(cpu.sum()),
            "epoch_time_median_s": float(np.median(times)) if times.size else None,
-           "train_time_s": float(times.sum())}
+           "train_time_s": float(times.sum()),
+           "skipped_steps": sum(bool(h.get("skipped")) for h in history)}  # non-finite gradients
     if history and "iters_mean" in history[0]:
         it = np.array([h["iters_mean"] for h in history])
         out.update(solver_iters_mean=float(it.mean()), solver_iters_last=float(it[-1]),
