@@ -1,4 +1,4 @@
-"""Timings of the analysis toolkit (issue 7): the default ``deqdiff analyze landscape`` run and
+"""Timings of the analysis toolkit: the default ``deqdiff analyze landscape`` run and
 the empirical NTK of 500 samples.
 
     python benchmarks/bench_analysis.py [--out analysis_out] [--quick]

@@ -1,5 +1,5 @@
 """The DEQ loss Hessian: split formulas vs. double backward vs. unrolled autodiff, and the
-Lanczos spectrum of a trained small DEQ (issue 4, seed 000).
+Lanczos spectrum of a trained small DEQ (Gauss–Newton + dynamics-curvature split).
 
 Run from the repository root::
 
@@ -14,7 +14,7 @@ widths n = 64, 128, 256, float64, every method at the same tolerance ``TOL`` (fo
 ‖f(z)−z‖ ≤ TOL‖f(z)‖ per sample; derivative solves ‖b − Ax‖ ≤ TOL‖b‖):
 
 * ``split``: ``deqdiff.fixed_point`` (no graph) + ``LossHessian(...).hvp(v)`` — λ (1 adjoint
-  solve) and the product (1 forward + 1 adjoint solve), seed 000's Term A + Term B;
+  solve) and the product (1 forward + 1 adjoint solve), Term A (Gauss–Newton) + Term B (dynamics curvature);
 * ``split/dense``: the same with ``solver="dense"`` (one batched LU of I − J shared by the
   three solves; ``auto`` already does this for n ≤ 64, so the row is shown for n > 64);
 * ``split/product``: one more product with λ cached (the per-step cost inside Lanczos);
@@ -398,7 +398,7 @@ def fmt_ms(s: float) -> str:
 
 def render(res: dict) -> str:
     meta = res["meta"]
-    out = ["## Derivatives: loss-Hessian products and the Hessian spectrum (issue 4)\n",
+    out = ["## Derivatives: loss-Hessian products and the Hessian spectrum\n",
            f"Command: `{meta['command']}` ({meta['date']}, torch {meta['torch']}, {meta['machine']}, "
            f"OMP_NUM_THREADS=1 per worker, float64, tol {meta['tol']:g}, batch {meta['batch']}, "
            f"{meta['repeats']} timed repeats (median), wall {meta.get('wall_s', '?')} s; 1-min load average "

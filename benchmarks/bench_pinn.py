@@ -15,7 +15,7 @@ Results: ``benchmarks/results/pinn.json`` (``pinn_quick.json``, ``pinn_cuda.json
 markdown section ``benchmarks/results/pinn.md`` (written after every section, so an
 interrupted run keeps what it measured; ``--merge`` adds sections to an earlier run).
 
-Step (issue 5, item 2; Pacheco 2022): Van der Pol (μ = 1, y(0) = (0, 0.1), t ∈ [0, 2]), model
+Step (Pacheco 2022): Van der Pol (μ = 1, y(0) = (0, 0.1), t ∈ [0, 2]), model
 ``y = C z* + c + D t``, ``z* = tanh(A z* + U t + b)`` with 80 states (``deqdiff.physics.PIDEQ``),
 loss ``mean‖y(0) − y0‖² + 0.1·mean‖dy/dt − F(y)‖² + κ·mean‖∂f/∂z‖_F`` (κ = 1) at ``--points``
 collocation points, and its gradient w.r.t. every weight. ``dy/dt`` needs the derivative of z*

@@ -41,7 +41,7 @@ class FCNet(nn.Module):
 
 
 class MonCell(nn.Module):
-    """Forward-backward splitting map of a monotone DEQ (seed 003 eq. 3.5):
+    """Forward-backward splitting map of a monotone DEQ (Nguyen 2022 eq. 3.5):
     f(z, x) = relu(z − α((I − W) z − U x)),  W = (1 − m) I − AᵀA + B − Bᵀ."""
 
     def __init__(self, n: int, d: int, m: float = 1.0, alpha: float = 0.5, scale: float = 0.3):
@@ -64,7 +64,7 @@ class MonCell(nn.Module):
 
 
 class MonNet(nn.Module):
-    """Scalar-output monotone DEQ ŷ = uᵀz* (seed 003 Definition 3.2.1)."""
+    """Scalar-output monotone DEQ ŷ = uᵀz* (Nguyen 2022 Definition 3.2.1)."""
 
     def __init__(self, d=4, n=12, m=1.0, alpha=0.5):
         super().__init__()

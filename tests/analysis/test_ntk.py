@@ -75,7 +75,7 @@ def test_ntk_symmetric_psd_and_cross_kernel():
 
 
 def test_lambda_min_of_scalar_ntk_is_at_least_sigma_min_squared():
-    """The u-block of K is ZᵀZ (seed 003 eq. 3.14): λ_min(K) ≥ σ_min(Z)² when width ≥ N."""
+    """The u-block of K is ZᵀZ (Nguyen 2022 eq. 3.14): λ_min(K) ≥ σ_min(Z)² when width ≥ N."""
     torch.manual_seed(2)
     model = MonNet(d=4, n=12)
     X = torch.randn(8, 4)

@@ -1,4 +1,4 @@
-"""Item 4: the loss Hessian split into Term A (Gauss–Newton) and Term B (dynamics), seed 000,
+"""Item 4: the loss Hessian split into Term A (Gauss–Newton) and Term B (dynamics), the Gauss–Newton + dynamics-curvature split,
 against torch.func.hessian through unrolled autodiff, the seed's block formula with explicit
 matrices, and finite differences of the engine's gradient."""
 
@@ -54,7 +54,7 @@ def unrolled_hessian(z0, params, loss):
 
 
 def block_formula(z0, z, params, loss):
-    """Seed 000 with explicit matrices: Z from unrolled autodiff, J = ∂f/∂h dense, λ by
+    """The Hessian split with explicit matrices: Z from unrolled autodiff, J = ∂f/∂h dense, λ by
     torch.linalg.solve, ∇²S by torch.func.hessian of S(θ, h) = λᵀ f(h, θ)."""
     A, B, x, b = params
     th = flat_theta(A, B, b)
@@ -220,7 +220,7 @@ def _split_head(th, A, b, C, c):
 
 
 def test_head_terms_match_explicit_matrices_and_unrolled_hessian(head_problem, monkeypatch):
-    """With y = C z* + c and cross-entropy: gauss_newton = J_yᵀ∇²ℓJ_y, dynamics = seed 000
+    """With y = C z* + c and cross-entropy: gauss_newton = J_yᵀ∇²ℓJ_y, dynamics = the Gauss–Newton + dynamics-curvature split
     Term B on the θ-block, head = Kᵀ(Σ ∂ℓ/∂y_i ∇²y_i)K — each with explicit matrices; their sum =
     torch.func.hessian through unrolled iterations of the full parameter vector."""
     z0, z, (A, B, x, b), C, c = head_problem

@@ -1,5 +1,5 @@
 """Item 1: DEQ Jacobian products and dense matrices against the dense IFT formula
-(seed 001, eq. deq-jacobian, explicit matrices + torch.linalg.solve) and unrolled autodiff."""
+(Pacheco 2023, eq. deq-jacobian, explicit matrices + torch.linalg.solve) and unrolled autodiff."""
 
 from __future__ import annotations
 

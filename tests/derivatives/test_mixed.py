@@ -1,4 +1,4 @@
-"""Item 2: the mixed derivative H_{z*,tx} = ∂²z*/∂t∂x (seed 001, eq. hessian-t, sign
+"""Item 2: the mixed derivative H_{z*,tx} = ∂²z*/∂t∂x (Pacheco 2023, eq. hessian-t, sign
 corrected) against an explicit dense formula, finite differences of J_{z*,t} and unrolled
 autodiff; the gradient of a loss on ∂NN/∂t through a post-network."""
 
@@ -115,7 +115,7 @@ def test_general_second_directional_derivative(gen, monkeypatch):
 
 
 def test_gradient_of_loss_on_time_derivative_through_post_network(gen, monkeypatch):
-    """ℓ(∂NN/∂t), NN = n_post(z*), gradient w.r.t. DEQ and post-network weights (seed 001)."""
+    """ℓ(∂NN/∂t), NN = n_post(z*), gradient w.r.t. DEQ and post-network weights (Pacheco 2023)."""
     z0, p = make_time_problem(gen, batch=5)
     A, U, a, b, x, t = p
     W = torch.randn(2, 4, generator=gen)

@@ -1,4 +1,5 @@
-"""Analysis of deep equilibrium models (seed 003, chapters 3–4): convergence of the forward
+"""Analysis of deep equilibrium models (Nguyen Ngoc Hieu 2022, "An analysis of applying neural
+tangent kernels for deep equilibrium models", chapters 3–4; cited as Nguyen 2022): convergence of the forward
 solve, trajectories, the empirical NTK and the linear-rate bound, loss-Hessian spectra and
 filter-normalized loss landscapes. One module per tool; figures in :mod:`.plotting`; the
 command line is ``deqdiff analyze``."""

@@ -1,4 +1,4 @@
-"""Spectra of the loss Hessian of a DEQ model and of its two parts (seed 000), by Lanczos on the
+"""Spectra of the loss Hessian of a DEQ model and of its two parts (Gauss–Newton and dynamics curvature), by Lanczos on the
 matrix-free products of ``deqdiff.derivatives.LossHessian``:
 
     H = Zᵀ(∇²_z L)Z  [Gauss–Newton, Term A]  +  [I; Z]ᵀ ∇²_{(θ,z)} (λᵀf) [I; Z]  [dynamics, Term B]

@@ -1,4 +1,4 @@
-"""Loss landscapes along filter-normalized random directions (Li et al. 2018; seed 003 §4.2).
+"""Loss landscapes along filter-normalized random directions (Li et al. 2018; Nguyen 2022 §4.2).
 
     Φ(α) = L(θ* + α d₁),     Φ(α, β) = L(θ* + α d₁ + β d₂)
 

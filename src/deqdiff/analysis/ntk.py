@@ -1,9 +1,9 @@
-"""Empirical neural tangent kernel of DEQ models and the linear-rate bound of seed 003, ch. 3.
+"""Empirical neural tangent kernel of DEQ models and the linear-rate bound of Nguyen 2022, ch. 3.
 
-* Θ(x, x') = J_θ y(x) J_θ y(x')ᵀ (seed 003 §2.6, eq. 3.7's K for a scalar output) with the
+* Θ(x, x') = J_θ y(x) J_θ y(x')ᵀ (Nguyen 2022 §2.6, eq. 3.7's K for a scalar output) with the
   per-sample Jacobians J_θ y(x) ∈ R^{C×P} taken by ``torch.func.jacrev`` through the model,
   vmapped over samples. Through the DEQ, every row of J is the engine's implicit adjoint solve
-  (I − ∂f/∂z)ᵀ w = ∂y/∂z* at z* (seed 001, eq. deq-backward-fixed-point), never an unrolled
+  (I − ∂f/∂z)ᵀ w = ∂y/∂z* at z* (Pacheco 2023, eq. deq-backward-fixed-point), never an unrolled
   backpropagation through solver iterations.
 * λ₀ = σ_min(Z(0)), Z = [z*(x₁) … z*(x_N)] ∈ R^{n×N} (Theorem 3.3.1). For a scalar output
   ŷ = uᵀz*, the u-block of the kernel is ZᵀZ, so λ_min(Θ) ≥ σ_min(Z)² when n ≥ N (eq. 3.14).
@@ -77,7 +77,7 @@ def ntk_spectrum(K: Tensor) -> Tensor:
 
 
 def equilibrium_matrix(model: nn.Module, x: Tensor, **overrides) -> Tensor:
-    """``Z (n, S)``: the equilibria z*(x_i) (flattened) as columns (seed 003 eq. 3.6)."""
+    """``Z (n, S)``: the equilibria z*(x_i) (flattened) as columns (Nguyen 2022 eq. 3.6)."""
     with torch.no_grad():
         z = capture_equilibrium(model, x, **overrides).z_star
     return z.reshape(z.shape[0], -1).T.detach()
@@ -109,7 +109,7 @@ def ntk_summary(K: Tensor, *, top: int = 20) -> dict:
     }
 
 
-# --- the linear-rate bound of seed 003 ch. 3 -------------------------------------------------
+# --- the linear-rate bound of Nguyen 2022 ch. 3 -------------------------------------------------
 
 def _scalar_output(model: nn.Module, x: Tensor) -> Tensor:
     y = model(x)

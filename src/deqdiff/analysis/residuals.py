@@ -1,4 +1,4 @@
-"""Convergence of the forward solve: relative residual curves (thesis eq. 4.2, seed 003 §4.1).
+"""Convergence of the forward solve: relative residual curves (thesis eq. 4.2, Nguyen 2022 §4.1).
 
 For an input x and solver iterates z^[k] the relative residual is
 

@@ -1,4 +1,4 @@
-"""Solver trajectories of many inputs in a 2D PCA plane (thesis Figs. 4.2, 4.3; seed 003 §4.1.2).
+"""Solver trajectories of many inputs in a 2D PCA plane (thesis Figs. 4.2, 4.3; Nguyen 2022 §4.1.2).
 
 The iterates z^[0], z^[1], … of the forward solve of every input are flattened to vectors,
 a principal component analysis is fitted on all of them together (one plane per model /

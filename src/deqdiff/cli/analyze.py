@@ -1,4 +1,4 @@
-"""``deqdiff analyze <tool>``: the analyses of seed 003 (chapters 3–4) on small digits models.
+"""``deqdiff analyze <tool>``: the analyses of Nguyen 2022 (chapters 3–4) on small digits models.
 
 Tools: ``residuals`` (eq. 4.2 curves, Fig. 4.1), ``trajectories`` (PCA of solver iterates,
 Figs. 4.2/4.3), ``ntk`` (empirical NTK over training, λ₀ = σ_min(Z), the linear-rate check of
@@ -247,7 +247,7 @@ def _ntk(args, out: Path) -> list:
 
 def _rate_check(args) -> dict:
     """A wide scalar-output monotone DEQ (width n ≥ N) on N digits (0 → −1, 1 → +1, unit-norm
-    inputs) trained by full-batch GD on ½‖ŷ − y‖² (seed 003 §3.2) in float64."""
+    inputs) trained by full-batch GD on ½‖ŷ − y‖² (Nguyen 2022 §3.2) in float64."""
     import torch
 
     from ..analysis.ntk import empirical_ntk, linear_rate_check

@@ -6,6 +6,13 @@ z, tensors or pytrees of tensors (a dict of module parameters) — and selects d
 with ``argnums`` as in ``torch.func``. Every derivative is one or a few linear solves with
 ``I − ∂f/∂z`` at z* through the engine (``deqdiff.linear_solve``'s operator machinery);
 the count is stated per function and in docs/derivatives.md.
+
+References cited in this package: Pacheco 2023, "Second derivative (and further) of deep
+equilibrium/implicit models" (equations named deq-jacobian, deq-backward-fixed-point,
+hessian-t); Schraudolph 2002, "Fast curvature matrix-vector products for second-order
+gradient descent" (Gauss–Newton); Wang, Navon, Le Dimet & Zou 1992, "The second order
+adjoint analysis"; Nguyen Ngoc Hieu 2022, "An analysis of applying neural tangent kernels
+for deep equilibrium models" (cited as Nguyen 2022).
 """
 
 from .hessian import LossHessian

@@ -7,7 +7,7 @@ for small rows, one LU shared by all the solves of a product), and z* is re-ente
 ``deqdiff.fixed_point`` so that results keep their dependence on the parameters through z*
 (graphs for a further ``torch.autograd.grad``). No solver loop lives here.
 
-Seed 001, eq. deq-jacobian:  ``J_{z*} = −[J_{f,z} − I]⁻¹ J_{f,x} = (I − J)⁻¹ ∂f/∂x``.
+Pacheco 2023, eq. deq-jacobian:  ``J_{z*} = −[J_{f,z} − I]⁻¹ J_{f,x} = (I − J)⁻¹ ∂f/∂x``.
 """
 
 from __future__ import annotations
@@ -286,11 +286,11 @@ class Equilibrium:
 
     # --- Z = dz*/dθ = (I − J)⁻¹ ∂f/∂θ -------------------------------------------------------
     def z_tangent(self, leaf_dots: Sequence[Tensor | None]) -> Tensor:
-        """``Z θ̇ = (I − J)⁻¹ ∂f/∂θ θ̇`` — one forward solve (seed 001, eq. deq-jacobian)."""
+        """``Z θ̇ = (I − J)⁻¹ ∂f/∂θ θ̇`` — one forward solve (Pacheco 2023, eq. deq-jacobian)."""
         return self.solve(self.f_jvp(None, leaf_dots))
 
     def z_cotangent(self, w: Tensor, idx: Sequence[int]) -> tuple[Tensor, ...]:
-        """``Zᵀ w = (∂f/∂θ)ᵀ (I − J)⁻ᵀ w`` — one adjoint solve (seed 001, eq.
+        """``Zᵀ w = (∂f/∂θ)ᵀ (I − J)⁻ᵀ w`` — one adjoint solve (Pacheco 2023, eq.
         deq-backward-fixed-point)."""
         return self.f_vjp(self.solve_T(w), idx)
 

@@ -1,12 +1,13 @@
-"""The Hessian of a loss ``L(z*(θ))`` w.r.t. the parameters θ, split as in seed 000:
+"""The Hessian of a loss ``L(z*(θ))`` w.r.t. the parameters θ, split into a loss-curvature
+(Gauss–Newton) term and a dynamics-curvature term:
 
     H = Term A + Term B,
     Term A = Zᵀ (∇²_h L) Z                      (loss curvature, Gauss–Newton; Z = dh*/dθ)
     Term B = [I; Z]ᵀ ∇²_{(θ,h)} S [I; Z],  S(θ, h) = λᵀ f(h, θ) with λ fixed
                                                  (dynamics curvature)
-    λᵀ = ∇_h Lᵀ (I − J)⁻¹                        (the adjoint, seed 000 §4.2)
+    λᵀ = ∇_h Lᵀ (I − J)⁻¹                        (the adjoint; second-order adjoint method, Wang et al. 1992)
 
-Equivalently (seed 000, factored form) Term B = H^{(λ)}_{θθ} + Zᵀ H^{(λ)}_{hθ} + H^{(λ)}_{θh} Z +
+Equivalently (factored form) Term B = H^{(λ)}_{θθ} + Zᵀ H^{(λ)}_{hθ} + H^{(λ)}_{θh} Z +
 Zᵀ H^{(λ)}_{hh} Z.
 
 **Head on (z*, φ).** With ``head`` the loss is ``ℓ(y)``, ``y = head(h*, *head_params)``, and θ
@@ -17,8 +18,8 @@ is extended by the head's parameters φ (e.g. a linear classifier ``y = C h* + c
       + [I; Z]ᵀ ∇²_{(θ,h)} S [I; Z]  (θ-block only)    "dynamics", λ = (I − J)⁻ᵀ (∂y/∂h)ᵀ ∇ℓ
       + Kᵀ (Σ_i ∂ℓ/∂y_i ∇²_{(h,φ)} y_i) K              "head" (zero without a head)
 
-Seed 000's Term A for ``L(h, φ) = ℓ(head(h, φ))`` is ``gauss_newton + head``; without a head
-(``y = h``) the split is exactly seed 000's.
+Term A for ``L(h, φ) = ℓ(head(h, φ))`` is ``gauss_newton + head``; without a head (``y = h``)
+Term A is the Gauss–Newton matrix (Schraudolph 2002) and the split is exactly A + B.
 
 Costs (``Z v`` is one forward solve, ``Zᵀ w`` one adjoint solve; λ is one adjoint solve
 made once in the constructor and reused by every product):

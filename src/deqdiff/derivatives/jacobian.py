@@ -1,8 +1,8 @@
-"""The DEQ Jacobian ``J_{z*} = dz*/dθ = (I − J)⁻¹ ∂f/∂θ`` (seed 001, eq. deq-jacobian):
+"""The DEQ Jacobian ``J_{z*} = dz*/dθ = (I − J)⁻¹ ∂f/∂θ`` (Pacheco 2023, eq. deq-jacobian):
 matrix-free products and a dense matrix for small problems.
 
 * ``deq_jvp``:  ``Z θ̇ = (I − J)⁻¹ (∂f/∂θ θ̇)`` — **1 forward solve**;
-* ``deq_vjp``:  ``Zᵀ z̄ = (∂f/∂θ)ᵀ w``, ``(I − J)ᵀ w = z̄`` (seed 001, eq.
+* ``deq_vjp``:  ``Zᵀ z̄ = (∂f/∂θ)ᵀ w``, ``(I − J)ᵀ w = z̄`` (Pacheco 2023, eq.
   deq-backward-fixed-point) — **1 adjoint solve**;
 * ``deq_jacobian``: the dense Z, one batched adjoint solve with one right-hand side per
   output coordinate (one LU shared by all of them for rows of ≤ 64 unknowns).

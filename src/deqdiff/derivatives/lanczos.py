@@ -1,5 +1,5 @@
 """Extreme eigenvalues of a symmetric operator given only by its products — the spectrum of
-the DEQ loss Hessian and of each of its terms (seed 000: Term A, Term B, total) — by
+the DEQ loss Hessian and of each of its terms (Term A: Gauss–Newton, Term B: dynamics curvature, total) — by
 Lanczos with full reorthogonalization.
 
 Each Lanczos step costs one product, i.e. 2 linear solves for a :class:`LossHessian` term

@@ -1,7 +1,7 @@
 """Second derivatives of z*: the general ``D²z*[u, v]`` and the mixed derivative
-``H_{z*,tx} = ∂²z*/∂t∂x`` for a scalar variable t (seed 001, eq. hessian-t), as products
+``H_{z*,tx} = ∂²z*/∂t∂x`` for a scalar variable t (Pacheco 2023, eq. hessian-t), as products
 ``v ↦ H v`` and ``u ↦ uᵀH``, dense for small problems, and the gradient of a loss on
-``∂NN/∂t`` for ``NN = n_post ∘ z*`` (seed 001, "Computing gradients through derivatives
+``∂NN/∂t`` for ``NN = n_post ∘ z*`` (Pacheco 2023, "Computing gradients through derivatives
 of DEQs").
 
 Differentiating ``(I − J) z_v = ∂f/∂θ · v`` once more along ``u`` gives
@@ -74,7 +74,7 @@ def _time_direction(eq: Equilibrium, t_argnum: int, t_tangent, z_t: Tensor | Non
 
 def mixed_jvp(f: Callable, z_star: Tensor, params: Sequence[Any], t_argnum: int, x_argnums, v, *,
               t_tangent=None, z_t: Tensor | None = None, **solve_options) -> Tensor:
-    """``H_{z*,tx} v = ∂/∂x (∂z*/∂t) · v`` (seed 001, eq. hessian-t; sign as corrected in the
+    """``H_{z*,tx} v = ∂/∂x (∂z*/∂t) · v`` (Pacheco 2023, eq. hessian-t; sign as corrected in the
     module docstring). ``t = params[t_argnum]`` (a scalar, or a per-sample tensor: the
     default ``t_tangent`` is ``ones_like(t)``); ``v`` has the structure of
     ``params[x_argnums]``. 3 solves: ``z_t``, ``Z_x v``, the final one (2 when ``z_t`` is
@@ -120,7 +120,7 @@ def derivative_loss_grad(f: Callable, z_star: Tensor, params: Sequence[Any], t_a
                          n_post: Callable, loss: Callable[[Tensor], Tensor], *, post_params: Sequence[Tensor] = (),
                          t_tangent=None, create_graph: bool = False, **solve_options):
     """Value and gradient of ``ℓ(∂NN/∂t)`` with ``NN = n_post(z*(t, θ), *post_params)``
-    (seed 001, "Computing gradients through derivatives of DEQs").
+    (Pacheco 2023, "Computing gradients through derivatives of DEQs").
 
     ``∂NN/∂t = J_{n_post} z_t`` and, with ``u = ∇ℓ``,
 

@@ -4,7 +4,7 @@ computed by forward-mode implicit solves and returned **with their graph**, so t
 on them can be differentiated again w.r.t. the weights (``torch.autograd.grad`` /
 ``.backward()``; each further order is again implicit solves run by the engine).
 
-First order (seed 001, eq. deq-jacobian with x = t):  ``(I − J) z_t = f_t``.
+First order (Pacheco 2023, eq. deq-jacobian with x = t):  ``(I − J) z_t = f_t``.
 Second order: differentiating ``(I − J) z_t = f_t`` along t once more,
 
     (I − J) z_tt = f_tt + 2 f_tz z_t + f_zz[z_t, z_t] = D²f[(z_t, ṫ), (z_t, ṫ)],

@@ -1,9 +1,9 @@
 """The fixed-point node ``z* = f(z*, θ)``, differentiable to every order by implicit solves.
 
-By the implicit function theorem (seed 001, eq. deq-jacobian), with ``J = ∂f/∂z`` at z*:
+By the implicit function theorem (Pacheco 2023, eq. deq-jacobian), with ``J = ∂f/∂z`` at z*:
 
 * forward mode:  ``ż = (I − J)⁻¹ (∂f/∂θ · θ̇)``;
-* reverse mode:  ``wᵀ = wᵀJ + z̄ᵀ`` (seed 001, eq. deq-backward-fixed-point), ``θ̄ = wᵀ ∂f/∂θ``.
+* reverse mode:  ``wᵀ = wᵀJ + z̄ᵀ`` (Pacheco 2023, eq. deq-backward-fixed-point), ``θ̄ = wᵀ ∂f/∂θ``.
 
 The solves go through the differentiable ``linear_solve`` with ``A = I − J(z*, θ)`` whose
 parameters are ``(z*, θ)``; z* itself is this node's output, so differentiating a

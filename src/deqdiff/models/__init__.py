@@ -1,7 +1,7 @@
 """DEQ models following the model protocol: each exposes ``model.deq`` (a ``deqdiff.DEQ``) and
 ``model(x, **solver_overrides)``.
 
-* monotone DEQs (Winston & Kolter 2020; seed 003 §2.3.2, §3.2): :mod:`.monotone`,
+* monotone DEQs (Winston & Kolter 2020; Nguyen 2022 §2.3.2, §3.2): :mod:`.monotone`,
   :mod:`.monotone_conv`;
 * convolutional DEQ of eq. 4.1 and its repeat-k counterpart: :mod:`.conv`.
 """

@@ -1,4 +1,4 @@
-"""Convolutional DEQ of thesis eq. 4.1 (seed 003, §4.1) and its weight-tied explicit counterpart.
+"""Convolutional DEQ of thesis eq. 4.1 (Nguyen 2022, §4.1) and its weight-tied explicit counterpart.
 
 The cell is the residual block
 

@@ -1,13 +1,13 @@
-"""Monotone DEQs (Winston & Kolter 2020; seed 003 §2.3.2 and §3.2).
+"""Monotone DEQs (Winston & Kolter 2020; Nguyen 2022 §2.3.2 and §3.2).
 
-The equilibrium ``z* = σ(W z* + U x + b)`` with ``W = (1 − m)I − AᵀA + B − Bᵀ`` (seed 003
+The equilibrium ``z* = σ(W z* + U x + b)`` with ``W = (1 − m)I − AᵀA + B − Bᵀ`` (Nguyen 2022
 Proposition 1, eq. 3.3): for every A, B the symmetric part of ``I − W`` is ``mI + AᵀA ⪰ mI``,
 so the fixed point exists, is unique, and operator splitting finds it
 (:mod:`deqdiff.solvers.splitting`). z* comes out of the generic engine (``deqdiff.DEQ``), so
 every derivative order is an implicit solve; the splitting is only the forward (and
 optionally the derivative) solver.
 
-Lipschitz bounds (seed 003 Proposition 3, Lemma 3.3.3; proof of C.0.3 generalized to a bias):
+Lipschitz bounds (Nguyen 2022 Proposition 3, Lemma 3.3.3; proof of C.0.3 generalized to a bias):
 with ``c = Ux + b`` and σ a prox with σ(0) = 0, monotonicity of ∂f gives
 ``⟨c, z*⟩ ≥ ⟨(I − W) z*, z*⟩ ≥ m‖z*‖²``, so ``‖z*‖ ≤ ‖Ux + b‖/m ≤ (‖U‖₂‖x‖ + ‖b‖)/m``; for two
 inputs (any prox σ) ``‖z₁* − z₂*‖ ≤ ‖U(x₁ − x₂)‖/m``: ``x ↦ z*`` is ``‖U‖₂/m``-Lipschitz.

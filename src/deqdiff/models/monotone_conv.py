@@ -1,4 +1,4 @@
-"""Convolutional monotone DEQ (Winston & Kolter 2020 §4; seed 003 §2.3.2).
+"""Convolutional monotone DEQ (Winston & Kolter 2020 §4; Nguyen 2022 §2.3.2).
 
 ``W = (1 − m)I − AᵀA + B − Bᵀ`` with A, B circular (periodic) k×k convolutions C → C, so
 ``I − W ⪰ mI`` holds as an operator on ``(C, H, W)`` images. Circular convolutions are

@@ -1,9 +1,9 @@
-"""Physics-informed deep equilibrium models (issue 5).
+"""Physics-informed deep equilibrium models.
 
 A model maps inputs ``x`` ``(B, d_in)`` (time, initial state, parameters, space …) to ``y``;
 the physics loss differentiates ``y`` by a column of ``x`` with ``torch.autograd.grad`` through
 :func:`deqdiff.fixed_point`, so ``∂y/∂t`` and the weight gradient of a loss on it are implicit
-solves (seed 001, eqs. deq-jacobian and hessian-t). Modules:
+solves (Pacheco 2023, eqs. deq-jacobian and hessian-t). Modules:
 
 * :mod:`.models` — ``PIDEQ`` (implicit or unrolled), ``MLP``, ``FlowMap`` (conditioned on y0);
 * :mod:`.losses` — ``PhysicsLoss``, ``ode_residual``, ``output_gradient``/``output_tangent``, Jacobian penalties;

@@ -4,9 +4,9 @@
 
 with c = 1 (Burgers) or c = 0 (heat equation u_t = ν u_xx, analytic u = −sin(πx)·e^{−νπ²t}).
 
-Model (issue 5, item 3): ``u(x, t) = C·z* + D·[x, s]`` with ``z* = tanh(A z* + U·[x, s] + b)``
+Model: ``u(x, t) = C·z* + D·[x, s]`` with ``z* = tanh(A z* + U·[x, s] + b)``
 and ``s = 2t/T − 1`` (time scaled to [−1, 1]). The residual needs ``u_t``, ``u_x``, ``u_xx``:
-with ``mode="implicit"`` they come from implicit forward-mode solves (seed 001, eq. deq-jacobian
+with ``mode="implicit"`` they come from implicit forward-mode solves (Pacheco 2023, eq. deq-jacobian
 and its derivative along x: ``(I − J) z_xx = D²f[(z_x, ẋ), (z_x, ẋ)]``, as in
 ``deqdiff.derivatives.time_derivatives``, but with one shared equilibrium for the x and t
 directions and for u itself), kept with their graph, so the gradient of the loss

@@ -1,14 +1,14 @@
 """Physics-informed losses for models ``x ↦ y`` (``(B, d_in) → (B, d_out)``).
 
 The physics term needs ``∂y/∂t`` where ``t`` is a column of the inputs. For a DEQ it is
-``∂y/∂t = ∂n_post/∂z · J_{z*,t}`` with ``J_{z*,t} = (I − J_{f,z})⁻¹ J_{f,t}`` (seed 001,
+``∂y/∂t = ∂n_post/∂z · J_{z*,t}`` with ``J_{z*,t} = (I − J_{f,z})⁻¹ J_{f,t}`` (Pacheco 2023,
 eq. deq-jacobian). By default (``derivative_mode="forward"``, :func:`output_tangent`) it is one
 forward-mode pass with tangent ``e_t`` (``torch.autograd.forward_ad``): through
 :func:`deqdiff.fixed_point` that is one implicit solve ``(I − J) ż = ∂f/∂t`` for all outputs at
 once, and ``y`` comes from the same pass. ``"reverse"`` (:func:`output_gradient`) uses
 ``torch.autograd.grad(y[:, i].sum(), x, create_graph=True)``: one adjoint solve per output
 component. Either is kept in the graph. The gradient of the loss w.r.t. the weights then
-differentiates that derivative once more — seed 001, eq. hessian-t and "Computing gradients
+differentiates that derivative once more — Pacheco 2023, eq. hessian-t and "Computing gradients
 through derivatives of DEQs" — which the engine again does by implicit solves (never by
 unrolling). Because fixed points are
 per sample, the gradient of ``y[:, i].sum()`` w.r.t. ``x`` is ``∂y_i/∂x`` row by row.

@@ -1,4 +1,4 @@
-"""Error metrics against a reference trajectory (issue 5): IAE and relative L2."""
+"""Error metrics against a reference trajectory: IAE and relative L2."""
 
 from __future__ import annotations
 

@@ -6,15 +6,15 @@ the coordinate a physics loss differentiates by (time ``t``, space ``x`` …) is
 ``x``, so ``torch.autograd.grad(y[:, i].sum(), x, create_graph=True)[0][:, j]`` is
 ``∂y_i/∂x_j`` per sample (samples never mix: the DEQ's fixed points are per row).
 
-PIDEQ (Pacheco 2022, the founding work; seed 001, introduction)::
+PIDEQ (Pacheco 2022, the founding work; Pacheco 2023, introduction)::
 
     z* = tanh(A z* + U x + b),     y = C z* + D x + c.
 
 ``mode="implicit"`` (default) solves for z* with :func:`deqdiff.fixed_point` (through
 :class:`deqdiff.DEQ`): derivatives of every order — ``∂y/∂t`` and then the gradient of a loss
-on it w.r.t. the weights (seed 001, eq. hessian-t, "Computing gradients through derivatives
+on it w.r.t. the weights (Pacheco 2023, eq. hessian-t, "Computing gradients through derivatives
 of DEQs") — are implicit linear solves with ``I − ∂f/∂z`` at z*. ``mode="unrolled"`` is the
-founding work's baseline (issue 5, item 4a): the same cell iterated by the solver loop *with
+founding work's baseline: the same cell iterated by the solver loop *with
 autograd recording*, until the same stopping rule ``‖f(z) − z‖ ≤ tol‖f(z)‖`` holds, so every
 derivative backpropagates through all iterations (memory grows with iterations).
 
@@ -226,7 +226,7 @@ class PIDEQ(nn.Module):
 
 
 class MLP(nn.Module):
-    """Explicit PINN: ``depth`` hidden tanh layers of ``width`` units (issue 5, item 4b)."""
+    """Explicit PINN: ``depth`` hidden tanh layers of ``width`` units."""
 
     def __init__(self, in_features: int, out_features: int, width: int = 20, depth: int = 4):
         super().__init__()

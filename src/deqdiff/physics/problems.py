@@ -1,6 +1,6 @@
 """ODE problems and their ``scipy.integrate.solve_ivp`` references.
 
-Van der Pol oscillator (issue 5):  ``ẏ₁ = y₂``,  ``ẏ₂ = μ(1 − y₁²) y₂ − y₁``.
+Van der Pol oscillator:  ``ẏ₁ = y₂``,  ``ẏ₂ = μ(1 − y₁²) y₂ − y₁``.
 """
 
 from __future__ import annotations

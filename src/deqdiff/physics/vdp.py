@@ -1,4 +1,4 @@
-"""The Van der Pol experiment (issue 5): ``ẏ₁ = y₂``, ``ẏ₂ = μ(1 − y₁²)y₂ − y₁``.
+"""The Van der Pol experiment: ``ẏ₁ = y₂``, ``ẏ₂ = μ(1 − y₁²)y₂ − y₁``.
 
 Two setups (``VdPConfig.setup``):
 

@@ -1,8 +1,8 @@
-"""Operator-splitting solvers for monotone DEQs (Winston & Kolter 2020; seed 003 §2.3.2, §3.2.2).
+"""Operator-splitting solvers for monotone DEQs (Winston & Kolter 2020; Nguyen 2022 §2.3.2, §3.2.2).
 
 A monotone DEQ's equilibrium ``z* = σ(W z* + c)`` (``c = Ux + b``) with ``I − W ⪰ mI`` and
 ``σ = prox¹_f`` for a convex closed proper ``f`` is the zero of the operator sum
-``0 ∈ F(z) + ∂f(z)``, ``F(z) = (I − W) z − c`` (seed 003, Problem 1). ``F`` is m-strongly
+``0 ∈ F(z) + ∂f(z)``, ``F(z) = (I − W) z − c`` (Nguyen 2022, Problem 1). ``F`` is m-strongly
 monotone and L-Lipschitz, ``L = ‖I − W‖₂``. Two splittings find it:
 
 * forward–backward (FB):  ``z ← prox^α_f(z − α((I − W) z − c))``; converges linearly for
@@ -379,7 +379,7 @@ class DenseMonotone(MonotoneSplit):
 
 
 def fb_contraction_factor(alpha: float, m: float, L: float) -> float:
-    """Proposition 3 (seed 003 §3.2.2): ``L[T_α] ≤ √(1 − 2αm + α²L²)``; < 1 iff α ∈ (0, 2m/L²)."""
+    """Proposition 3 (Nguyen 2022 §3.2.2): ``L[T_α] ≤ √(1 − 2αm + α²L²)``; < 1 iff α ∈ (0, 2m/L²)."""
     return math.sqrt(max(0.0, 1.0 - 2.0 * alpha * m + alpha**2 * L**2))
 
 
