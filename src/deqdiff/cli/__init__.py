@@ -17,8 +17,9 @@ import sys
 
 from ._common import OneLineParser, UsageError, fail
 
-#: job modules, in the order ``deqdiff --help`` lists them
-JOBS = ("demo", "pinn", "train", "analyze")
+#: job modules, in the order ``deqdiff --help`` lists them (a module's job name is its own; a module
+#: not written yet is skipped)
+JOBS = ("demo", "pinn", "train", "analyze", "lm", "inverse", "operator", "fit_solver")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prog(args: argparse.Namespace) -> str:
     """``deqdiff <job> [<problem or tool>]`` of the parsed command line."""
-    sub = {"pinn": "problem", "analyze": "tool"}.get(args.job)
+    sub = {"pinn": "problem", "analyze": "tool", "inverse": "task", "operator": "problem"}.get(args.job)
     return " ".join(["deqdiff", args.job] + ([str(getattr(args, sub))] if sub and getattr(args, sub, None) else []))
 
 
