@@ -3,7 +3,7 @@
 from . import solvers
 from . import derivatives
 from .engine import FixedPointInfo, SingularOperatorError, WarmStart, fixed_point, linear_solve
-from .layers import DEQ
+from .layers import DEQ, VariationalDropout
 from .solvers import ConvergenceError, ConvergenceWarning, SolveInfo, register_solver
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __all__ = [
     "FixedPointInfo",
     "SingularOperatorError",
     "SolveInfo",
+    "VariationalDropout",
     "WarmStart",
     "fixed_point",
     "linear_solve",

@@ -1,5 +1,6 @@
 """DEQ layers and models built on the engine."""
 
 from .deq import DEQ
+from .dropout import VariationalDropout
 
-__all__ = ["DEQ"]
+__all__ = ["DEQ", "VariationalDropout"]

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..engine import FixedPointInfo, fixed_point
+from .dropout import dropout_modules, reset_dropout_masks
 
 __all__ = ["DEQ"]
 
@@ -77,6 +78,12 @@ class DEQ(nn.Module):
         self._default_checked.add(key)
 
     def forward(self, x: Tensor, z0: Tensor | None = None, **overrides) -> Tensor:
+        z0 = self.init_state(x) if z0 is None else z0
+        if reset_dropout_masks(self.cell):
+            # one variational-dropout mask per solve: draw it now (one cell call) so that it is a
+            # buffer the engine receives as an explicit tensor, not a random draw inside f
+            with torch.no_grad():
+                self.cell(z0.detach(), x.detach())
         names = [n for n, _ in self.cell.named_parameters()] + [n for n, _ in self.cell.named_buffers()]
         values = [p for _, p in self.cell.named_parameters()] + [b for _, b in self.cell.named_buffers()]
         cell = self.cell
@@ -84,8 +91,10 @@ class DEQ(nn.Module):
         def f(z: Tensor, x: Tensor, *tensors: Tensor) -> Tensor:
             return functional_call(cell, dict(zip(names, tensors)), (z, x))
 
-        z0 = self.init_state(x) if z0 is None else z0
         rows = {"row_params": (0,)} if x.ndim and x.shape[0] == z0.shape[0] else {}  # x is per-sample
+        masks = {id(m.mask) for m in dropout_modules(cell) if m.mask is not None and 0 not in m.shared_dims}
+        if rows and masks:  # per-sample dropout masks follow the rows still running, like x
+            rows["row_params"] += tuple(1 + i for i, v in enumerate(values) if id(v) in masks)
         options = {**rows, **self.solver_options, **overrides, "batch_ndim": 1, "return_info": True}
         z, self.last_info = fixed_point(f, z0, x, *values, **options)
         return z
