@@ -62,6 +62,7 @@ def anderson(
     lam: float = 1e-8,
     restart: float | None = 1.0,
     max_restarts: int = 50,
+    mixer: Callable | None = None,
 ) -> tuple[Tensor, SolveInfo]:
     """Anderson acceleration with memory ``m`` ≥ 1, mixing ``beta`` ∈ (0, 1] and relative
     Tikhonov regularization ``lam`` ≥ 0 (see :func:`anderson_weights`); ``restart`` ≥ 1 (or
@@ -74,7 +75,16 @@ def anderson(
     kept up to date one row/column per step instead of being rebuilt. All rows advance in
     lockstep, so the history length m_k is shared; the weights are per row and converged
     rows are frozen. Run with autograd recording (an unrolled baseline) the history is
-    updated out of place, so the recorded loop can be differentiated."""
+    updated out of place, so the recorded loop can be differentiated.
+
+    ``mixer`` (optional) supplies each step's weights and mixing from outside, as the learned
+    solver of Bai, Koltun & Kolter (2022) does (:mod:`deqdiff.solvers.neural`):
+    ``mixer(k, F, res, dF, gram, rhs, gamma, rows, newest) -> (gamma, beta_k)`` receives the
+    running state's residuals ``F`` ``(S, N)`` and their norms ``res`` ``(S,)``, the history
+    ``dF`` ``(S, m_k, N)`` (ring order; column ``newest`` is the latest), its Gram matrix and
+    ΔFᵀF, the least-squares weights ``gamma`` ``(S, m_k)`` and ``rows`` (the batch indices the
+    state holds, None: all), and returns the weights and one mixing β per row ``(S,)`` to use.
+    It is called at every step, the first with an empty history (``m_k = 0``)."""
     if int(m) != m or m < 1:
         raise ValueError(f"anderson memory m must be an integer >= 1, got {m}")
     if not 0.0 < beta <= 1.0:
@@ -105,8 +115,12 @@ def anderson(
         running = track.update(k, z, res, sc, rows)
         if track.finished or k == max_iter:
             break
+        b = beta  # the mixing of this step: a number, or one per row from the mixer
         if k == 0:
-            step = beta * F
+            if mixer is not None:
+                _, b = mixer(k, F, res, dF[:, :0], gram[:, :0, :0], F[:, :0], F[:, :0], rows, 0)
+                b = b[:, None]
+            step = b * F
         else:
             col = (k - 1) % m
             if recorded:  # the previous step's products saved these tensors for backward
@@ -122,15 +136,21 @@ def anderson(
                 dots, rhs = both[..., 0], both[..., 1]
                 gram[:, col, :mk] = dots
                 gram[:, :mk, col] = dots
-                gamma = anderson_weights(gram[:, :mk, :mk], rhs, lam, running)[:, None, :]  # (S, 1, m_k)
-                step = beta * F - torch.bmm(gamma, dM[:, :mk]).squeeze(1)
+                gamma = anderson_weights(gram[:, :mk, :mk], rhs, lam, running)  # (S, m_k)
+                if mixer is not None:
+                    gamma, b = mixer(k, F, res, dF[:, :mk], gram[:, :mk, :mk], rhs, gamma, rows, col)
+                    b = b[:, None]
+                gamma = gamma[:, None, :]  # (S, 1, m_k)
+                step = b * F - torch.bmm(gamma, dM[:, :mk]).squeeze(1)
+                if mixer is not None:  # dM holds ΔZ + βΔF for the loop's β; this step mixes with b
+                    step = step - (b - beta) * torch.bmm(gamma, dF[:, :mk]).squeeze(1)
             if restart is not None:
                 grew = (res > restart * res_prev) & (restarts < max_restarts)
                 if bool(grew.any()):
                     restarts += grew
                     hold = (~grew).to(dF.dtype)[:, None, None]
                     dF, dM, gram = dF * hold, dM * hold, gram * hold  # out of place: a recorded loop saved them
-                    step = torch.where(grew[:, None], beta * F, step)
+                    step = torch.where(grew[:, None], b * F, step)
         z_prev, F_prev, res_prev = z, F, res
         z = torch.where(running[:, None], z + step, z)
         if compact and int(running.sum()) < COMPACT_BELOW * running.numel():
