@@ -20,6 +20,20 @@ def _opt_int(s: str) -> int | None:
 _opt_int.__name__ = "an integer ≥ 0 or 'none'"
 
 
+def _branches(s: str) -> int:
+    v = positive_int(s)
+    if not 2 <= v <= 4:
+        raise argparse.ArgumentTypeError(f"expected 2, 3 or 4 branches, got {s!r}")
+    return v
+
+
+def _unit_interval(s: str) -> float:
+    v = nonneg_float(s)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {s!r}")
+    return v
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows the ``TrainConfig`` default of each setting (the flags default to "not given")."""
 
@@ -38,17 +52,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = TrainConfig()
     p = sub.add_parser(
-        "train", help="train a DEQ (conv, mon, mon-conv) or repeat-k classifier on digits/MNIST/CIFAR-10",
+        "train", help="train a DEQ (conv, mon, mon-conv, mdeq) or repeat-k classifier on digits/MNIST/CIFAR-10",
         description=__doc__, formatter_class=_Help, argument_default=argparse.SUPPRESS,
     )
     # Settings default to "not given" (SUPPRESS), so that --resume can tell the flags given on
     # this command line from the checkpoint's own settings; TrainConfig supplies the defaults.
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="conv | repeat-K (e.g. repeat-6) | mon | mon-conv")
-    g.add_argument("--channels", type=positive_int, help="conv: state channels")
-    g.add_argument("--hidden", type=positive_int, help="conv: hidden channels of W1")
-    g.add_argument("--groups", type=positive_int, help="conv: group-norm groups")
-    g.add_argument("--init-std", type=nonneg_float, help="conv: std of the cell's weights")
+    g.add_argument("--model", help="conv | repeat-K (e.g. repeat-6) | mon | mon-conv | mdeq (multiscale DEQ)")
+    g.add_argument("--channels", type=positive_int, help="conv: state channels; mdeq: channels of the finest branch "
+                   "(doubled per coarser branch)")
+    g.add_argument("--hidden", type=positive_int, help="conv: hidden channels of W1; mdeq: of the finest branch's "
+                   "block (doubled per branch)")
+    g.add_argument("--branches", type=_branches, help="mdeq: resolutions, 2-4 (default: 4 for images of 32 px and "
+                   "more, e.g. CIFAR-10; else 2)")
+    g.add_argument("--dropout", type=_unit_interval, help="mdeq: variational dropout probability (one mask per solve)")
+    g.add_argument("--groups", type=positive_int, help="conv, mdeq: group-norm groups")
+    g.add_argument("--init-std", type=nonneg_float, help="conv, mdeq: std of the cell's weights")
     g.add_argument("--width", type=positive_int, help="monotone: state width/channels")
     g.add_argument("--mon-m", type=positive_float, help="monotone: margin m (I - W >= mI); default: the model's")
     g.add_argument("--mon-alpha", type=positive_float, help="monotone: splitting step size")
@@ -89,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 _FIELDS = (
-    "model", "channels", "hidden", "groups", "init_std", "width", "mon_m", "mon_alpha", "data", "data_dir",
+    "model", "channels", "hidden", "branches", "dropout", "groups", "init_std", "width", "mon_m", "mon_alpha", "data", "data_dir",
     "train_limit", "test_limit", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "scheduler",
     "grad_clip", "jac_reg", "jac_reg_samples", "solver", "tol", "max_iter", "backward_tol", "out", "device",
     "dtype", "amp", "seed", "checkpoint_every", "max_steps",

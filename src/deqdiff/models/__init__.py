@@ -3,7 +3,8 @@
 
 * monotone DEQs (Winston & Kolter 2020; Nguyen 2022 §2.3.2, §3.2): :mod:`.monotone`,
   :mod:`.monotone_conv`;
-* convolutional DEQ of eq. 4.1 and its repeat-k counterpart: :mod:`.conv`.
+* convolutional DEQ of eq. 4.1 and its repeat-k counterpart: :mod:`.conv`;
+* multiscale DEQ (Bai, Koltun & Kolter 2020): :mod:`.mdeq`.
 """
 
 from .monotone import (
@@ -17,11 +18,17 @@ from .monotone import (
 from .monotone_conv import MonotoneConv, MonotoneConvDEQ, FourierMonotone
 
 from .conv import ConvCell, ConvDEQ, ConvRepeat, WeightTied, repeat_from_deq, repeat_k
+from .mdeq import MDEQ, MDEQCell, WeightNormConv2d, mdeq_cifar10, mdeq_digits
 
 __all__ = [
     "ConvCell",
     "ConvDEQ",
     "ConvRepeat",
+    "MDEQ",
+    "MDEQCell",
+    "WeightNormConv2d",
+    "mdeq_cifar10",
+    "mdeq_digits",
     "WeightTied",
     "repeat_from_deq",
     "repeat_k",

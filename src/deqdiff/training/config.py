@@ -30,6 +30,8 @@ class TrainConfig:
     width: int = 64  # monotone models: state width (fully connected) or channels (conv)
     mon_m: float | None = None  # monotone models: margin m of I − W ⪰ mI (None: the model's default)
     mon_alpha: float | None = None  # monotone models: splitting step size (None: the model's default)
+    branches: int | None = None  # mdeq: resolutions (2-4); None: 4 for images >= 32 px (CIFAR-10), else 2
+    dropout: float = 0.0  # mdeq: variational dropout probability in the residual blocks
     # data
     data: str = "digits"
     data_dir: str | None = None
@@ -80,7 +82,7 @@ class TrainConfig:
         # every number is checked here, so that a bad value fails now and names its setting,
         # not deep inside training (NaN passes every comparison, so test finiteness explicitly)
         for name in ("channels", "hidden", "groups", "pool", "width", "epochs", "batch_size", "eval_batch_size",
-                     "max_iter", "backward_max_iter", "jac_reg_samples", "train_limit", "test_limit"):
+                     "max_iter", "backward_max_iter", "jac_reg_samples", "train_limit", "test_limit", "branches"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -98,6 +100,10 @@ class TrainConfig:
             bad = isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
             if bad or v < lower or (strict and v == lower):
                 raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {lower:g}, got {v!r}")
+        if self.branches is not None and not 2 <= self.branches <= 4:
+            raise ValueError(f"branches must be 2, 3 or 4, got {self.branches!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
 

@@ -5,7 +5,9 @@
 * ``mon``       — fully connected monotone DEQ (``deqdiff.models.monotone.MonotoneDEQ``) on
   flattened images (``width`` state units);
 * ``mon-conv``  — convolutional monotone DEQ (``deqdiff.models.monotone_conv.MonotoneConvDEQ``,
-  ``width`` channels).
+  ``width`` channels);
+* ``mdeq``      — multiscale DEQ (``deqdiff.models.mdeq.MDEQ``): ``branches`` resolutions with
+  ``channels``·2^i state and ``hidden``·2^i inner channels in branch i.
 
 The monotone models are imported only when asked for.
 """
@@ -28,9 +30,9 @@ def model_kind(name: str) -> tuple[str, int | None]:
     m = re.fullmatch(r"repeat-(\d+)", name)
     if m:
         return "repeat", int(m.group(1))
-    if name in ("conv", "mon", "mon-conv"):
+    if name in ("conv", "mon", "mon-conv", "mdeq"):
         return name, None
-    raise ValueError(f"unknown model {name!r}; choose conv, repeat-K (e.g. repeat-6), mon or mon-conv")
+    raise ValueError(f"unknown model {name!r}; choose conv, repeat-K (e.g. repeat-6), mon, mon-conv or mdeq")
 
 
 def _solver_options(config: TrainConfig) -> dict:
@@ -81,6 +83,13 @@ def _build(config: TrainConfig, kind: str, k: int | None, image_shape, num_class
             hidden=config.hidden, groups=config.groups, pool=config.pool, init_std=config.init_std,
         )
         model = ConvDEQ(**common, **_solver_options(config)) if kind == "conv" else ConvRepeat(k=k, **common)
+    elif kind == "mdeq":
+        from ..models.mdeq import MDEQ
+
+        n = config.branches if config.branches is not None else (4 if min(h, w) >= 32 else 2)
+        model = MDEQ(c, num_classes, channels=[config.channels << i for i in range(n)],
+                     hidden=[config.hidden << i for i in range(n)], groups=config.groups, dropout=config.dropout,
+                     init_std=config.init_std, **_solver_options(config))
     else:
         MonotoneDEQ, MonotoneConvDEQ = _monotone(config.model)
         opts = _solver_options(config)
