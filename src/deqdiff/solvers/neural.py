@@ -1,0 +1,368 @@
+"""Neural deep equilibrium solvers (Bai, Koltun & Kolter 2022, "Neural deep equilibrium solvers", ICLR).
+
+A fitted solver has two small networks, trained on a frozen DEQ (:mod:`deqdiff.solvers.neural_fit`):
+
+* the **initializer** ``z⁰ = g_φ(x)`` proposes the starting state from the input injection ``x``
+  (paper §4.1);
+* the **HyperAnderson** network proposes, at every step ``k``, the Anderson weights and the mixing
+  ``β_k`` of each sample from its (compressed) residual history (paper §4.2). Here it predicts a
+  *correction* to the least-squares weights of Anderson acceleration, so the untrained network is
+  Anderson itself and the paper's regularization toward the least-squares weights is the size of
+  the correction.
+
+Both act only on the forward solve: the state the solve returns still satisfies
+``‖f(z) − z‖ ≤ atol + tol·‖f(z)‖`` and every derivative of z* is an implicit solve at z*, so
+derivatives do not depend on the solver that found z*.
+
+The steps run in the library's Anderson loop (:func:`deqdiff.solvers.anderson.anderson`) through
+its ``mixer`` hook. Each sample falls back to plain Anderson (least-squares weights, β = 1) once
+the network's proposals stop reducing its residual for ``patience`` steps in a row, or once they
+are not finite; the solve then issues a :class:`FallbackWarning` naming how many samples did.
+
+Use: ``fixed_point(f, ns.initial_state(x), x, *θ, solver="neural", network=ns)``, or for a
+``deqdiff.DEQ`` layer ``with ns.attached(model.deq): model(inputs)`` (the layer then starts from
+``g_φ(x)`` and solves with this network). ``ns.save(path)`` / ``NeuralSolver.load(path)`` round-trip
+the fitted solver (configuration and weights).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .anderson import anderson
+from .base import SolveInfo, register_solver
+
+__all__ = ["NeuralSolverConfig", "NeuralSolver", "Initializer", "HyperAnderson", "FallbackWarning",
+           "neural_solver", "FORMAT"]
+
+FORMAT = "deqdiff-neural-solver/1"
+
+
+class FallbackWarning(RuntimeWarning):
+    """Some samples of a neural solve were finished by plain Anderson acceleration."""
+
+
+@dataclass
+class NeuralSolverConfig:
+    """Shapes and sizes of a neural solver.
+
+    ``state_shape``/``input_shape``: per-sample shapes of the DEQ state z and of the injection x.
+    ``m``: Anderson memory (history columns the mixer sees). ``hidden``: width of the mixer's
+    MLP; ``compress``: dimension of the learned residual compression; ``init_hidden``: width
+    (vector states) or channels (image states) of the initializer. ``beta_max``: β ∈ (0, beta_max)
+    (1 at initialization). ``patience``: non-improving steps before a sample falls back."""
+
+    state_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    m: int = 5
+    hidden: int = 64
+    compress: int = 8
+    init_hidden: int = 64
+    beta_max: float = 2.0
+    patience: int = 3
+    meta: dict = field(default_factory=dict)  # provenance (model kind, fit settings), JSON-able
+
+    def __post_init__(self):
+        self.state_shape, self.input_shape = tuple(int(n) for n in self.state_shape), tuple(int(n) for n in self.input_shape)
+        for name in ("m", "hidden", "compress", "init_hidden", "patience"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not (math.isfinite(self.beta_max) and self.beta_max > 1):
+            raise ValueError(f"beta_max must be a finite number > 1, got {self.beta_max!r}")
+        if not self.state_shape or not self.input_shape or min(self.state_shape + self.input_shape) < 1:
+            raise ValueError(f"state_shape and input_shape must be non-empty positive shapes, got "
+                             f"{self.state_shape}, {self.input_shape}")
+
+    @property
+    def state_size(self) -> int:
+        return math.prod(self.state_shape)
+
+
+class Initializer(nn.Module):
+    """``z⁰ = g_φ(x)``: per-sample injection ``(B, *input_shape)`` → state ``(B, *state_shape)``.
+
+    Image states whose injection has the same spatial size (``(C_in, H, W)`` → ``(C, H, W)``) get a
+    small convolutional network (3×3 conv, ReLU, 3×3 conv, ReLU, 1×1 conv), as the paper's
+    initializer for vision DEQs; other shapes a two-hidden-layer tanh MLP on the flattened input."""
+
+    def __init__(self, input_shape: tuple[int, ...], state_shape: tuple[int, ...], hidden: int = 64):
+        super().__init__()
+        self.input_shape, self.state_shape = tuple(input_shape), tuple(state_shape)
+        self.conv = len(input_shape) == 3 and len(state_shape) == 3 and input_shape[1:] == state_shape[1:]
+        if self.conv:
+            c_in, c = input_shape[0], state_shape[0]
+            self.net = nn.Sequential(nn.Conv2d(c_in, hidden, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, c, 1))
+        else:
+            n_in, n = math.prod(input_shape), math.prod(state_shape)
+            self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                                     nn.Linear(hidden, n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.net[0].weight
+        h = x.to(p.dtype)
+        out = self.net(h) if self.conv else self.net(h.reshape(h.shape[0], -1))
+        return out.reshape(x.shape[0], *self.state_shape).to(x.dtype)
+
+
+def _slog(v: Tensor) -> Tensor:
+    """Signed logarithm: keeps sign and order, compresses the many decades residual ratios span."""
+    return torch.sign(v) * torch.log1p(v.abs())
+
+
+class HyperAnderson(nn.Module):
+    """Per-sample Anderson weights and mixing from the residual history (Bai et al. 2022 §4.2).
+
+    Inputs per sample at step k, in chronological order and right-aligned in ``m`` slots (empty
+    slots masked): the Gram matrix ΔFᵀΔF and ΔFᵀF_k of the residual differences divided by
+    ‖F_k‖² (scale-free), the least-squares weights γ, the last residual decrease ‖F_{k−1}‖/‖F_k‖,
+    and a learned compression ``P F_k/‖F_k‖`` (``compress`` numbers) of the current residual.
+    Outputs: a correction δγ to γ (``m`` slots) and the mixing β = beta_max·sigmoid(ℓ); the last
+    layer starts at zero, so the untrained network is Anderson with β = 1."""
+
+    def __init__(self, state_size: int, m: int, hidden: int = 64, compress: int = 8, beta_max: float = 2.0):
+        super().__init__()
+        self.m, self.beta_max = m, float(beta_max)
+        self.compress = nn.Linear(state_size, compress, bias=False)
+        nn.init.normal_(self.compress.weight, 0.0, 1.0)  # acts on unit vectors: O(1) features
+        n_in = m * m + 3 * m + 2 + compress
+        self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, m + 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+        self.beta_offset = math.log(1.0 / (self.beta_max - 1.0))  # sigmoid(0 + offset)·beta_max = 1
+
+    def forward(self, F: Tensor, res: Tensor, gram: Tensor, rhs: Tensor, gamma: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """``F`` ``(S, N)``, ``res`` = ‖F‖ ``(S,)``, ``gram`` ``(S, m_k, m_k)``, ``rhs`` ``(S, m_k)``
+        and ``gamma`` ``(S, m_k)`` in chronological order (oldest first); returns δγ ``(S, m_k)``
+        and β ``(S,)`` in the state's dtype."""
+        S, mk = gamma.shape
+        m = self.m
+        dt = self.net[0].weight.dtype
+        r2 = (res * res).clamp_min(torch.finfo(res.dtype).tiny)
+        G = F.new_zeros(S, m, m)
+        G[:, m - mk:, m - mk:] = gram / r2[:, None, None]
+        b = F.new_zeros(S, m)
+        b[:, m - mk:] = rhs / r2[:, None]
+        g = F.new_zeros(S, m)
+        g[:, m - mk:] = gamma
+        mask = F.new_zeros(S, m)
+        mask[:, m - mk:] = 1.0
+        if mk:  # ‖F_{k−1}‖² = ‖F_k − ΔF_newest‖²
+            prev = (1.0 - 2.0 * b[:, -1] + G[:, -1, -1]).clamp_min(0.0)
+            decrease = 0.5 * torch.log(prev.clamp_min(1e-30))
+        else:
+            decrease = F.new_zeros(S)
+        unit = F / res.clamp_min(torch.finfo(res.dtype).tiny)[:, None]
+        feats = torch.cat([_slog(G.reshape(S, m * m)), _slog(b), _slog(g), mask,
+                           decrease[:, None].clamp(-30, 30), F.new_full((S, 1), min(k, 30) / 30.0),
+                           self.compress(unit.to(dt)).to(F.dtype)], 1)
+        out = self.net(feats.to(dt)).to(F.dtype)
+        dgamma = out[:, m - mk:m] if mk else out[:, :0]
+        beta = self.beta_max * torch.sigmoid(out[:, m] + self.beta_offset)
+        return dgamma, beta
+
+
+def chronological(newest: int, mk: int, m: int) -> list[int]:
+    """Ring-buffer columns of the Anderson history, oldest first (``newest`` is the latest)."""
+    return [(newest - mk + 1 + j) % m for j in range(mk)]
+
+
+def alpha_change(dgamma: Tensor) -> Tensor:
+    """Change of the iterate weights α (over the m_k + 1 iterates, Σα = 1) caused by a change δγ
+    of the difference weights (chronological): α = (γ₀, γ₁ − γ₀, …, 1 − γ_{m_k−1})."""
+    pad = dgamma.new_zeros(dgamma.shape[0], 1)
+    return torch.cat([dgamma, pad], 1) - torch.cat([pad, dgamma], 1)
+
+
+class _Session:
+    """One solve's mixer: calls the network, keeps per-sample fallback state in batch indexing,
+    and (while fitting) records the α corrections for the regularization loss."""
+
+    def __init__(self, network: "NeuralSolver", S: int, device, dtype, *, patience: int | None,
+                 beta: float, record: bool):
+        self.net, self.beta, self.patience = network.mixer, float(beta), patience
+        self.best = torch.full((S,), math.inf, dtype=dtype, device=device)
+        self.strikes = torch.zeros(S, dtype=torch.long, device=device)
+        self.fallen = torch.zeros(S, dtype=torch.bool, device=device)
+        self.alpha_terms: list[Tensor] | None = [] if record else None
+
+    def __call__(self, k, F, res, dF, gram, rhs, gamma, rows, newest):
+        mk = gamma.shape[1]
+        order = chronological(newest, mk, self.net.m)
+        inv = [order.index(c) for c in range(mk)]  # chronological position of each ring column
+        g_chron = gamma[:, order]
+        dgamma, beta = self.net(F, res, gram[:, order][:, :, order], rhs[:, order], g_chron, k)
+        if self.alpha_terms is not None and mk:
+            self.alpha_terms.append(alpha_change(dgamma).pow(2).sum(1).mean())
+        new = (g_chron + dgamma)[:, inv]
+        if self.patience is None:
+            return new, beta
+        idx = slice(None) if rows is None else rows
+        res_d = res.detach()
+        improved = res_d < self.best[idx]
+        strikes = torch.where(improved, 0, self.strikes[idx] + 1)
+        bad = ~(torch.isfinite(new).all(1) & torch.isfinite(beta))
+        fallen = self.fallen[idx] | (strikes >= self.patience) | bad
+        self.best[idx] = torch.minimum(self.best[idx], res_d)
+        self.strikes[idx] = strikes
+        self.fallen[idx] = fallen
+        new = torch.where(fallen[:, None], gamma, new)
+        beta = torch.where(fallen, torch.full_like(beta, self.beta), beta)
+        return new, beta
+
+
+class NeuralSolver(nn.Module):
+    """A fitted neural DEQ solver: :class:`Initializer` + :class:`HyperAnderson` (module docstring)."""
+
+    def __init__(self, config: NeuralSolverConfig):
+        super().__init__()
+        self.config = config
+        self.initializer = Initializer(config.input_shape, config.state_shape, config.init_hidden)
+        self.mixer = HyperAnderson(config.state_size, config.m, config.hidden, config.compress, config.beta_max)
+
+    @property
+    def m(self) -> int:
+        return self.config.m
+
+    # -- use ---------------------------------------------------------------------------------
+    def initial_state(self, x: Tensor, default: Tensor | Callable[[], Tensor] | None = None) -> Tensor:
+        """``g_φ(x)`` ``(B, *state_shape)`` (no graph: z* does not depend on its start). Samples
+        whose proposal is not finite start from ``default`` (a state, or a function returning
+        one; zeros if None) with a :class:`FallbackWarning`. ``ValueError`` if ``x`` does not have
+        the per-sample shape the network was fitted on."""
+        if tuple(x.shape[1:]) != self.config.input_shape:
+            raise ValueError(f"the neural solver was fitted on inputs of shape {self.config.input_shape} per sample, "
+                             f"got {tuple(x.shape[1:])}")
+        with torch.no_grad():
+            z0 = self.initializer(x.detach())
+        bad = ~torch.isfinite(z0.reshape(z0.shape[0], -1)).all(1)
+        if bool(bad.any()):
+            warnings.warn(f"neural solver: the initializer's proposal is not finite for {int(bad.sum())}/"
+                          f"{bad.numel()} samples; they start from the default state", FallbackWarning, stacklevel=2)
+            base = torch.zeros_like(z0) if default is None else (default() if callable(default) else default).to(z0)
+            z0 = torch.where(bad.reshape(-1, *[1] * (z0.ndim - 1)), base, z0)
+        return z0
+
+    def solver_options(self) -> dict:
+        """The ``fixed_point``/``DEQ`` options that solve with this network."""
+        return {"solver": "neural", "network": self}
+
+    @contextmanager
+    def attached(self, deq: nn.Module) -> Iterator[nn.Module]:
+        """Within the block, ``deq`` (a :class:`deqdiff.DEQ`) starts from ``g_φ(x)`` and solves
+        with this network; its own start and options come back afterwards."""
+        old_init, old_opts = deq.z_init, dict(deq.solver_options)
+
+        def z_init(x: Tensor) -> Tensor:
+            def default() -> Tensor:  # the layer's own start, for samples the initializer fails on
+                deq.z_init = old_init
+                try:
+                    return deq.init_state(x)
+                finally:
+                    deq.z_init = z_init
+            return self.initial_state(x, default=default)
+
+        deq.z_init = z_init
+        deq.solver_options = {k: v for k, v in old_opts.items() if k not in ("m", "beta")} | self.solver_options()
+        try:
+            yield deq
+        finally:
+            deq.z_init, deq.solver_options = old_init, old_opts
+
+    def session(self, z0: Tensor, *, patience: int | None, beta: float = 1.0, record: bool = False) -> _Session:
+        return _Session(self, z0.shape[0], z0.device, z0.dtype, patience=patience, beta=beta, record=record)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """Write configuration and weights (atomically) to ``path``; ``extra``: plain metadata."""
+        from ..training.checkpoint import save_checkpoint
+
+        save_checkpoint(path, {"config": _plain(asdict(self.config)), "state": self.state_dict(),
+                               "extra": _plain(extra or {})}, format=FORMAT)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location="cpu") -> "NeuralSolver":
+        """The solver saved at ``path`` (``FileNotFoundError``; ``ValueError`` if it is not one)."""
+        from ..training.checkpoint import read_checkpoint
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "neural_solver.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"neural solver not found: {path}")
+        state = read_checkpoint(path, map_location, format=FORMAT)
+        config = NeuralSolverConfig(**state["config"])
+        net = cls(config)
+        dtype = next(iter(state["state"].values())).dtype
+        net.to(dtype=dtype).load_state_dict(state["state"])
+        net.extra = state.get("extra", {})
+        return net.eval()
+
+
+def _plain(obj):
+    """Tuples to lists, recursively (checkpoints load with ``weights_only``)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+@register_solver("neural")
+def neural_solver(
+    g: Callable[[Tensor], Tensor],
+    z0: Tensor,
+    *,
+    tol: float = 1e-6,
+    atol: float = 0.0,
+    max_iter: int = 100,
+    scale: Tensor | None = None,
+    store_trajectory: bool = False,
+    network: NeuralSolver | None = None,
+    patience: int | None = None,
+    beta: float = 1.0,
+    lam: float = 1e-8,
+    restart: float | None = 1.0,
+    max_restarts: int = 50,
+    m: int | None = None,
+    record_alpha: bool = False,
+) -> tuple[Tensor, SolveInfo]:
+    """Anderson acceleration whose weights and mixing come from a fitted :class:`NeuralSolver`
+    ``network`` (required; its initializer is applied by the caller, see the module docstring).
+
+    ``patience`` (default: the network's): non-improving steps after which a sample falls back to
+    plain Anderson with mixing ``beta`` (0: never, as when fitting); ``lam``, ``restart``, ``max_restarts`` as in
+    :func:`~deqdiff.solvers.anderson.anderson`; ``m`` must be None or the network's memory.
+    ``info.extra["fallback_samples"]`` counts the samples that fell back (a
+    :class:`FallbackWarning` says so). ``record_alpha`` (fitting) keeps the α corrections in
+    ``info.extra["alpha_terms"]``."""
+    if not isinstance(network, NeuralSolver):
+        raise ValueError("solver 'neural' needs a fitted deqdiff.solvers.neural.NeuralSolver as network= "
+                         "(fit one with deqdiff.solvers.neural_fit.fit_neural_solver or `deqdiff fit-solver`)")
+    if m is not None and int(m) != network.m:
+        raise ValueError(f"solver 'neural': the network was fitted with Anderson memory m={network.m}, got m={m}")
+    if tuple(z0.shape[1:]) != (network.config.state_size,):
+        raise ValueError(f"solver 'neural': the network was fitted on states of {network.config.state_size} "
+                         f"unknowns per sample, got {tuple(z0.shape[1:])}")
+    patience = network.config.patience if patience is None else patience
+    session = network.session(z0, patience=None if patience == 0 else patience, beta=beta, record=record_alpha)
+    z, info = anderson(g, z0, tol=tol, atol=atol, max_iter=max_iter, scale=scale, store_trajectory=store_trajectory,
+                       m=network.m, beta=beta, lam=lam, restart=restart, max_restarts=max_restarts, mixer=session)
+    fallen = int(session.fallen.sum())
+    extra = {**info.extra, "fallback_samples": fallen}
+    if record_alpha:
+        extra["alpha_terms"] = session.alpha_terms
+    if fallen:
+        warnings.warn(f"neural solver: the network's proposals stopped reducing the residual of {fallen}/"
+                      f"{z0.shape[0]} samples; they were finished by plain Anderson", FallbackWarning, stacklevel=2)
+    return z, replace(info, solver="neural", extra=extra)
