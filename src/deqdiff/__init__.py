@@ -2,7 +2,7 @@
 
 from . import solvers
 from . import derivatives
-from .engine import FixedPointInfo, SingularOperatorError, WarmStart, fixed_point, linear_solve
+from .engine import FixedPointInfo, PhantomGrad, SingularOperatorError, WarmStart, fixed_point, linear_solve
 from .layers import DEQ, VariationalDropout
 from .solvers import ConvergenceError, ConvergenceWarning, SolveInfo, register_solver
 
@@ -13,6 +13,7 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "FixedPointInfo",
+    "PhantomGrad",
     "SingularOperatorError",
     "SolveInfo",
     "VariationalDropout",

@@ -25,6 +25,7 @@ from ..solvers.scaling import solve_forward_rescaled
 from .functional import forbid_nested_forward, jvp_by_vjp, partial_in
 from .linear_solve import solve_with_operator
 from .operators import FixedPointJacobian
+from .phantom import PhantomGrad, backward_mode
 from .structure import infer_rows
 from .warm_start import WarmStart
 from .validation import check_fixed_point_inputs, check_row_params, check_solve_options
@@ -193,6 +194,7 @@ def fixed_point(
     backward_options: dict | None = None,
     row_params: tuple[int, ...] | None | bool = None,
     warm_start: WarmStart | None = None,
+    grad: str | PhantomGrad = "exact",
     **options,
 ):
     """Return z* with ``z* = f(z*, *params)``, differentiable to every order in ``params``.
@@ -225,6 +227,9 @@ def fixed_point(
     a training loop that solves the same samples again): the forward solve starts from the
     previous z* and each derivative solve from the previous solution of the same solve; the
     derivatives are unchanged to tolerance (they depend on z*, not on the start).
+
+    ``grad``: ``"exact"`` (implicit, every order) or ``"phantom"`` / a ``PhantomGrad(steps, damping)``
+    (Geng et al. 2021: derivatives of k damped steps from z*; :mod:`deqdiff.engine.phantom`).
 
     With ``return_info=True`` returns ``(z*, FixedPointInfo)``; its ``derivatives`` list
     fills as autograd runs derivative solves through this fixed point.
@@ -261,5 +266,9 @@ def fixed_point(
         options=options, on_fail=on_fail, store_trajectory=store_trajectory,
         derivative=derivative, info=info, row_params=row_params, first_eval=first_eval, warm=warm_start,
     )
-    z = fixed_point_node(spec, z0, params)
+    phantom = backward_mode(grad)
+    if phantom is None:
+        z = fixed_point_node(spec, z0, params)
+    else:  # no implicit node: the derivatives are those of k damped steps from z*
+        z = phantom.unroll(f, fixed_point_node(spec, z0, tuple(p.detach() for p in params)), params)
     return (z, info) if return_info else z
