@@ -17,9 +17,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .models import MLP, PIDEQ
+from .models import MLP, PIDEQ, TanhCell
 
-__all__ = ["CoordinatePIDEQ", "CoordinateMLP", "ScaledInputs"]
+__all__ = ["CoordinatePIDEQ", "CoordinateMLP", "ScaledInputs", "FusedTanhCell", "mlp_width_for"]
 
 
 class ScaledInputs(nn.Module):
@@ -30,11 +30,22 @@ class ScaledInputs(nn.Module):
         low_t, high_t = torch.as_tensor(low, dtype=torch.float64), torch.as_tensor(high, dtype=torch.float64)
         if low_t.shape != high_t.shape or low_t.ndim != 1 or not bool((high_t > low_t).all()):
             raise ValueError(f"need low < high per coordinate, got low={list(low)}, high={list(high)}")
-        self.register_buffer("low", low_t.to(torch.get_default_dtype()))
-        self.register_buffer("scale", (2.0 / (high_t - low_t)).to(torch.get_default_dtype()))
+        scale = 2.0 / (high_t - low_t)
+        # φ(X) = X diag(scale) + shift as one fused addmm: broadcasting arithmetic runs through
+        # slow Python decompositions under forward-mode AD (nested jvp of the implicit engine)
+        self.register_buffer("diag", torch.diag(scale).to(torch.get_default_dtype()))
+        self.register_buffer("shift", (-low_t * scale - 1.0).to(torch.get_default_dtype()))
 
     def forward(self, X: Tensor) -> Tensor:
-        return (X - self.low) * self.scale - 1.0
+        return torch.addmm(self.shift, X, self.diag)
+
+
+class FusedTanhCell(TanhCell):
+    """:class:`~deqdiff.physics.models.TanhCell` with its affine map as fused ``addmm`` calls
+    (same values; much faster under nested forward-mode AD)."""
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        return torch.tanh(torch.addmm(torch.addmm(self.b, x, self.U.T), z, self.weight().T))
 
 
 class CoordinatePIDEQ(PIDEQ):
@@ -49,6 +60,10 @@ class CoordinatePIDEQ(PIDEQ):
         d = len(bounds)
         super().__init__(d, out_features, width, input_scale=input_scale, **kwargs)
         self.inputs = ScaledInputs([b[0] for b in bounds], [b[1] for b in bounds])
+        old = self.deq.cell
+        fused = FusedTanhCell(old.width, old.in_features, max_norm=old.max_norm, spectral_norm=old.spectral_norm)
+        fused.load_state_dict(old.state_dict())
+        self.deq.cell = fused
         with torch.no_grad():
             self.cell.b.normal_(0.0, bias_scale)
 

@@ -161,6 +161,8 @@ class _Implicit:
             z0 = model.deq(features(X), **(forward or {}))
         info = getattr(model.deq, "last_info", None)
         self.forward_info = None if info is None else info.forward
+        if self.forward_info is not None and hasattr(model, "last_iterations"):
+            model.last_iterations = self.forward_info.iterations  # per-row forward iterations
         fwd_tol = model.deq.solver_options.get("tol", 1e-6)
         tol = fwd_tol if tol is None else tol
         self.eq = Equilibrium(f, z0, (X, theta), (), batch_ndim=1, graph=graph, tol=tol, z_tol=max(fwd_tol, tol),
@@ -176,15 +178,23 @@ class _Implicit:
         subsets = [T for r in range(1, k + 1) for T in itertools.combinations(range(k), r)
                    if include_top or r < k]
         terms = [(T, self.z_of(tuple(sorted(key[i] for i in T)))) for T in subsets]
-        eye = torch.eye(self.dim, dtype=self.X.dtype, device=self.X.device)
+        B = self.X.shape[0]
+        # Z(ε) and X(ε) as matrix products, not broadcasting sums: broadcasting arithmetic runs
+        # through slow Python decompositions under nested forward-mode AD
+        stack = torch.stack([zT.reshape(-1) for _, zT in terms]) if terms else None
+        onehot = torch.eye(self.dim, dtype=self.X.dtype, device=self.X.device)[list(key)]  # (k, d)
+        ones = self.X.new_ones(B, 1)
 
         def g(*eps):
             Z = self.z[()]
-            for T, zT in terms:
-                Z = Z + math.prod(eps[i] for i in T) * zT
-            Xe = self.X
-            for i, c in enumerate(key):
-                Xe = Xe + eps[i] * eye[c]
+            if k:
+                e = torch.stack(eps)
+                coef = torch.stack([math.prod(eps[i] for i in T) for T, _ in terms]) if terms else None
+                if terms:
+                    Z = Z + (coef[None] @ stack).reshape(Z.shape)
+                Xe = torch.addmm(self.X, ones, (e[None] @ onehot))
+            else:
+                Xe = self.X
             return fn(Z, Xe)
 
         return nested_mixed_derivative(g, k, self.X)
