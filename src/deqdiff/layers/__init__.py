@@ -2,5 +2,7 @@
 
 from .deq import DEQ
 from .dropout import VariationalDropout
+from .normalization import SpectralNorm, apply_spectral_norm, apply_weight_norm, spectral_norm, update_spectral_norms
 
-__all__ = ["DEQ", "VariationalDropout"]
+__all__ = ["DEQ", "SpectralNorm", "VariationalDropout", "apply_spectral_norm", "apply_weight_norm", "spectral_norm",
+           "update_spectral_norms"]

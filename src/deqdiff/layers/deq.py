@@ -10,6 +10,7 @@ from torch.func import functional_call
 
 from ..engine import FixedPointInfo, fixed_point
 from .dropout import dropout_modules, reset_dropout_masks
+from .normalization import update_spectral_norms
 
 __all__ = ["DEQ"]
 
@@ -28,7 +29,13 @@ class DEQ(nn.Module):
     which fits only a cell whose state has the input's shape — that default is checked once
     per input shape, and a cell that fails on it or returns another shape raises an error
     naming ``state_shape``. Other keyword arguments are ``fixed_point`` options (``solver``,
-    ``tol``, ``max_iter``, ``backward_solver``, ``on_fail``, …).
+    ``tol``, ``max_iter``, ``backward_solver``, ``on_fail``, ``grad``, …).
+
+    Per-solve state: before each forward solve, ``forward`` advances the power iteration of every
+    ``SpectralNorm`` in the cell (training mode) and draws new ``VariationalDropout`` masks, so
+    that every evaluation of the cell within the solve and its derivative solves sees one map.
+    ``forward(x, refresh=False)`` keeps the previous solve's masks and estimates (to re-enter the
+    same map, e.g. for fixed-point correction).
     """
 
     def __init__(self, cell: nn.Module, *, z_init: Callable[[Tensor], Tensor] | None = None,
@@ -77,9 +84,11 @@ class DEQ(nn.Module):
             raise ValueError(f"DEQ: the cell maps the state zeros_like(x) of shape {tuple(z0.shape)} to {got}{hint}; {fix}")
         self._default_checked.add(key)
 
-    def forward(self, x: Tensor, z0: Tensor | None = None, **overrides) -> Tensor:
+    def forward(self, x: Tensor, z0: Tensor | None = None, *, refresh: bool = True, **overrides) -> Tensor:
         z0 = self.init_state(x) if z0 is None else z0
-        if reset_dropout_masks(self.cell):
+        if refresh:  # per-solve state: one spectral-norm power step and one dropout mask per solve
+            update_spectral_norms(self.cell)
+        if refresh and reset_dropout_masks(self.cell):
             # one variational-dropout mask per solve: draw it now (one cell call) so that it is a
             # buffer the engine receives as an explicit tensor, not a random draw inside f
             with torch.no_grad():
