@@ -11,6 +11,7 @@ from torch.func import functional_call
 from ..engine import FixedPointInfo, fixed_point
 from .dropout import dropout_modules, reset_dropout_masks
 from .normalization import update_spectral_norms
+from .precision import CellPrecision
 
 __all__ = ["DEQ"]
 
@@ -36,6 +37,9 @@ class DEQ(nn.Module):
     that every evaluation of the cell within the solve and its derivative solves sees one map.
     ``forward(x, refresh=False)`` keeps the previous solve's masks and estimates (to re-enter the
     same map, e.g. for fixed-point correction).
+
+    Under ``torch.autocast`` only the cell runs in low precision; the solver's state (float32 at
+    least), stopping rule and linear algebra do not (:mod:`deqdiff.layers.precision`).
     """
 
     def __init__(self, cell: nn.Module, *, z_init: Callable[[Tensor], Tensor] | None = None,
@@ -105,5 +109,9 @@ class DEQ(nn.Module):
         if rows and masks:  # per-sample dropout masks follow the rows still running, like x
             rows["row_params"] += tuple(1 + i for i, v in enumerate(values) if id(v) in masks)
         options = {**rows, **self.solver_options, **overrides, "batch_ndim": 1, "return_info": True}
-        z, self.last_info = fixed_point(f, z0, x, *values, **options)
+        precision = CellPrecision.capture(x.device.type)  # under autocast: the cell low, the solver not
+        if precision.active and z0.dtype in (torch.float16, torch.bfloat16):
+            z0 = z0.float()
+        with precision.solver_context():
+            z, self.last_info = fixed_point(precision.wrap(f), z0, x, *values, **options)
         return z
