@@ -4,6 +4,9 @@
   (default: a flow map conditioned on the initial state, rolled out to t = 20) or ``pideq``
   (the founding work's setup). Writes figures, ``results.json`` and ``checkpoint.pt`` to ``--out``.
 * ``deqdiff pinn burgers`` (and ``heat``) — the PDE problems of :mod:`deqdiff.physics.burgers`.
+* ``deqdiff pinn poisson2d`` and ``deqdiff pinn kdv`` — problems of the PDE interface
+  (:mod:`deqdiff.physics.pde`), each trained as the implicit PIDEQ and, in the same run, the
+  unrolled PIDEQ and an MLP PINN of comparable size (:mod:`deqdiff.physics.pde_jobs`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import importlib
 import math
 import sys
 
-from ._common import UsageError, check_device, check_solver, nonneg_int, one_line, out_dir, user_errors
+from ._common import (UsageError, check_device, check_solver, nonneg_int, one_line, out_dir, positive_float,
+                      positive_int, seed, str_list, user_errors)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     problems = p.add_subparsers(dest="problem", required=True, metavar="PROBLEM")
     _register_vdp(problems)
     _register_pde(problems)
+    _register_interface_problems(problems)
 
 
 def _register_vdp(problems) -> None:
@@ -90,6 +95,82 @@ def _register_pde(problems) -> None:
         else:
             mod.add_arguments(q, problem=name)
         q.set_defaults(func=_run_pde)
+
+
+_INTERFACE_HELP = {
+    "poisson2d": "2-D Poisson −Δu = 2π² sin(πx) sin(πy) on the unit square (analytic reference), with baselines",
+    "kdv": "KdV u_t + u u_x + δ² u_xxx = 0, periodic (spectral ETDRK4 reference), with baselines",
+}
+
+
+def _register_interface_problems(problems) -> None:
+    from ..physics.pde_jobs import DEFAULTS, MODELS, SAMPLERS, JobConfig
+
+    for name, help_text in _INTERFACE_HELP.items():
+        epochs, n, lr, _ = DEFAULTS[name]
+        d = JobConfig(problem=name)
+        q = problems.add_parser(name, help=help_text, description=help_text + ".",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        a = q.add_argument
+        a("--out", default=f"runs/pinn_{name}", help="output folder (figures, results.json, checkpoints)")
+        a("--models", type=str_list, default=list(MODELS),
+          help=f"comma-separated models trained in this run, from {','.join(MODELS)} (deq: implicit PIDEQ; "
+               "unrolled: the same DEQ, autodiff through its iterations; mlp: explicit PINN of about the same size)")
+        a("--epochs", type=nonneg_int, default=epochs, help="full-batch Adam steps (cosine schedule to lr/50)")
+        a("--collocation", type=positive_int, default=n, help="interior collocation points per step")
+        a("--boundary-points", type=positive_int, default=d.boundary_points,
+          help="points per boundary/periodic condition per step (kdv: twice as many initial points)")
+        a("--lr", type=positive_float, default=lr, help="initial Adam learning rate")
+        a("--width", type=positive_int, default=d.width, help="DEQ hidden states (the MLP matches its parameter count)")
+        a("--mlp-depth", type=positive_int, default=d.mlp_depth, help="hidden layers of the MLP baseline")
+        a("--tol", type=positive_float, default=d.tol, help="forward solver tolerance (relative residual)")
+        a("--max-iter", type=positive_int, default=d.max_iter, help="forward solver iteration limit")
+        a("--solver", default=d.solver, help="forward solver of the implicit DEQ")
+        a("--sampler", choices=SAMPLERS, default=d.sampler,
+          help="collocation: fresh uniform points each step, one fixed set, or residual-based resampling (RAD)")
+        a("--rad-every", type=positive_int, default=d.rad_every, help="rad: resample every this many steps")
+        if name == "kdv":
+            a("--delta2", type=positive_float, default=d.delta2, help="dispersion coefficient δ²")
+            a("--T", dest="T", type=positive_float, default=d.T, help="time horizon")
+        a("--seed", type=seed, default=d.seed)
+        a("--dtype", choices=("float32", "float64"), default=d.dtype)
+        a("--device", default=d.device, help="cpu or cuda")
+        a("--threads", type=nonneg_int, default=1, help="torch CPU threads (0: torch's default)")
+        a("--resume", action="store_true", help="continue each model from OUT/checkpoint_<model>.pt (bit-identical)")
+        a("--checkpoint-every", type=nonneg_int, default=250,
+          help="write OUT/checkpoint_<model>.pt every this many epochs (0: at the end only)")
+        a("--no-progress", action="store_true", help="no progress bar")
+        q.set_defaults(func=_run_interface_problem, problem=name)
+
+
+def _run_interface_problem(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..physics.pde_jobs import JobConfig, run_job
+
+    fields = ("models", "epochs", "collocation", "boundary_points", "lr", "width", "mlp_depth", "tol", "max_iter",
+              "solver", "sampler", "rad_every", "delta2", "T", "seed", "dtype", "device")
+    try:
+        cfg = JobConfig(problem=args.problem, **{k: getattr(args, k) for k in fields if hasattr(args, k)})
+    except ValueError as err:  # messages start with the setting's name
+        field, _, rest = str(err).partition(": ")
+        raise UsageError(f"--{field.replace('_', '-')}: {rest}" if field in fields else one_line(err)) from err
+    check_device(cfg.device)
+    check_solver(cfg.solver)
+    out = out_dir(args.out)
+    if args.resume and not any((out / f"checkpoint_{m}.pt").is_file() for m in cfg.models):
+        raise UsageError(f"--resume: no checkpoint_<model>.pt in {out}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with user_errors(kinds=(FloatingPointError, OSError, ValueError)):
+        res = run_job(cfg, out, progress=not args.no_progress, resume=args.resume,
+                      checkpoint_every=args.checkpoint_every)
+    print(f"\n{cfg.problem}: relative L2 vs {res['reference']} (target ≤ {res['target_rel_l2']:g})")
+    for kind, m in res["models"].items():
+        print(f"  {kind:9s} {m['rel_l2']:.3e} ({'met' if m['target_met'] else 'not met'}), {m['parameters']} parameters, "
+              f"{1e3 * m['epoch_time_median_s']:.1f} ms/epoch, graph {m['graph_memory_mb']:.1f} MiB")
+    print(f"  results: {out / 'results.json'}")
+    return 0
 
 
 def _unavailable(name: str, err: Exception) -> int:

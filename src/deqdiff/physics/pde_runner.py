@@ -3,9 +3,9 @@
 ``train_pde`` runs full-batch Adam (cosine schedule to ``lr/50``) through the shared
 :class:`~deqdiff.physics.training.Trainer` (exact checkpoint/resume; the collocation sampler's
 state is stored with the checkpoint, so residual-based resampling resumes bit-identically).
-``graph_bytes`` measures the memory a training step keeps for its backward pass (bytes of the
-distinct tensors autograd saves, via ``torch.autograd.graph.saved_tensors_hooks``): the unrolled
-DEQ keeps every iteration, the implicit one only the fixed point and the derivative solves.
+``graph_bytes`` measures the memory a training step keeps for its backward pass (the distinct
+tensors saved in the loss's autograd graph): the unrolled DEQ keeps every iteration, the
+implicit one only the fixed point and the derivative solves.
 """
 
 from __future__ import annotations
@@ -72,22 +72,37 @@ def train_pde(problem: PDEProblem, model: nn.Module, *, epochs: int, lr: float =
     return trainer
 
 
-def graph_bytes(problem: PDEProblem, model: nn.Module, batch: dict) -> int:
-    """Bytes of the distinct tensors autograd saves while computing one step's loss (what the
-    backward pass keeps alive), measured with ``saved_tensors_hooks``."""
-    seen: dict[tuple, int] = {}
-
-    def pack(t: torch.Tensor):
+def graph_bytes(loss: torch.Tensor) -> int:
+    """Bytes of the distinct tensors the autograd graph of ``loss`` keeps for its backward pass
+    (the ``_saved_*`` tensors of every node and custom functions' ``saved_tensors``, each
+    storage counted once): the training memory a step needs beyond the weights."""
+    seen: dict[int, int] = {}
+    stack, visited = [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        tensors = []
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                try:
+                    v = getattr(node, name)
+                except RuntimeError:  # already freed
+                    continue
+                tensors += [v] if isinstance(v, torch.Tensor) else [t for t in v if isinstance(t, torch.Tensor)] \
+                    if isinstance(v, (tuple, list)) else []
         try:
-            s = t.untyped_storage()
-            seen[(s.data_ptr(), t.device.type)] = s.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. functorch wrappers)
-            seen[(id(t), "x")] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = problem.loss(model, batch)
-    del out
+            tensors += [t for t in getattr(node, "saved_tensors", ()) if isinstance(t, torch.Tensor)]
+        except RuntimeError:
+            pass
+        for t in tensors:
+            try:
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+            except (RuntimeError, NotImplementedError):
+                seen[id(t)] = t.numel() * t.element_size()
+        stack.extend(n for n, _ in node.next_functions)
     return int(sum(seen.values()))
 
 
