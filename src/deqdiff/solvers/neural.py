@@ -28,6 +28,7 @@ the fitted solver (configuration and weights).
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -38,12 +39,15 @@ import torch
 from torch import Tensor, nn
 
 from .anderson import anderson
-from .base import SolveInfo, register_solver
+from .base import SolveInfo, register_solver, row_norm
 
 __all__ = ["NeuralSolverConfig", "NeuralSolver", "Initializer", "HyperAnderson", "FallbackWarning",
            "neural_solver", "FORMAT"]
 
 FORMAT = "deqdiff-neural-solver/1"
+
+#: a step "reduces the residual" when it brings the sample's best residual down by this share
+MIN_DECREASE = 0.01
 
 
 class FallbackWarning(RuntimeWarning):
@@ -58,7 +62,8 @@ class NeuralSolverConfig:
     ``m``: Anderson memory (history columns the mixer sees). ``hidden``: width of the mixer's
     MLP; ``compress``: dimension of the learned residual compression; ``init_hidden``: width
     (vector states) or channels (image states) of the initializer. ``beta_max``: β ∈ (0, beta_max)
-    (1 at initialization). ``patience``: non-improving steps before a sample falls back."""
+    (1 at initialization). ``patience``: steps in a row that fail to lower a sample's best
+    residual by :data:`MIN_DECREASE` before it falls back to plain Anderson."""
 
     state_shape: tuple[int, ...]
     input_shape: tuple[int, ...]
@@ -192,6 +197,8 @@ class _Session:
                  beta: float, record: bool):
         self.net, self.beta, self.patience = network.mixer, float(beta), patience
         self.best = torch.full((S,), math.inf, dtype=dtype, device=device)
+        self.tol, self.atol, self.scale = 0.0, 0.0, None  # the solve's stopping rule
+        self.seen: Tensor | None = None  # ‖g(z)‖ of the rows of the latest evaluation
         self.strikes = torch.zeros(S, dtype=torch.long, device=device)
         self.fallen = torch.zeros(S, dtype=torch.bool, device=device)
         self.alpha_terms: list[Tensor] | None = [] if record else None
@@ -209,9 +216,14 @@ class _Session:
             return new, beta
         idx = slice(None) if rows is None else rows
         res_d = res.detach()
-        improved = res_d < self.best[idx]
+        # rows that met the stopping rule are frozen by the loop: they keep their residual
+        # without failing (the rule as the loop's Tracker applies it, on the same ‖g(z)‖)
+        sc = self.seen if self.scale is None else self.scale[idx]
+        atol = self.atol[idx] if isinstance(self.atol, Tensor) else self.atol
+        running = ~(torch.isfinite(res_d) & (res_d <= atol + self.tol * sc))
+        improved = (res_d < (1.0 - MIN_DECREASE) * self.best[idx]) | ~running
         strikes = torch.where(improved, 0, self.strikes[idx] + 1)
-        bad = ~(torch.isfinite(new).all(1) & torch.isfinite(beta))
+        bad = ~(torch.isfinite(new).all(1) & torch.isfinite(beta)) & running
         fallen = self.fallen[idx] | (strikes >= self.patience) | bad
         self.best[idx] = torch.minimum(self.best[idx], res_d)
         self.strikes[idx] = strikes
@@ -300,7 +312,10 @@ class NeuralSolver(nn.Module):
             path = path / "neural_solver.pt"
         if not path.is_file():
             raise FileNotFoundError(f"neural solver not found: {path}")
-        state = read_checkpoint(path, map_location, format=FORMAT)
+        try:
+            state = read_checkpoint(path, map_location, format=FORMAT)
+        except struct.error as err:  # a truncated or foreign file torch.load cannot frame
+            raise ValueError(f"{path} is not a readable deqdiff neural solver ({err})") from err
         config = NeuralSolverConfig(**state["config"])
         net = cls(config)
         dtype = next(iter(state["state"].values())).dtype
@@ -356,7 +371,15 @@ def neural_solver(
                          f"unknowns per sample, got {tuple(z0.shape[1:])}")
     patience = network.config.patience if patience is None else patience
     session = network.session(z0, patience=None if patience == 0 else patience, beta=beta, record=record_alpha)
-    z, info = anderson(g, z0, tol=tol, atol=atol, max_iter=max_iter, scale=scale, store_trajectory=store_trajectory,
+    session.tol, session.atol, session.scale = tol, atol, scale
+
+    def g_seen(z: Tensor, rows: Tensor | None = None) -> Tensor:
+        out = g(z) if rows is None else g(z, rows=rows)
+        session.seen = row_norm(out.detach())
+        return out
+
+    g_seen.row_subsets = getattr(g, "row_subsets", False)
+    z, info = anderson(g_seen, z0, tol=tol, atol=atol, max_iter=max_iter, scale=scale, store_trajectory=store_trajectory,
                        m=network.m, beta=beta, lam=lam, restart=restart, max_restarts=max_restarts, mixer=session)
     fallen = int(session.fallen.sum())
     extra = {**info.extra, "fallback_samples": fallen}

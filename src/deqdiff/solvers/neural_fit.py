@@ -1,0 +1,174 @@
+"""Fitting a neural DEQ solver on a frozen DEQ (Bai, Koltun & Kolter 2022, §4.3).
+
+Ground truth: the fixed points z* of the training inputs, from the library's Anderson solver at a
+tight tolerance (samples it leaves above that tolerance are left out and counted). Each fitting
+step draws a batch, starts from the initializer's proposal z⁰ = g_φ(x), unrolls ``unroll`` steps of
+the neural solver (the library's Anderson loop with the HyperAnderson mixer, recorded by autograd
+through the frozen f) and minimizes the paper's three losses:
+
+* **convergence loss** Σ_k w_k ‖z^[k] − z*‖/‖z*‖ over the unrolled steps, w_k ∝ k (later steps
+  weigh more, paper eq. 9);
+* **initializer loss** ‖z⁰ − z*‖/‖z*‖ (paper eq. 10);
+* **α regularization** ‖α^[k] − α*^[k]‖² toward the least-squares Anderson weights, during the
+  first ``alpha_fraction`` of the steps only (paper §4.3).
+
+Only the solver's networks learn; f's parameters are never updated (the caller's ``cell`` closes
+over them, e.g. a ``DEQ``'s cell in eval mode).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .anderson import anderson
+from .base import row_norm
+from .neural import NeuralSolver, NeuralSolverConfig, neural_solver
+
+__all__ = ["FitConfig", "FitResult", "ground_truth", "fit_neural_solver"]
+
+
+@dataclass
+class FitConfig:
+    """Settings of :func:`fit_neural_solver` (sizes of the networks: :class:`NeuralSolverConfig`)."""
+
+    steps: int = 300
+    batch: int = 64
+    unroll: int = 6
+    lr: float = 3e-3
+    conv_weight: float = 1.0
+    init_weight: float = 1.0
+    alpha_weight: float = 0.1
+    alpha_fraction: float = 0.5
+    gt_tol: float = 1e-5
+    gt_max_iter: int = 300
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch", "unroll", "gt_max_iter"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("lr", "gt_tol"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        for name in ("conv_weight", "init_weight", "alpha_weight"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not 0.0 <= self.alpha_fraction <= 1.0:
+            raise ValueError(f"alpha_fraction must be in [0, 1], got {self.alpha_fraction!r}")
+
+
+@dataclass
+class FitResult:
+    solver: NeuralSolver
+    history: list[dict] = field(default_factory=list)  # per step: loss terms
+    time_s: float = 0.0  # ground truth + fitting, wall clock
+    ground_truth_time_s: float = 0.0
+    samples: int = 0  # training samples used
+    left_out: int = 0  # training samples whose ground truth missed gt_tol
+
+
+def _flat_map(cell: Callable[[Tensor, Tensor], Tensor], x: Tensor, state_shape: tuple[int, ...]):
+    n = math.prod(state_shape)
+
+    def g(z: Tensor) -> Tensor:
+        return cell(z.reshape(z.shape[0], *state_shape), x).reshape(z.shape[0], n)
+
+    return g
+
+
+def ground_truth(cell: Callable[[Tensor, Tensor], Tensor], x: Tensor, z0: Tensor, *, tol: float = 1e-5,
+                 max_iter: int = 300, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """Fixed points ``z* = cell(z*, x)`` ``(B, *state_shape)`` by Anderson from ``z0`` to relative
+    residual ``tol``, in chunks of ``chunk`` samples; returns ``(z*, converged (B,))``."""
+    shape = tuple(z0.shape[1:])
+    outs, oks = [], []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], chunk):
+            xs, zs = x[i:i + chunk], z0[i:i + chunk]
+            z, info = anderson(_flat_map(cell, xs, shape), zs.reshape(zs.shape[0], -1), tol=tol, max_iter=max_iter)
+            outs.append(z.reshape(zs.shape))
+            oks.append(info.converged)
+    return torch.cat(outs), torch.cat(oks)
+
+
+def _rel(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample ‖a − b‖/‖b‖ (differentiable in a)."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    return torch.linalg.vector_norm(a - b, dim=1) / row_norm(b).clamp_min(torch.finfo(b.dtype).tiny)
+
+
+def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, init_state: Callable[[Tensor], Tensor],
+                      *, config: NeuralSolverConfig | None = None, fit: FitConfig | None = None,
+                      progress: bool = False, desc: str = "fit solver") -> FitResult:
+    """Fit a :class:`NeuralSolver` to the frozen map ``cell(z, x)`` on the injections ``inputs``
+    ``(B, *input_shape)``; ``init_state(x)`` is the DEQ's default start (for the ground truth).
+
+    ``config`` sets the networks' sizes (its shapes are taken from the data); ``fit`` the
+    optimization (:class:`FitConfig`). The networks get ``inputs``' dtype and device. Raises
+    ``ValueError`` when no training sample reaches the ground-truth tolerance."""
+    fit = fit or FitConfig()
+    t0 = time.perf_counter()
+    x_all = inputs.detach()
+    z_default = init_state(x_all).detach()
+    z_star, ok = ground_truth(cell, x_all, z_default, tol=fit.gt_tol, max_iter=fit.gt_max_iter)
+    t_gt = time.perf_counter() - t0
+    if not bool(ok.any()):
+        raise ValueError(f"no training sample reached the ground-truth tolerance {fit.gt_tol:g} in "
+                         f"{fit.gt_max_iter} Anderson iterations; the frozen DEQ does not converge")
+    x_all, z_star = x_all[ok], z_star[ok]
+    state_shape, input_shape = tuple(z_star.shape[1:]), tuple(x_all.shape[1:])
+    base = config or NeuralSolverConfig(state_shape, input_shape)
+    cfg = NeuralSolverConfig(**{**base.__dict__, "state_shape": state_shape, "input_shape": input_shape})
+    gen = torch.Generator().manual_seed(fit.seed)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+        torch.manual_seed(fit.seed)
+        net = NeuralSolver(cfg).to(device=x_all.device, dtype=x_all.dtype)
+    opt = torch.optim.Adam(net.parameters(), lr=fit.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fit.steps)
+    n = x_all.shape[0]
+    weights = torch.arange(1, fit.unroll + 1, dtype=x_all.dtype, device=x_all.device)
+    weights = weights / weights.sum()
+    history: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=fit.steps, desc=desc, dynamic_ncols=True, leave=False)
+    net.train()
+    for step in range(fit.steps):
+        idx = torch.randperm(n, generator=gen)[:fit.batch].to(x_all.device)
+        x, zs = x_all[idx], z_star[idx]
+        z0 = net.initializer(x)
+        _, info = neural_solver(_flat_map(cell, x, state_shape), z0.reshape(z0.shape[0], -1), tol=0.0,
+                                max_iter=fit.unroll, store_trajectory=True, network=net, patience=0,
+                                record_alpha=True)
+        traj = info.trajectory[1:]
+        l_init = _rel(z0, zs).mean()
+        l_conv = sum(w * _rel(z, zs).mean() for w, z in zip(weights, traj))
+        terms = info.extra["alpha_terms"]
+        l_alpha = torch.stack(terms).mean() if terms else z0.new_zeros(())
+        use_alpha = step < fit.alpha_fraction * fit.steps
+        loss = fit.conv_weight * l_conv + fit.init_weight * l_init + (fit.alpha_weight * l_alpha if use_alpha else 0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        rec = {"step": step + 1, "loss": float(loss), "conv": float(l_conv), "init": float(l_init),
+               "alpha": float(l_alpha), "last": float(_rel(traj[-1], zs).mean())}
+        history.append(rec)
+        if bar is not None:
+            bar.set_postfix(init=f"{rec['init']:.2e}", last=f"{rec['last']:.2e}", refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    net.eval()
+    return FitResult(net, history, time.perf_counter() - t0, t_gt, n, int((~ok).sum()))
