@@ -57,10 +57,19 @@ class TrainConfig:
     # Jacobian regularization (Bai et al. 2021): weight · Hutchinson estimate of ‖J_f‖_F²/N at z*
     jac_reg: float = 0.0
     jac_reg_samples: int = 1
+    # training tools (deqdiff.training.tools): backward mode (Geng et al. 2021 phantom gradients),
+    # fixed-point correction (Bai et al. 2022), cell normalization, torch.compile of the cell
+    grad: str = "exact"  # "exact" (implicit, every order) | "phantom"
+    phantom_steps: int = 5
+    phantom_damping: float = 0.5
+    correction: list[int] | None = None  # solver iterations whose states are also supervised
+    correction_weights: list[float] | None = None  # None: 0.8^(n+1-i) (final state: 1)
+    cell_norm: str = "none"  # "none" | "weight" | "spectral"
+    compile: bool = False
     # run
     seed: int = 0
     dtype: str = "float32"  # parameters and states: "float32" | "float64"
-    amp: str | None = None  # "bf16": autocast the forward pass to bfloat16
+    amp: str | None = None  # "bf16" | "fp16" (CUDA, loss scaling): autocast of the cell, solver in float32
     device: str = "cpu"
     out: str | None = None  # run directory (checkpoint.pt, metrics.json); None: keep nothing on disk
     checkpoint_every: int = 0  # also checkpoint every this many steps (0: at epoch ends only)
@@ -77,8 +86,8 @@ class TrainConfig:
             raise ValueError(f"scheduler must be 'cosine' or 'none', got {self.scheduler!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
-        if self.amp not in (None, "bf16"):
-            raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         # every number is checked here, so that a bad value fails now and names its setting,
         # not deep inside training (NaN passes every comparison, so test finiteness explicitly)
         for name in ("channels", "hidden", "groups", "pool", "width", "epochs", "batch_size", "eval_batch_size",
@@ -106,6 +115,9 @@ class TrainConfig:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        from .tools import check_tools
+
+        check_tools(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
