@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
+from .tools import apply_cell_tools, tool_solver_options
 
 __all__ = ["build_model", "model_kind", "count_parameters"]
 
@@ -44,6 +45,7 @@ def _solver_options(config: TrainConfig) -> dict:
         opts["backward_tol"] = config.backward_tol
     if config.backward_max_iter is not None:
         opts["backward_max_iter"] = config.backward_max_iter
+    opts.update(tool_solver_options(config))  # backward mode (exact / phantom)
     return opts
 
 
@@ -67,7 +69,7 @@ def build_model(config: TrainConfig, image_shape: tuple[int, int, int], num_clas
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        model = _build(config, kind, k, image_shape, num_classes)
+        model = apply_cell_tools(_build(config, kind, k, image_shape, num_classes), config)  # norm, compile
     finally:
         torch.set_default_dtype(previous)
     return model.to(device=config.device, dtype=getattr(torch, config.dtype))
