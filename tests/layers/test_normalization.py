@@ -10,6 +10,7 @@ from torch.nn.utils import parametrizations
 
 import deqdiff
 from deqdiff.layers import SpectralNorm, apply_spectral_norm, apply_weight_norm, spectral_norm
+from deqdiff.layers.normalization import WeightNorm, weight_norm
 from tests.conftest import rel_err
 
 
@@ -55,22 +56,40 @@ def test_spectral_norm_matches_pytorch_step_by_step(make):
     assert float(torch.linalg.matrix_norm(mat, 2)) == pytest.approx(1.0, rel=1e-6)
 
 
-def test_weight_norm_is_pytorchs_parametrization():
+@pytest.mark.parametrize("make", [lambda: nn.Linear(5, 4), lambda: nn.Conv2d(2, 3, 3)])
+def test_weight_norm_matches_pytorch_and_has_exact_second_derivatives(make):
     torch.manual_seed(0)
+    ours, ref = make(), make()
+    ref.load_state_dict(ours.state_dict())
+    weight_norm(ours)
+    parametrizations.weight_norm(ref)
+    assert sorted(ours.state_dict()) == sorted(ref.state_dict())
+    assert torch.allclose(ours.weight, ref.weight, rtol=1e-14, atol=0)
+    x = torch.randn(2, *((5,) if isinstance(ours, nn.Linear) else (2, 6, 6)))
+    g_ours = torch.autograd.grad(ours(x).pow(2).sum(), list(ours.parameters()))
+    g_ref = torch.autograd.grad(ref(x).pow(2).sum(), list(ref.parameters()))
+    for a, r in zip(g_ours, g_ref):
+        assert torch.allclose(a, r, rtol=1e-12, atol=1e-14)
+    wn = WeightNorm(0)
+    g, v = (t.detach().clone().requires_grad_() for t in wn.right_inverse(torch.randn(4, 3, 2)))
+    assert torch.autograd.gradgradcheck(wn, (g, v))
+
+
+def test_apply_weight_norm_to_a_cell():
     cell = Cell()
     w = cell.lin.weight.detach().clone()
     apply_weight_norm(cell)
-    g = cell.lin.parametrizations.weight.original0
-    v = cell.lin.parametrizations.weight.original1
     assert torch.allclose(cell.lin.weight, w)
-    assert torch.allclose(cell.lin.weight, g * v / v.norm(dim=1, keepdim=True))
+    assert isinstance(cell.inj.parametrizations.weight[0], WeightNorm)
     with pytest.raises(ValueError, match="no un-normalized weight"):
         apply_weight_norm(cell)
 
 
 def _second_order(out, x, params):
+    # second derivatives in x and in the parameters (differentiating a parameter gradient)
     (dx,) = torch.autograd.grad(out[:, 0].sum(), x, create_graph=True)
-    return torch.autograd.grad((dx**2).sum() + (out**2).sum(), params)
+    first = torch.autograd.grad((out**2).sum(), params, create_graph=True)
+    return torch.autograd.grad((dx**2).sum() + sum((g**2).sum() for g in first), params)
 
 
 def _unrolled(cell, x, iters=300):

@@ -1,9 +1,12 @@
 """Weight normalization and spectral normalization of any DEQ cell.
 
 * **Weight norm** (Salimans & Kingma 2016, "Weight normalization", eq. 2): ``w = g · v / ‖v‖``
-  per output unit. PyTorch's own parametrization (``torch.nn.utils.parametrizations.weight_norm``)
-  is applied to every weight of the cell: it is a pure function of ``(g, v)``, so it is safe inside
-  a solve and every derivative through it is exact.
+  per output unit, as the parametrization :class:`WeightNorm` (same parameter names and values as
+  ``torch.nn.utils.parametrizations.weight_norm``: ``original0`` = g, ``original1`` = v). PyTorch's
+  own one calls ``torch._weight_norm``, whose second derivative with respect to ``v`` is wrong in
+  torch 2.13 on the CPU (gradgradcheck fails); DEQ derivatives of every order go through the
+  weights, so the formula is written out in differentiable operations. It is a pure function of
+  ``(g, v)``: safe inside a solve.
 * **Spectral norm** (Miyato, Kataoka, Koyama & Yoshida 2018, "Spectral normalization for generative
   adversarial networks", eq. 8 and Algorithm 1): ``W ↦ c · W / σ(W)`` with ``σ(W) ≈ uᵀ W v``
   estimated by power iteration on ``W`` reshaped to ``(out, in·k…)``. PyTorch's parametrization runs
@@ -31,13 +34,41 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["SpectralNorm", "spectral_norm", "apply_weight_norm", "apply_spectral_norm", "update_spectral_norms",
+__all__ = ["WeightNorm", "SpectralNorm", "weight_norm", "spectral_norm", "apply_weight_norm", "apply_spectral_norm", "update_spectral_norms",
            "NORMALIZED_LAYERS"]
 
 #: layers whose ``weight`` the cell-wide helpers normalize
 NORMALIZED_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
 )
+
+
+class WeightNorm(nn.Module):
+    """Parametrization ``(g, v) ↦ g · v / ‖v‖`` with the norm over every dimension but ``dim``
+    (``dim=None``: over the whole tensor), Salimans & Kingma 2016 eq. 2. ``right_inverse`` splits a
+    weight into ``g = ‖w‖`` and ``v = w``, as PyTorch's ``weight_norm`` does."""
+
+    def __init__(self, dim: int | None = 0):
+        super().__init__()
+        self.dim = dim
+
+    def _norm(self, v: Tensor) -> Tensor:
+        if self.dim is None:
+            return torch.linalg.vector_norm(v)
+        dims = [d for d in range(v.ndim) if d != self.dim % v.ndim]
+        return torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+
+    def forward(self, g: Tensor, v: Tensor) -> Tensor:
+        return v * (g / self._norm(v))
+
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        return self._norm(weight), weight
+
+
+def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) -> nn.Module:
+    """Register :class:`WeightNorm` on ``module.<name>`` (in place; returns ``module``)."""
+    parametrize.register_parametrization(module, name, WeightNorm(dim))
+    return module
 
 
 class SpectralNorm(nn.Module):
@@ -118,11 +149,11 @@ def _targets(cell: nn.Module, layers: Iterable[type[nn.Module]]) -> list[nn.Modu
 
 def apply_weight_norm(cell: nn.Module, *, dim: int = 0, layers: Iterable[type[nn.Module]] = NORMALIZED_LAYERS) -> nn.Module:
     """Weight-normalize (Salimans & Kingma 2016) the ``weight`` of every layer of ``cell`` of the
-    given types with ``torch.nn.utils.parametrizations.weight_norm`` (in place; returns ``cell``).
-    Its parameters become ``….parametrizations.weight.original0`` (g) and ``original1`` (v).
-    Raises ``ValueError`` when no such weight exists."""
+    given types with :class:`WeightNorm` (in place; returns ``cell``). Its parameters become
+    ``….parametrizations.weight.original0`` (g) and ``original1`` (v). Raises ``ValueError`` when
+    no such weight exists."""
     for m in _targets(cell, layers):
-        torch.nn.utils.parametrizations.weight_norm(m, "weight", dim=dim)
+        weight_norm(m, "weight", dim=dim)
     return cell
 
 
