@@ -34,7 +34,9 @@ and data-parallel training equals training on the whole batch.
 Classification head (simpler than the paper's HRNet-style head, stated): per branch a 1×1
 convolution + group norm + ReLU, then from the finest branch down a strided 3×3 convolution
 (+ group norm + ReLU) added to the next branch's features, a final 1×1 convolution to
-``final_channels`` + group norm + ReLU, global average pooling and a linear layer. The paper
+``final_channels`` + group norm + ReLU, then global average pooling (``pool="avg"``, the
+paper's) or flattening of the coarsest map (``pool="flatten"``, default for the 8×8 digits,
+whose 4×4 coarsest map still carries the layout of the digit), and a linear layer. The paper
 uses bottleneck blocks per branch and batch norm; we use single convolutions and group norm.
 """
 
@@ -230,8 +232,14 @@ class MDEQHead(nn.Module):
     """Branch tensors → logits ``(B, num_classes)`` (module docstring, "Classification head")."""
 
     def __init__(self, channels: Sequence[int], num_classes: int, *, head_channels: Sequence[int] | None = None,
-                 final_channels: int | None = None, groups: int = 4):
+                 final_channels: int | None = None, groups: int = 4, pool: str = "avg",
+                 coarsest: tuple[int, int] | None = None):
         super().__init__()
+        if pool not in ("avg", "flatten"):
+            raise ValueError(f"pool must be 'avg' or 'flatten', got {pool!r}")
+        if pool == "flatten" and coarsest is None:
+            raise ValueError("pool='flatten' needs the coarsest branch's size (coarsest=(h, w))")
+        self.pool = pool
         head = tuple(channels) if head_channels is None else tuple(head_channels)
         if len(head) != len(channels):
             raise ValueError(f"head_channels {list(head)} must have one width per branch ({len(channels)})")
@@ -246,13 +254,15 @@ class MDEQHead(nn.Module):
         self.incre = nn.ModuleList(conv_gn_relu(c, h, 1) for c, h in zip(channels, head))
         self.down = nn.ModuleList(conv_gn_relu(head[i], head[i + 1], 3, stride=2) for i in range(len(head) - 1))
         self.final = conv_gn_relu(head[-1], final, 1)
-        self.linear = nn.Linear(final, num_classes)
+        features = final if pool == "avg" else final * coarsest[0] * coarsest[1]
+        self.linear = nn.Linear(features, num_classes)
 
     def forward(self, branches: Sequence[Tensor]) -> Tensor:
         y = self.incre[0](branches[0])
         for i, down in enumerate(self.down):
             y = down(y) + self.incre[i + 1](branches[i + 1])
-        return self.linear(self.final(y).mean(dim=(-2, -1)))
+        y = self.final(y)
+        return self.linear(y.mean(dim=(-2, -1)) if self.pool == "avg" else y.flatten(1))
 
 
 class MDEQ(nn.Module):
@@ -262,7 +272,8 @@ class MDEQ(nn.Module):
     ``(B, in_channels, H, W)`` (H, W divisible by 2^(branches−1)); overrides (``tol``,
     ``solver``, ``store_trajectory`` …) go to the solve and ``model.deq.last_info`` holds its
     statistics. ``channels``: branch widths, finest first (their number is the number of
-    branches); ``solver_options`` go to ``deqdiff.DEQ`` (defaults: Anderson, relative tolerance
+    branches); ``pool``: the head's "avg" (global average pooling, the paper's) or "flatten"
+    (needs ``image_size``, the images' H and W); ``solver_options`` go to ``deqdiff.DEQ`` (defaults: Anderson, relative tolerance
     1e-2, at most 50 iterations, as the conv DEQ of this package; derivative solves by Anderson,
     which on the digits model at initialization needs about 20 iterations where the default
     Richardson iteration needs 75).
@@ -270,7 +281,8 @@ class MDEQ(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, *, channels: Sequence[int] = (16, 32),
                  hidden: Sequence[int] | None = None, head_channels: Sequence[int] | None = None,
-                 final_channels: int | None = None, groups: int = 4, dropout: float = 0.0, init_std: float = 0.01,
+                 final_channels: int | None = None, pool: str = "avg", image_size: int | tuple[int, int] | None = None,
+                 groups: int = 4, dropout: float = 0.0, init_std: float = 0.01,
                  solver: str = "anderson", tol: float = 1e-2, max_iter: int = 50, backward_solver: str = "anderson",
                  **solver_options):
         super().__init__()
@@ -278,8 +290,12 @@ class MDEQ(nn.Module):
         self.stem = MDEQStem(in_channels, cell.channels[0], groups=groups)
         self.deq = DEQ(cell, solver=solver, tol=tol, max_iter=max_iter, backward_solver=backward_solver,
                        **solver_options)
+        coarsest = None
+        if image_size is not None:
+            h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+            coarsest = tuple(c for c in cell.branch_shapes(torch.empty(0, 0, h, w))[-1][1:])
         self.head = MDEQHead(cell.channels, num_classes, head_channels=head_channels,
-                             final_channels=final_channels, groups=groups)
+                             final_channels=final_channels, groups=groups, pool=pool, coarsest=coarsest)
 
     @property
     def cell(self) -> MDEQCell:
@@ -303,13 +319,14 @@ class MDEQ(nn.Module):
 #: named configurations: the tiny digits model (8×8 and 4×4 branches) and the four-resolution
 #: shape of the paper's CIFAR-10 models (32×32, 16×16, 8×8, 4×4; widths doubling per branch)
 CONFIGS: dict[str, dict] = {
-    "digits": dict(in_channels=1, num_classes=10, channels=(16, 32)),
+    "digits": dict(in_channels=1, num_classes=10, channels=(16, 32), pool="flatten", image_size=8),
     "cifar10": dict(in_channels=3, num_classes=10, channels=(16, 32, 64, 128), dropout=0.25),
 }
 
 
 def mdeq_digits(**overrides) -> MDEQ:
-    """The tiny MDEQ for 8×8 scikit-learn digits: branches 16×8×8 and 32×4×4, no dropout."""
+    """The tiny MDEQ for 8×8 scikit-learn digits: branches 16×8×8 and 32×4×4, no dropout, the
+    head flattening the 4×4 map."""
     return MDEQ(**{**CONFIGS["digits"], **overrides})
 
 

@@ -88,10 +88,12 @@ def _build(config: TrainConfig, kind: str, k: int | None, image_shape, num_class
     elif kind == "mdeq":
         from ..models.mdeq import MDEQ
 
-        n = config.branches if config.branches is not None else (4 if min(h, w) >= 32 else 2)
+        large = min(h, w) >= 32  # CIFAR-10: the paper's 4 branches and average-pooling head
+        n = config.branches if config.branches is not None else (4 if large else 2)
         model = MDEQ(c, num_classes, channels=[config.channels << i for i in range(n)],
                      hidden=[config.hidden << i for i in range(n)], groups=config.groups, dropout=config.dropout,
-                     init_std=config.init_std, **_solver_options(config))
+                     init_std=config.init_std, pool="avg" if large else "flatten", image_size=(h, w),
+                     **_solver_options(config))
     else:
         MonotoneDEQ, MonotoneConvDEQ = _monotone(config.model)
         opts = _solver_options(config)
