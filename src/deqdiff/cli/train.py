@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 
-from ._common import (UsageError, check_device, check_solver, nonneg_float, nonneg_int, one_line, out_dir,
-                      positive_float, positive_int, seed, user_errors)
+from ._common import (UsageError, check_device, check_solver, float_list, int_list, nonneg_float, nonneg_int, one_line,
+                      out_dir, positive_float, positive_int, seed, user_errors)
 
 
 def _opt_int(s: str) -> int | None:
@@ -18,6 +18,16 @@ def _opt_int(s: str) -> int | None:
 
 
 _opt_int.__name__ = "an integer ≥ 0 or 'none'"
+
+
+def _damping(s: str) -> float:
+    v = positive_float(s)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}")
+    return v
+
+
+_damping.__name__ = "a number in (0, 1]"
 
 
 def _branches(s: str) -> int:
@@ -92,6 +102,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tol", type=positive_float, help="relative residual tolerance (default: the model's; conv 1e-2)")
     g.add_argument("--max-iter", type=positive_int, help="default: the model's (conv 50)")
     g.add_argument("--backward-tol", type=positive_float, help="tolerance of the implicit backward solves")
+    g = p.add_argument_group("training tools (DEQ models)")
+    g.add_argument("--grad", choices=("exact", "phantom"), help="backward mode: exact implicit gradients, or phantom "
+                   "gradients (Geng et al. 2021: K damped unrolled steps from z*)")
+    g.add_argument("--phantom-steps", type=positive_int, metavar="K", help="phantom gradients: unrolled steps K")
+    g.add_argument("--phantom-damping", type=_damping, metavar="TAU", help="phantom gradients: damping TAU in (0, 1]")
+    g.add_argument("--correction", type=int_list(positive_int), metavar="K1,K2,...", help="fixed-point correction (Bai et al. 2022): "
+                   "comma-separated solver iterations whose states are also supervised, e.g. 4,8,12")
+    g.add_argument("--correction-weights", type=float_list(nonneg_float), metavar="W1,W2,...",
+                   help="loss weights of the --correction iterates (default 0.8^(n+1-i); final state 1)")
+    g.add_argument("--cell-norm", choices=("none", "weight", "spectral"), help="normalize the cell's weights")
+    g.add_argument("--compile", action="store_true", help="torch.compile the cell for the forward solve "
+                   "(derivatives stay eager and exact)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/train", help="run directory (checkpoint.pt, metrics.json)")
     g.add_argument("--resume", action="store_true", default=False,
@@ -99,7 +121,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--max-steps, --device, --checkpoint-every, --data-dir, --no-progress may be given anew)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=("float32", "float64"), help="parameters and states")
-    g.add_argument("--amp", choices=("bf16",), help="autocast the forward pass")
+    g.add_argument("--amp", choices=("bf16", "fp16"), help="autocast the cell to bfloat16, or float16 with loss scaling "
+                   "(CUDA); the solver state and stopping rule stay float32")
     g.add_argument("--seed", type=seed, help="seeds the model, the data order and the data split")
     g.add_argument("--checkpoint-every", type=nonneg_int, help="steps (0: every epoch)")
     g.add_argument("--max-steps", type=_opt_int, help="stop after this many steps in total")
@@ -112,6 +135,7 @@ _FIELDS = (
     "train_limit", "test_limit", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "scheduler",
     "grad_clip", "jac_reg", "jac_reg_samples", "solver", "tol", "max_iter", "backward_tol", "out", "device",
     "dtype", "amp", "seed", "checkpoint_every", "max_steps",
+    "grad", "phantom_steps", "phantom_damping", "correction", "correction_weights", "cell_norm", "compile",
 )
 
 

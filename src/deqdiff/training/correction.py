@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..solvers.base import SolveInfo, Tracker, row_norm
 
-__all__ = ["GivenIterate", "correction_weights", "correction_outputs", "check_correction"]
+__all__ = ["GivenIterate", "correction_weights", "correction_outputs", "outputs_at_iterates", "check_correction"]
 
 
 class GivenIterate:
@@ -70,24 +70,31 @@ def correction_weights(n: int, gamma: float = 0.8) -> list[float]:
     return [gamma ** (n - i) for i in range(n)]
 
 
-def correction_outputs(model: nn.Module, inputs: Tensor, iterations: Sequence[int], **overrides) -> tuple[Tensor, list[Tensor]]:
-    """``(model(inputs), [model output at iterate k for k in iterations])``.
+def outputs_at_iterates(model: nn.Module, inputs: Tensor, iterations: Sequence[int], **overrides) -> list[Tensor]:
+    """The model's outputs at the iterates ``iterations`` of its last forward solve, which must
+    have kept its trajectory (``model(inputs, store_trajectory=True)`` just before, same inputs).
 
     ``model`` follows deqdiff's protocol (``model.deq`` a ``deqdiff.DEQ``, ``model(x, **overrides)``
-    passing overrides to it). Each correction output is differentiable with the DEQ's backward
-    mode (module docstring). ``model.deq.last_info`` is left holding the main solve's statistics."""
+    passing overrides to it). Each output is differentiable with the DEQ's backward mode (module
+    docstring). ``model.deq.last_info`` is left holding the main solve's statistics, without the
+    trajectory (freed)."""
     deq = getattr(model, "deq", None)
     if deq is None:
         raise ValueError(f"{type(model).__name__} has no equilibrium layer (.deq); fixed-point correction needs a DEQ")
-    out = model(inputs, store_trajectory=True, **overrides)
     info = deq.last_info
-    trajectory = info.forward.trajectory
+    trajectory = None if info is None or info.forward is None else info.forward.trajectory
     if not trajectory:
-        raise RuntimeError("the forward solve kept no trajectory; fixed-point correction needs store_trajectory")
+        raise RuntimeError("the last forward solve kept no trajectory; call model(x, store_trajectory=True) first")
     outs = []
     for k in iterations:
         state = trajectory[min(k, len(trajectory) - 1)]
         outs.append(model(inputs, solver=GivenIterate(state), refresh=False, on_fail="ignore", **overrides))
-    info.forward.trajectory = None  # the iterates are no longer needed: free them
+    info.forward.trajectory = None
     deq.last_info = info
-    return out, outs
+    return outs
+
+
+def correction_outputs(model: nn.Module, inputs: Tensor, iterations: Sequence[int], **overrides) -> tuple[Tensor, list[Tensor]]:
+    """``(model(inputs), [model output at iterate k for k in iterations])`` (one forward solve)."""
+    out = model(inputs, store_trajectory=True, **overrides)
+    return out, outputs_at_iterates(model, inputs, iterations, **overrides)

@@ -25,6 +25,7 @@ from torch import nn
 from ..data import ImageDataset, ShardedBatches, load_dataset
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
+from .correction import outputs_at_iterates
 from .distributed import DistContext, local_device
 from .jacobian import capture_equilibrium, hutchinson_frobenius
 from .metrics import Meter
@@ -68,8 +69,9 @@ def _full_precision(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _autocast(config: TrainConfig, device: str):
-    if config.amp == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    if config.amp in ("bf16", "fp16"):  # inside a DEQ only the cell runs in low precision
+        dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
+        return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
     return nullcontext()
 
 
@@ -114,6 +116,8 @@ class _Run:
         )
         self.steps_per_epoch = len(self.batches)
         self.optimizer = make_optimizer(config, self.model)
+        # fp16 needs loss scaling (Micikevicius et al. 2018); disabled, the scaler passes everything through
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=config.amp == "fp16")
         self.scheduler = make_scheduler(config, self.optimizer, config.epochs * self.steps_per_epoch)
         self.epoch = self.step = self.step_in_epoch = 0
         self.epoch_loader_state = self.batches.get_state()
@@ -128,6 +132,7 @@ class _Run:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             # the generator now (after this epoch's draw) and at the epoch's start (to replay it)
             "loader": {"epoch_start": self.epoch_loader_state, "current": self.batches.get_state()},
@@ -147,6 +152,8 @@ class _Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.epoch_loader_state = state["loader"]["epoch_start"]
         self.epoch, self.step, self.step_in_epoch = int(state["epoch"]), int(state["step"]), int(state["step_in_epoch"])
@@ -181,10 +188,16 @@ class _Run:
             y = self.data.labels("train", idx, device=self.device)
             capture = capture_equilibrium(model) if cfg.jac_reg > 0 else nullcontext({})
             with capture as box, _autocast(cfg, self.device):
-                logits = model(x)
+                logits = model(x, store_trajectory=True) if cfg.correction else model(x)
+            meter.add_solves(model, backward=False)
             logits = _full_precision(logits)
             loss_sum = F.cross_entropy(logits, y, reduction="sum")
             objective = loss_sum / global_size
+            if cfg.correction:  # fixed-point correction: losses on the solver's iterates too
+                with _autocast(cfg, self.device):
+                    extra = outputs_at_iterates(model, x, cfg.correction)
+                for w, out in zip(cfg.correction_weights, extra):
+                    objective = objective + w * F.cross_entropy(_full_precision(out), y, reduction="sum") / global_size
             jac_sum = 0.0
             if cfg.jac_reg > 0:
                 z = box["z"]
@@ -192,14 +205,15 @@ class _Run:
                 penalty = (per_sample / z[0].numel()).sum()
                 objective = objective + cfg.jac_reg * penalty / global_size
                 jac_sum = float(penalty.detach())
-            meter.add_solves(model, backward=False)
-            objective.backward()
+            self.scaler.scale(objective).backward()
             _add_backward(meter, model)
             meter.add_batch(float(loss_sum.detach()), int((logits.argmax(1) == y).sum()), idx.numel(), jac_sum)
         self.ctx.all_reduce_gradients(model)
+        self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         return meter
 
