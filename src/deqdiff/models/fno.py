@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..layers import DEQ
 from .conv import WeightTied
 
-__all__ = ["SpectralConv2d", "FourierCell", "FNODEQ", "FNOExplicit", "spectral_conv2d", "count_parameters"]
+__all__ = ["ChannelLinear", "SpectralConv2d", "FourierCell", "FNODEQ", "FNOExplicit", "spectral_conv2d", "count_parameters"]
 
 
 def spectral_conv2d(x: Tensor, weight: Tensor, modes1: int, modes2: int) -> Tensor:
@@ -53,6 +53,14 @@ def spectral_conv2d(x: Tensor, weight: Tensor, modes1: int, modes2: int) -> Tens
     cols = torch.cat([low, mid, high], dim=2)
     out = torch.cat([cols, cols.new_zeros(B, C_out, H, W // 2 + 1 - modes2)], dim=3)
     return torch.fft.irfft2(out, s=(H, W))
+
+
+class ChannelLinear(nn.Linear):
+    """A linear map of the channels at every grid node, ``(B, C_in, H, W) → (B, C_out, H, W)``
+    (a 1×1 convolution; as a matrix product over channels-last it runs faster on CPU)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.movedim(1, -1), self.weight, self.bias).movedim(-1, 1)
 
 
 class SpectralConv2d(nn.Module):
@@ -83,7 +91,7 @@ class FourierCell(nn.Module):
         super().__init__()
         self.width = int(width)
         self.spectral = SpectralConv2d(width, width, modes1, modes2)
-        self.pointwise = nn.Conv2d(width, width, 1)
+        self.pointwise = ChannelLinear(width, width)
         with torch.no_grad():
             self.spectral.weight.mul_(scale)
             self.pointwise.weight.mul_(scale)
@@ -121,8 +129,8 @@ class _FNO(nn.Module):
         if 2 * m1 > s1 or m2 > s2 // 2 + 1:
             raise ValueError(f"modes ({m1}, {m2}) do not fit a {s1}×{s2} grid (need 2·modes ≤ {s1}, modes ≤ {s2 // 2 + 1})")
         self.resolution, self.modes, self.width = (s1, s2), (m1, m2), int(width)
-        self.lift = nn.Conv2d(3, width, 1)  # (a, x₁, x₂) → width, pointwise
-        self.project = nn.Sequential(nn.Conv2d(width, projection, 1), nn.GELU(), nn.Conv2d(projection, 1, 1))
+        self.lift = ChannelLinear(3, width)  # (a, x₁, x₂) → width, pointwise
+        self.project = nn.Sequential(ChannelLinear(width, projection), nn.GELU(), ChannelLinear(projection, 1))
         self.zero_boundary = bool(zero_boundary)
         self.register_buffer("a_mean", torch.zeros(s1, s2))
         self.register_buffer("a_std", torch.ones(s1, s2))
@@ -177,7 +185,7 @@ class FNODEQ(_FNO):
     passes overrides (``tol``, ``max_iter`` …) to the solve; ``model.deq.last_info`` holds its
     statistics."""
 
-    def __init__(self, resolution: int | tuple[int, int] = 29, *, width: int = 24, modes: int | tuple[int, int] = 8,
+    def __init__(self, resolution: int | tuple[int, int] = 32, *, width: int = 16, modes: int | tuple[int, int] = 8,
                  projection: int = 64, zero_boundary: bool = True, cell_scale: float = 0.5,
                  solver: str = "anderson", tol: float = 1e-3, max_iter: int = 40, **solver_options):
         super().__init__(resolution, width, modes, projection, zero_boundary)
@@ -197,7 +205,7 @@ class FNOExplicit(_FNO):
     ordinary backpropagation. ``tied=True``: one cell applied k times (the parameters equal
     :class:`FNODEQ`'s with the same settings); ``tied=False``: k independent cells. It has no ``deq``."""
 
-    def __init__(self, resolution: int | tuple[int, int] = 29, *, k: int = 6, tied: bool = True, width: int = 24,
+    def __init__(self, resolution: int | tuple[int, int] = 32, *, k: int = 6, tied: bool = True, width: int = 16,
                  modes: int | tuple[int, int] = 8, projection: int = 64, zero_boundary: bool = True,
                  cell_scale: float = 0.5):
         super().__init__(resolution, width, modes, projection, zero_boundary)

@@ -56,7 +56,7 @@ class OperatorConfig:
     problem: str = "darcy"
     n_train: int = 500
     n_test: int = 100
-    resolution: int = 29
+    resolution: int = 32
     width: int = 16
     modes: int = 8
     projection: int = 64

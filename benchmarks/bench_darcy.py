@@ -1,0 +1,155 @@
+"""Darcy flow: FNO-DEQ vs the explicit FNO with equal parameters (``deqdiff operator darcy``).
+
+Measures, on generated data (thresholded Gaussian random fields, finite-difference solutions):
+
+1. one full run of both models in one process (the CLI's ``run``): held-out relative L2 (target
+   ≤ 5e-2), error with noisy coefficient fields, seconds per epoch (median), forward/derivative
+   solver iterations, unconverged solves, bytes autograd saves per batch;
+2. training-step time side by side: the two models' steps interleaved on the same batches in
+   one process, medians and their ratio (robust to the machine's load drifting);
+3. peak resident memory of training, each model in a fresh process (``--probe``).
+
+Usage: ``python benchmarks/bench_darcy.py`` (defaults: the CLI's defaults) → ``benchmarks/results/darcy.json``;
+``--quick`` for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def probe(name: str, cfg_json: str, steps: int) -> dict:
+    """In a fresh process: peak RSS before and after ``steps`` training steps of model ``name``."""
+    import torch
+
+    from deqdiff.physics.darcy import generate
+    from deqdiff.physics.neural_operator import OperatorConfig, build_model, peak_rss_mib, relative_l2
+
+    torch.set_num_threads(1)
+    cfg = OperatorConfig(**json.loads(cfg_json))
+    data = generate(OperatorConfig(**{**asdict(cfg), "n_train": cfg.batch, "n_test": 1}).data_settings())
+    a = torch.as_tensor(data.a[:cfg.batch], dtype=cfg.torch_dtype)
+    u = torch.as_tensor(data.u[:cfg.batch], dtype=cfg.torch_dtype)
+    model = build_model(cfg, name)
+    model.set_normalization(a, u)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    built = peak_rss_mib()
+    # warm-up step: lazy imports and allocator pools, not training memory
+    relative_l2(model(a), u).mean().backward()
+    opt.zero_grad(set_to_none=True)
+    before = peak_rss_mib()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        relative_l2(model(a), u).mean().backward()
+        opt.step()
+    return {"model": name, "steps": steps, "peak_rss_built_mib": built, "peak_rss_before_mib": before,
+            "training_peak_over_built_mib": peak_rss_mib() - built, "peak_rss_after_mib": peak_rss_mib(),
+            "peak_rss_growth_mib": peak_rss_mib() - before}
+
+
+def side_by_side(cfg, steps: int) -> dict:
+    """Interleaved training steps of both models on the same batches; medians (s) and ratio."""
+    import torch
+
+    from deqdiff.physics.darcy import generate
+    from deqdiff.physics.neural_operator import OperatorConfig, build_model, relative_l2
+
+    small = OperatorConfig(**{**asdict(cfg), "n_train": cfg.batch * 4, "n_test": 1})
+    data = generate(small.data_settings())
+    a = torch.as_tensor(data.a, dtype=cfg.torch_dtype)
+    u = torch.as_tensor(data.u, dtype=cfg.torch_dtype)
+    models = {n: build_model(cfg, n) for n in ("deq", "explicit")}
+    opts = {n: torch.optim.Adam(m.parameters(), lr=cfg.lr) for n, m in models.items()}
+    for m in models.values():
+        m.set_normalization(a, u)
+    times: dict[str, list[float]] = {n: [] for n in models}
+    for step in range(steps + 1):
+        i = (step % 4) * cfg.batch
+        for n, m in models.items():
+            t0 = time.perf_counter()
+            opts[n].zero_grad(set_to_none=True)
+            relative_l2(m(a[i:i + cfg.batch]), u[i:i + cfg.batch]).mean().backward()
+            opts[n].step()
+            if step:  # step 0 is warm-up
+                times[n].append(time.perf_counter() - t0)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    return {"steps": steps, "median_step_s": med, "deq_over_explicit": med["deq"] / med["explicit"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(HERE / "results" / "darcy.json"))
+    p.add_argument("--run-dir", default=None, help="folder of the full run (default: a temporary folder)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--side-steps", type=int, default=20, help="interleaved steps per model")
+    p.add_argument("--probe-steps", type=int, default=20, help="training steps of the memory probe")
+    p.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cfg", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.probe:
+        print(json.dumps(probe(args.probe, args.cfg, args.probe_steps)))
+        return
+
+    import torch
+
+    from deqdiff.physics.neural_operator import OperatorConfig, run
+
+    torch.set_num_threads(1)
+    over = {}
+    if args.quick:
+        over = dict(n_train=40, n_test=10, epochs=2, width=8, modes=4, resolution=16)
+        args.side_steps, args.probe_steps = 4, 4
+    if args.epochs:
+        over["epochs"] = args.epochs
+    if args.n_train:
+        over["n_train"] = args.n_train
+    cfg = OperatorConfig(**over).validate()
+    result: dict = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "command": " ".join(sys.argv),
+                    "load_before": os.getloadavg(), "torch": torch.__version__, "python": platform.python_version(),
+                    "threads": 1, "config": asdict(cfg)}
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(args.run_dir) if args.run_dir else Path(tmp)
+        t0 = time.perf_counter()
+        res = run(cfg, run_dir, progress=True, plots=bool(args.run_dir), checkpoint_every=0)
+        result["run_wall_s"] = time.perf_counter() - t0
+    result["models"] = res["models"]
+    result["data"] = res["data"]
+    result["target_rel_l2"] = 5e-2
+    result["met"] = {n: m["held_out"]["rel_l2"] <= 5e-2 for n, m in res["models"].items()}
+    result["load_after_run"] = os.getloadavg()
+    result["side_by_side"] = side_by_side(cfg, args.side_steps)
+    result["memory_probe"] = {}
+    for name in cfg.models:
+        out = subprocess.run([sys.executable, __file__, "--probe", name, "--cfg", json.dumps(asdict(cfg)),
+                              "--probe-steps", str(args.probe_steps)], capture_output=True, text=True, check=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        result["memory_probe"][name] = json.loads(out.stdout.strip().splitlines()[-1])
+    result["load_after"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    for n, m in result["models"].items():
+        print(f"{n}: held-out rel L2 {m['held_out']['rel_l2']:.4f} ({'met' if result['met'][n] else 'not met'}), "
+              f"{m['epoch_time_s_median']:.1f} s/epoch, noise {[round(r['rel_l2'], 4) for r in m['noise']]}, "
+              f"activations {m['saved_activations_mib_per_batch']:.1f} MiB, "
+              f"training peak RSS +{result['memory_probe'][n]['training_peak_over_built_mib']:.0f} MiB "
+              f"(growth over the steps {result['memory_probe'][n]['peak_rss_growth_mib']:.0f} MiB)")
+    print("side by side:", result["side_by_side"])
+    print("written", args.out)
+
+
+if __name__ == "__main__":
+    main()
