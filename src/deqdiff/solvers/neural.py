@@ -111,12 +111,59 @@ class Initializer(nn.Module):
             n_in, n = math.prod(input_shape), math.prod(state_shape)
             self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
                                      nn.Linear(hidden, n))
+            # standardized inputs times N(0, 1) weights: pre-activations of order 1 per input, so the
+            # tanh features are nonlinear from the start (PyTorch's default keeps them nearly linear)
+            nn.init.normal_(self.net[0].weight, 0.0, 1.0)
+            nn.init.uniform_(self.net[0].bias, -1.0, 1.0)
+        # per-feature (MLP) or per-channel (conv) standardization of x, set from the fitting data
+        n_stats = input_shape[0] if self.conv else math.prod(input_shape)
+        self.register_buffer("x_mean", torch.zeros(n_stats))
+        self.register_buffer("x_std", torch.ones(n_stats))
+
+    @torch.no_grad()
+    def set_input_stats(self, x: Tensor) -> None:
+        """Standardize inputs by the mean and standard deviation of ``x`` (the fitting inputs)."""
+        flat = x.movedim(1, -1).reshape(-1, x.shape[1]) if self.conv else x.reshape(x.shape[0], -1)
+        self.x_mean.copy_(flat.mean(0).to(self.x_mean))
+        self.x_std.copy_(flat.std(0).clamp_min(1e-6).to(self.x_std) if flat.shape[0] > 1 else torch.ones_like(self.x_std))
+
+    def _standardized(self, x: Tensor) -> Tensor:
+        h = x.to(self.x_mean.dtype)
+        if self.conv:
+            return (h - self.x_mean[:, None, None]) / self.x_std[:, None, None]
+        return (h.reshape(h.shape[0], -1) - self.x_mean) / self.x_std
 
     def forward(self, x: Tensor) -> Tensor:
-        p = self.net[0].weight
-        h = x.to(p.dtype)
-        out = self.net(h) if self.conv else self.net(h.reshape(h.shape[0], -1))
+        out = self.net(self._standardized(x))
         return out.reshape(x.shape[0], *self.state_shape).to(x.dtype)
+
+    @torch.no_grad()
+    def refit_output(self, x: Tensor, z: Tensor, ridge: float = 1e-6, chunk: int = 1024) -> None:
+        """Set the last (linear, or 1×1 convolutional) layer to the ridge least-squares fit of the
+        targets ``z`` on the hidden features of ``x`` — the output weights are linear in the
+        output, so their best value has a closed form (variable projection); the gradient steps
+        then only have to move the hidden layers. ``ridge`` is relative to the mean feature
+        energy."""
+        last = self.net[-1]
+        p = last.weight
+        gram, cross, n = None, None, 0
+        for i in range(0, x.shape[0], chunk):
+            xs, zs = x[i:i + chunk], z[i:i + chunk]
+            h = self.net[:-1](self._standardized(xs))
+            if self.conv:  # a 1×1 convolution is one linear map per pixel
+                h, t = h.movedim(1, -1).reshape(-1, h.shape[1]), zs.movedim(1, -1).reshape(-1, zs.shape[1])
+            else:
+                t = zs.reshape(zs.shape[0], -1)
+            h = torch.cat([h, torch.ones_like(h[:, :1])], 1).double()
+            t = t.double()
+            gram = h.T @ h if gram is None else gram + h.T @ h
+            cross = h.T @ t if cross is None else cross + h.T @ t
+            n += h.shape[0]
+        lam = ridge * float(gram.diagonal().mean())
+        w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), cross)
+        weight, bias = w[:-1].T, w[-1]
+        last.weight.copy_(weight.reshape(last.weight.shape).to(p.dtype))
+        last.bias.copy_(bias.to(p.dtype))
 
 
 def _slog(v: Tensor) -> Tensor:

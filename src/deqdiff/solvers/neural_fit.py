@@ -8,7 +8,9 @@ through the frozen f) and minimizes the paper's three losses:
 
 * **convergence loss** Σ_k w_k ‖z^[k] − z*‖/‖z*‖ over the unrolled steps, w_k ∝ k (later steps
   weigh more, paper eq. 9);
-* **initializer loss** ‖z⁰ − z*‖/‖z*‖ (paper eq. 10);
+* **initializer loss** ‖z⁰ − z*‖/‖z*‖ (paper eq. 10); the initializer's output layer is set to its
+  least-squares value before the first and after the last step (variable projection), so the
+  gradient steps only have to move its hidden layers;
 * **α regularization** ‖α^[k] − α*^[k]‖² toward the least-squares Anderson weights, during the
   first ``alpha_fraction`` of the steps only (paper §4.3).
 
@@ -74,6 +76,7 @@ class FitResult:
     ground_truth_time_s: float = 0.0
     samples: int = 0  # training samples used
     left_out: int = 0  # training samples whose ground truth missed gt_tol
+    init_error: float = math.nan  # mean ‖g_φ(x) − z*‖/‖z*‖ on the fitting samples, at the end
 
 
 def _flat_map(cell: Callable[[Tensor, Tensor], Tensor], x: Tensor, state_shape: tuple[int, ...]):
@@ -132,6 +135,8 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(fit.seed)
         net = NeuralSolver(cfg).to(device=x_all.device, dtype=x_all.dtype)
+    net.initializer.set_input_stats(x_all)
+    net.initializer.refit_output(x_all, z_star)  # a closed-form start for the output layer
     opt = torch.optim.Adam(net.parameters(), lr=fit.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fit.steps)
     n = x_all.shape[0]
@@ -162,8 +167,9 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         sched.step()
-        rec = {"step": step + 1, "loss": float(loss), "conv": float(l_conv), "init": float(l_init),
-               "alpha": float(l_alpha), "last": float(_rel(traj[-1], zs).mean())}
+        rec = {"step": step + 1, "loss": float(loss.detach()), "conv": float(l_conv.detach()),
+               "init": float(l_init.detach()), "alpha": float(l_alpha.detach()),
+               "last": float(_rel(traj[-1].detach(), zs).mean())}
         history.append(rec)
         if bar is not None:
             bar.set_postfix(init=f"{rec['init']:.2e}", last=f"{rec['last']:.2e}", refresh=False)
@@ -171,4 +177,7 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     if bar is not None:
         bar.close()
     net.eval()
-    return FitResult(net, history, time.perf_counter() - t0, t_gt, n, int((~ok).sum()))
+    net.initializer.refit_output(x_all, z_star)  # the best output layer for the final hidden layers
+    with torch.no_grad():
+        init_error = float(_rel(net.initializer(x_all), z_star).mean())
+    return FitResult(net, history, time.perf_counter() - t0, t_gt, n, int((~ok).sum()), init_error)

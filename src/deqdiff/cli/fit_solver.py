@@ -1,0 +1,96 @@
+"""``deqdiff fit-solver --from RUN_DIR``: fit a neural DEQ solver (Bai, Koltun & Kolter 2022) to a
+trained run and compare it with Anderson, Broyden and plain iteration on held-out inputs.
+
+Reads a run written by ``deqdiff train`` (conv, monotone and other DEQ classifiers) or
+``deqdiff pinn vdp`` (the physics-informed DEQ); writes the fitted solver next to the model
+(``RUN_DIR/neural_solver.pt``), and ``fit_solver.json`` and ``fit_solver.png`` (residual and
+downstream metric vs f-evaluations) to ``--out``. The fitting time is reported as a share of the
+run's own training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import UsageError, int_list, nonneg_int, out_dir, positive_float, positive_int, seed, user_errors
+
+
+def _budget(text: str) -> int:
+    v = positive_int(text)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"expected budgets of at least 2 f-evaluations, got {text!r}")
+    return v
+
+
+_budget.__name__ = "an integer ≥ 2"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit-solver", help="fit a neural solver (learned initializer + Anderson mixing) to a trained DEQ",
+                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--from", dest="run_dir", required=True, metavar="RUN_DIR",
+      help="run directory of `deqdiff train` or `deqdiff pinn vdp` (checkpoint.pt and its metrics)")
+    a("--out", default=None, help="folder for fit_solver.json and fit_solver.png (default: RUN_DIR/fit_solver)")
+    a("--fit-samples", type=positive_int, default=512, help="training inputs the solver is fitted on")
+    a("--steps", type=positive_int, default=150, help="fitting steps (Adam)")
+    a("--batch", type=positive_int, default=32, help="samples per fitting step")
+    a("--unroll", type=positive_int, default=6, help="solver steps unrolled per fitting step")
+    a("--lr", type=positive_float, default=3e-3, help="Adam learning rate (cosine-annealed)")
+    a("--m", type=positive_int, default=5, help="Anderson memory of the neural solver")
+    a("--gt-tol", type=positive_float, default=None,
+      help="relative residual of the ground-truth fixed points (default: the model's tolerance / 100)")
+    a("--budgets", type=int_list(_budget), default=[2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32],
+      help="f-evaluation budgets of the residual/metric comparison (comma-separated)")
+    a("--seed", type=seed, default=0, help="seeds the fitting inputs and the networks")
+    a("--threads", type=nonneg_int, default=1, help="torch CPU threads (0: torch's default)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from ..solvers.neural import NeuralSolverConfig
+    from ..solvers.neural_fit import FitConfig
+    from ..training.fit_solver import compare_solvers, default_gt_tol, fit_run, load_run, plot_comparison, summary
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"--from {run_dir}: no such run directory")
+    out = out_dir(args.out if args.out is not None else run_dir / "fit_solver")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with user_errors("--from", kinds=(ValueError, TypeError, OSError, KeyError, ImportError)):
+        run = load_run(run_dir, fit_samples=args.fit_samples, seed=args.seed)
+    with user_errors():
+        fit = FitConfig(steps=args.steps, batch=args.batch, unroll=args.unroll, lr=args.lr, seed=args.seed,
+                        gt_tol=args.gt_tol if args.gt_tol is not None else default_gt_tol(run))
+        config = NeuralSolverConfig((1,), (1,), m=args.m, meta={"run": str(run_dir), "kind": run.kind})
+    t0 = time.perf_counter()
+    fitted = fit_run(run, config=config, fit=fit, progress=not args.no_progress)
+    path = run_dir / "neural_solver.pt"
+    try:
+        fitted.solver.save(path, extra={"kind": run.kind, "fit": fit.__dict__, "fit_time_s": fitted.time_s})
+    except OSError as err:
+        raise UsageError(f"--from {run_dir}: cannot write the fitted solver there ({err})") from err
+    results = compare_solvers(run, fitted.solver, args.budgets, progress=not args.no_progress)
+    head = summary(run, fitted, results)
+    report = {"summary": head, "run": str(run_dir), "solver_file": str(path), "fit": fit.__dict__,
+              "fit_samples_used": fitted.samples, "fit_samples_left_out": fitted.left_out,
+              "fit_history": fitted.history[:: max(1, len(fitted.history) // 50)], "solvers": results,
+              "torch_threads": torch.get_num_threads(), "wall_time_s": time.perf_counter() - t0}
+    with open(out / "fit_solver.json", "w") as fh:
+        json.dump(report, fh, indent=1)
+    plot_comparison(results, run, out / "fit_solver.png")
+    print(f"{run.kind}: neural solver fitted in {head['fit_time_s']:.1f} s "
+          f"({100 * head['fit_time_share']:.1f} % of the run's {head['training_time_s']:.0f} s of training)")
+    print(f"  f-evaluations to tol {run.tol:g} on {run.test_inputs.shape[0]} held-out inputs: neural "
+          f"{head['f_evals_neural']:.2f}, anderson {head['f_evals_anderson']:.2f} (ratio {head['f_evals_ratio']:.2f}); "
+          f"{run.metric_name}: {head['metric_neural']:.4g} vs {head['metric_anderson']:.4g}")
+    print(f"  solver: {path}\n  results: {out / 'fit_solver.json'}, {out / 'fit_solver.png'}")
+    return 0
