@@ -62,8 +62,8 @@ class OperatorConfig:
     projection: int = 64
     k: int = 6
     explicit: str = "tied"
-    epochs: int = 15
-    batch: int = 20
+    epochs: int = 12
+    batch: int = 10
     lr: float = 3e-3
     weight_decay: float = 1e-4
     solver: str = "anderson"
