@@ -239,8 +239,10 @@ class _Autodiff:
                 cols = []
                 with torch.enable_grad():
                     for j in range(up.shape[1]):
-                        (g,) = torch.autograd.grad(up[:, j].sum(), self.X, create_graph=True, retain_graph=True,
-                                                   allow_unused=True)
+                        g = None
+                        if up.requires_grad:  # else constant in X (e.g. the slope of a linear field)
+                            (g,) = torch.autograd.grad(up[:, j].sum(), self.X, create_graph=True,
+                                                       retain_graph=True, allow_unused=True)
                         cols.append(torch.zeros_like(self.X) if g is None else g)
                 self.grads[parent] = torch.stack(cols, 1)  # (B, outputs, coords)
             self.values[key] = self.grads[parent][:, :, key[-1]]
