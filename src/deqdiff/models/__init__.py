@@ -18,12 +18,17 @@ from .monotone import (
 from .monotone_conv import MonotoneConv, MonotoneConvDEQ, FourierMonotone
 
 from .conv import ConvCell, ConvDEQ, ConvRepeat, WeightTied, repeat_from_deq, repeat_k
+from .fno import FNODEQ, FNOExplicit, FourierCell, SpectralConv2d
 from .mdeq import MDEQ, MDEQCell, WeightNormConv2d, mdeq_cifar10, mdeq_digits
 
 __all__ = [
     "ConvCell",
     "ConvDEQ",
     "ConvRepeat",
+    "FNODEQ",
+    "FNOExplicit",
+    "FourierCell",
+    "SpectralConv2d",
     "MDEQ",
     "MDEQCell",
     "WeightNormConv2d",
