@@ -15,7 +15,7 @@ B = torch.ones(2, 3, dtype=torch.float64)
 
 
 def test_registry():
-    assert available_solvers("forward") == ["anderson", "broyden", "fixed_point", "newton_krylov"]
+    assert available_solvers("forward") == ["anderson", "auto", "broyden", "fixed_point", "neural", "newton_krylov"]
     assert available_solvers("linear") == ["anderson", "bicgstab", "dense", "gmres", "richardson"]
     assert get_solver("anderson", "linear") is not get_solver("anderson", "forward")
 

@@ -179,7 +179,7 @@ def fixed_point(
     f: Callable[..., Tensor],
     z0: Tensor,
     *params: Tensor,
-    solver: str | Callable = "anderson",
+    solver: str | Callable = "auto",
     tol: float = 1e-6,
     atol: float = 0.0,
     max_iter: int = 200,
@@ -206,6 +206,9 @@ def fixed_point(
     of independent samples when probing f shows that no sample's output depends on another
     sample (:mod:`deqdiff.engine.structure`), else the whole z0 is one problem (0).
 
+    ``solver="auto"`` runs plain iteration and hands the samples still running after 40
+    iterations to Anderson acceleration (:mod:`deqdiff.solvers.auto`); ``"anderson"``,
+    ``"broyden"``, ``"fixed_point"``, ``"newton_krylov"`` run one method throughout.
     ``backward_solver="auto"`` picks a dense LU, or Richardson on the samples still running
     with a dense or GMRES finish (README); ``"anderson"`` accelerates the derivative solves
     where plain iteration contracts slowly.

@@ -10,13 +10,13 @@ from .base import (
     register_solver,
 )
 from . import fixed_point_iteration  # noqa: F401  (registers "fixed_point")
-from . import anderson, broyden, newton_krylov  # noqa: F401  (forward solvers)
+from . import anderson, broyden, newton_krylov, auto  # noqa: F401  (forward solvers)
 from . import linear, gmres, bicgstab  # noqa: F401  (linear solvers)
 from . import neural  # noqa: F401  (registers "neural": learned Anderson, Bai et al. 2022)
 
 # Solvers that see the map only through g commute with z ↦ c·z: the engine may rescale their
 # problems by powers of two (deqdiff.solvers.scaling); the splitting solvers hold W and c.
-for _name in ("fixed_point", "anderson", "broyden", "newton_krylov"):
+for _name in ("fixed_point", "anderson", "broyden", "newton_krylov", "auto"):
     get_solver(_name).scale_equivariant = True
 
 __all__ = [
