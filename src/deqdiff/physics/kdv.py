@@ -26,7 +26,7 @@ from .pde import Box, Initial, PDEProblem, Periodic, Uniform
 __all__ = ["DEFAULTS", "kdv", "etdrk4_kdv", "reference_on_grid", "soliton"]
 
 #: default dispersion δ² and horizon T of ``deqdiff pinn kdv``
-DEFAULTS = {"delta2": 0.0025, "T": 0.5}
+DEFAULTS = {"delta2": 0.0025, "T": 0.2}
 
 
 def etdrk4_kdv(u0, delta2: float, T: float, *, length: float = 2.0, dt: float = 1e-4, n_out: int = 101,
