@@ -52,7 +52,9 @@ def test_fit_reduces_the_paper_losses_in_seconds(fitted):
     _, res = fitted
     first, last = res.history[0], res.history[-1]
     assert res.left_out == 0 and res.samples == 256
-    assert last["init"] < 0.5 * first["init"] and last["last"] < 0.5 * first["last"]
+    # the zero start is at relative distance 1 from z*; the fitted initializer far closer
+    assert res.init_error < 0.15
+    assert last["loss"] < first["loss"] and last["last"] < first["last"]
     assert res.time_s < 60
 
 
