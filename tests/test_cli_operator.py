@@ -97,7 +97,11 @@ def test_saved_activations_grow_with_k_for_the_explicit_fno_only():
 
 
 def _one_line_error(capsys, argv) -> str:
-    assert main(argv) == 2
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's errors exit from the parser
+        code = exit_.code
+    assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     return err
