@@ -1,0 +1,110 @@
+"""Character-level DEQ-Transformer vs its weight-tied unrolled counterpart at equal depth.
+
+Run from the repository root::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_lm.py            # full: default `deqdiff lm --compare` + memory sweep
+    OMP_NUM_THREADS=1 python benchmarks/bench_lm.py --quick    # smoke run (< 2 min)
+
+What is measured:
+
+1. ``deqdiff lm --compare`` with the job's defaults (``--epochs``/``--train-windows`` as given):
+   the DEQ trains first; the unrolled model (the same cell applied L times from z = 0,
+   backpropagated through every layer) trains with L = the DEQ's mean forward iterations over
+   training, rounded up. Each trains in its own fresh process. Reported: test bits per
+   character, forward/backward iterations, peak RSS growth during the training steps, time per
+   epoch.
+2. Memory sweep: for each ``--sweep-seq-len`` T (batch of ``--sweep-batch`` windows), a few
+   training steps of the DEQ and of unrolled-L (same L), each in a fresh process; peak RSS
+   growth. The DEQ keeps one layer's graph plus the solver's history; the unrolled network
+   keeps L layers' activations (attention scores grow as T²).
+
+JSON goes to ``benchmarks/results/lm.json`` (``lm_quick.json`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _deqdiff(args: list[str]) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    subprocess.run([sys.executable, "-m", "deqdiff.cli", "lm", *args], check=True, env=env, cwd=ROOT)
+
+
+def compare(out: Path, extra: list[str]) -> dict:
+    _deqdiff(["--compare", "--out", str(out), *extra])
+    res = json.loads((out / "results.json").read_text())
+    for k in ("deq", "unrolled"):  # per-step curves stay in the run folder
+        res[k].pop("step_bpc", None)
+    return res
+
+
+def sweep_point(model: str, seq_len: int, batch: int, steps: int, out: Path, extra: list[str]) -> float:
+    """Peak RSS growth (MiB) over ``steps`` training steps of ``model`` (stopped mid-epoch: no evaluation)."""
+    run = out / f"{model}_T{seq_len}"
+    _deqdiff(["--model", model, "--seq-len", str(seq_len), "--batch-size", str(batch), "--epochs", "1",
+              "--train-windows", str(batch * (steps + 1)), "--max-steps", str(steps), "--no-progress",
+              "--out", str(run), *extra])
+    return json.loads((run / "metrics.json").read_text())["memory"]["peak_rss_above_start_mib"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of the comparison (default: the job's)")
+    p.add_argument("--train-windows", type=int, default=None, help="training windows (default: the job's)")
+    p.add_argument("--sweep-seq-len", type=int, nargs="*", default=[64, 128, 256])
+    p.add_argument("--sweep-batch", type=int, default=16)
+    p.add_argument("--sweep-steps", type=int, default=3)
+    p.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/lm[_quick].json)")
+    args = p.parse_args()
+    extra: list[str] = []
+    if args.quick:
+        extra = ["--epochs", "1", "--train-windows", "64", "--valid-windows", "16"]
+        args.sweep_seq_len, args.sweep_steps = [32, 64], 2
+    if args.epochs:
+        extra += ["--epochs", str(args.epochs)]
+    if args.train_windows:
+        extra += ["--train-windows", str(args.train_windows)]
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench_lm_") as tmp:
+        tmp = Path(tmp)
+        result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": load,
+                              "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+                  "command": " ".join(["python", "benchmarks/bench_lm.py", *sys.argv[1:]])}
+        result["compare"] = compare(tmp / "compare", [*extra, "--no-progress"])
+        figure = ROOT / "benchmarks" / "results" / ("lm_loss_curves_quick.png" if args.quick else "lm_loss_curves.png")
+        shutil.copyfile(tmp / "compare" / "loss_curves.png", figure)
+        result["figure"] = str(figure.relative_to(ROOT))
+        depth = result["compare"]["comparison"]["depth"]
+        sweep = []
+        for T in args.sweep_seq_len:
+            point = {"seq_len": T, "batch": args.sweep_batch, "depth": depth}
+            for model in ("deq", f"unrolled-{depth}"):
+                point["deq" if model == "deq" else "unrolled"] = sweep_point(
+                    model, T, args.sweep_batch, args.sweep_steps, tmp / "sweep", [])
+            point["ratio"] = point["unrolled"] / point["deq"] if point["deq"] else None
+            sweep.append(point)
+            print(json.dumps(point), flush=True)
+        result["memory_sweep"] = sweep
+        result["machine"]["loadavg_end"] = os.getloadavg()
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / ("lm_quick.json" if args.quick else "lm.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
