@@ -136,3 +136,11 @@ def test_bad_files_are_one_line_errors(tmp_path, capsys, reference):
     assert "--cache" in _one_line_error(capsys, ["operator", "darcy", "--out", str(tmp_path / "c"), *FLAGS, "--cache"])
     (tmp_path / "file").write_text("x")
     assert "--out" in _one_line_error(capsys, ["operator", "darcy", "--out", str(tmp_path / "file"), *FLAGS])
+
+
+def test_unconverged_solves_are_counted_with_their_residual():
+    cfg = OperatorConfig(**{**TINY, "max_iter": 1, "tol": 1e-12})
+    a = 3 + 9 * torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ev = evaluate(build_model(cfg, "deq"), a, torch.rand(3, 8, 8))
+    assert ev["unconverged_forward_rows"] == 3 and ev["worst_forward_rel_residual"] > 1e-12
+    assert ev["forward_iters_max"] == 1
