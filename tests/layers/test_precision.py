@@ -53,3 +53,19 @@ def test_no_autocast_leaves_everything_in_the_state_dtype():
     cell, x = _setup()
     deqdiff.DEQ(cell, tol=1e-5, state_shape=16)(x)
     assert set(cell.dtypes) == {torch.float32}
+
+
+def test_bf16_backward_through_group_norm_cell():
+    # CPU autocast hands group norm a bfloat16 input with float32 affine parameters; the dense
+    # derivative path (vmap over vjps) fails on that in PyTorch, so autocast DEQs default to GMRES
+    from deqdiff.models.conv import ConvCell
+
+    torch.manual_seed(1)
+    cell = ConvCell(4, 4, groups=2).float()
+    deq = deqdiff.DEQ(cell, tol=1e-3, max_iter=30)
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = deq(x)
+    z.pow(2).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in cell.parameters())
+    assert deq.last_info.derivatives[0].solver.startswith("gmres")

@@ -11,7 +11,7 @@ from torch.func import functional_call
 from ..engine import FixedPointInfo, fixed_point
 from .dropout import dropout_modules, reset_dropout_masks
 from .normalization import update_spectral_norms
-from .precision import CellPrecision
+from .precision import LOW_PRECISION_BACKWARD_SOLVER, CellPrecision
 
 __all__ = ["DEQ"]
 
@@ -112,6 +112,8 @@ class DEQ(nn.Module):
         precision = CellPrecision.capture(x.device.type)  # under autocast: the cell low, the solver not
         if precision.active and z0.dtype in (torch.float16, torch.bfloat16):
             z0 = z0.float()
+        if precision.active and options.get("backward_solver", "auto") == "auto":
+            options["backward_solver"] = LOW_PRECISION_BACKWARD_SOLVER
         with precision.solver_context():
             z, self.last_info = fixed_point(precision.wrap(f), z0, x, *values, **options)
         return z

@@ -19,6 +19,12 @@ implicit linear solves (adjoints, tangents)   the state's dtype
 parameters and their gradients                their own dtype (float32)
 ============================================  ==========================================
 
+Derivative solves under autocast default to GMRES (``backward_solver="auto"`` becomes
+``"gmres"``): the dense path of "auto" builds ``I − J`` by ``vmap`` over vector–Jacobian products,
+and PyTorch 2.13 fails there ("Expected scalar types of X and dY are same") when a group norm
+receives a bfloat16 input with float32 affine parameters — what CPU autocast produces — and grad
+mode is off, as in a first-order backward. An explicit ``backward_solver`` is kept.
+
 The autocast state is captured when ``DEQ.forward`` is called and re-applied inside the cell
 wherever the engine evaluates it later — including derivative solves that autograd runs after the
 ``autocast`` block has been left — so the forward and derivative solves see one map.
@@ -33,7 +39,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["CellPrecision"]
+__all__ = ["CellPrecision", "LOW_PRECISION_BACKWARD_SOLVER"]
+
+#: the derivative solver that replaces "auto" under autocast (module docstring)
+LOW_PRECISION_BACKWARD_SOLVER = "gmres"
 
 
 @dataclass(frozen=True)
