@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--unroll", type=positive_int, default=6, help="solver steps unrolled per fitting step")
     a("--lr", type=positive_float, default=3e-3, help="Adam learning rate (cosine-annealed)")
     a("--m", type=positive_int, default=5, help="Anderson memory of the neural solver")
+    a("--hidden", type=positive_int, default=64, help="width of the HyperAnderson network")
+    a("--init-hidden", type=positive_int, default=64, help="width (or channels) of the initializer network")
     a("--gt-tol", type=positive_float, default=None,
       help="relative residual of the ground-truth fixed points (default: the model's tolerance / 100)")
     a("--budgets", type=int_list(_budget), default=[2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32],
@@ -70,7 +72,8 @@ def _run(args: argparse.Namespace) -> int:
     with user_errors():
         fit = FitConfig(steps=args.steps, batch=args.batch, unroll=args.unroll, lr=args.lr, seed=args.seed,
                         gt_tol=args.gt_tol if args.gt_tol is not None else default_gt_tol(run))
-        config = NeuralSolverConfig((1,), (1,), m=args.m, meta={"run": str(run_dir), "kind": run.kind})
+        config = NeuralSolverConfig((1,), (1,), m=args.m, hidden=args.hidden, init_hidden=args.init_hidden,
+                                    meta={"run": str(run_dir), "kind": run.kind})
     t0 = time.perf_counter()
     fitted = fit_run(run, config=config, fit=fit, progress=not args.no_progress)
     path = run_dir / "neural_solver.pt"

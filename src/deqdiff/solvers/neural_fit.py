@@ -73,6 +73,7 @@ class FitResult:
     solver: NeuralSolver
     history: list[dict] = field(default_factory=list)  # per step: loss terms
     time_s: float = 0.0  # ground truth + fitting, wall clock
+    cpu_time_s: float = 0.0  # the same, CPU time of this process (less sensitive to a loaded machine)
     ground_truth_time_s: float = 0.0
     samples: int = 0  # training samples used
     left_out: int = 0  # training samples whose ground truth missed gt_tol
@@ -119,7 +120,7 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     optimization (:class:`FitConfig`). The networks get ``inputs``' dtype and device. Raises
     ``ValueError`` when no training sample reaches the ground-truth tolerance."""
     fit = fit or FitConfig()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     x_all = inputs.detach()
     z_default = init_state(x_all).detach()
     z_star, ok = ground_truth(cell, x_all, z_default, tol=fit.gt_tol, max_iter=fit.gt_max_iter)
@@ -180,4 +181,5 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     net.initializer.refit_output(x_all, z_star)  # the best output layer for the final hidden layers
     with torch.no_grad():
         init_error = float(_rel(net.initializer(x_all), z_star).mean())
-    return FitResult(net, history, time.perf_counter() - t0, t_gt, n, int((~ok).sum()), init_error)
+    return FitResult(net, history, time.perf_counter() - t0, time.process_time() - c0, t_gt, n, int((~ok).sum()),
+                     init_error)

@@ -292,7 +292,8 @@ def summary(run: Run, fit: FitResult, results: dict) -> dict:
     return {"kind": run.kind, "tol": run.tol, "f_evals_neural": n["f_evals_mean"], "f_evals_anderson": a["f_evals_mean"],
             "f_evals_ratio": ratio, "metric_name": run.metric_name, "metric_neural": n["metric"],
             "metric_anderson": a["metric"], "converged_neural": n["converged"], "converged_anderson": a["converged"],
-            "fit_time_s": fit.time_s, "ground_truth_time_s": fit.ground_truth_time_s,
+            "fit_time_s": fit.time_s, "fit_cpu_time_s": fit.cpu_time_s, "ground_truth_time_s": fit.ground_truth_time_s,
+            "init_error": fit.init_error,
             "training_time_s": run.training_time_s, "fit_time_share": share,
             "target_f_evals_ratio_met": bool(ratio <= 0.5 and n["converged"] >= a["converged"]),
             "target_fit_time_met": bool(share <= 0.05)}

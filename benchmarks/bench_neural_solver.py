@@ -1,0 +1,101 @@
+"""Neural DEQ solvers (Bai, Koltun & Kolter 2022) on trained runs: f-evaluations to the model's
+tolerance on held-out inputs, neural vs Anderson (target ≤ 0.5× at equal downstream metric), and
+fitting time as a share of the model's training time (target ≤ 5 %).
+
+Train the base models first with the CLI defaults, e.g.::
+
+    deqdiff train --out /tmp/nsolver/conv
+    deqdiff pinn vdp --out /tmp/nsolver/vdp
+    deqdiff train --model mon --out /tmp/nsolver/mon
+
+then::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_neural_solver.py \\
+        --run conv=/tmp/nsolver/conv --run vdp=/tmp/nsolver/vdp --run mon=/tmp/nsolver/mon
+
+Per run, the fit settings are ``--fit-samples``, ``--steps`` … (one set for every run) unless a
+run is given as ``name=DIR:key=value,key=value`` (e.g. ``vdp=/tmp/v:fit_samples=2048,init_hidden=256``).
+Writes ``benchmarks/results/neural_solver.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from deqdiff.solvers.neural import NeuralSolverConfig
+from deqdiff.solvers.neural_fit import FitConfig
+from deqdiff.training.fit_solver import compare_solvers, default_gt_tol, fit_run, load_run, summary
+
+KEYS = {"fit_samples": int, "steps": int, "batch": int, "unroll": int, "lr": float, "m": int, "hidden": int,
+        "init_hidden": int, "gt_tol": float}
+
+
+def _run_arg(text: str) -> tuple[str, str, dict]:
+    name, _, rest = text.partition("=")
+    path, _, opts = rest.partition(":")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=RUN_DIR[:key=value,...], got {text!r}")
+    over = {}
+    for item in filter(None, opts.split(",")):
+        k, _, v = item.partition("=")
+        if k not in KEYS:
+            raise argparse.ArgumentTypeError(f"unknown setting {k!r}; choose from {sorted(KEYS)}")
+        over[k] = KEYS[k](v)
+    return name, path, over
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=_run_arg, action="append", required=True, help="NAME=RUN_DIR[:key=value,...]")
+    p.add_argument("--fit-samples", type=int, default=512)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--unroll", type=int, default=6)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--m", type=int, default=5)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--init-hidden", type=int, default=64)
+    p.add_argument("--budgets", default="2,3,4,5,6,8,10,12,16,24,32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "neural_solver.json"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    base = {k: getattr(args, k) for k in KEYS if hasattr(args, k)}
+    out = {"command": "python benchmarks/bench_neural_solver.py " + " ".join(f"--run {n}={d}" for n, d, _ in args.run),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "load_before": os.getloadavg()},
+           "runs": {}}
+    for name, run_dir, over in args.run:
+        s = {**base, **over}
+        t0 = time.perf_counter()
+        run = load_run(run_dir, fit_samples=s["fit_samples"], seed=args.seed)
+        fit = FitConfig(steps=s["steps"], batch=s["batch"], unroll=s["unroll"], lr=s["lr"], seed=args.seed,
+                        gt_tol=s.get("gt_tol") or default_gt_tol(run))
+        config = NeuralSolverConfig((1,), (1,), m=s["m"], hidden=s["hidden"], init_hidden=s["init_hidden"])
+        load = os.getloadavg()
+        fitted = fit_run(run, config=config, fit=fit, progress=True)
+        results = compare_solvers(run, fitted.solver, budgets, progress=True)
+        head = summary(run, fitted, results)
+        out["runs"][name] = {"run_dir": run_dir, "settings": s, "fit": fit.__dict__, "load_during_fit": load,
+                             "load_after": os.getloadavg(), "summary": head, "solvers": results,
+                             "fit_samples_used": fitted.samples, "fit_samples_left_out": fitted.left_out,
+                             "wall_s": time.perf_counter() - t0}
+        print(json.dumps({name: head}, indent=1))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1))  # after each run: partial results survive
+    out["machine"]["load_after"] = os.getloadavg()
+    Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
