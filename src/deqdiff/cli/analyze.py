@@ -37,13 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tools = p.add_subparsers(dest="tool", required=True)
 
-    def common(q: argparse.ArgumentParser, epochs: str):
+    def common(q: argparse.ArgumentParser, epochs: str | None):
         g = q.add_argument_group("run")
         g.add_argument("--out", default="analysis_out", help="output folder (figures, JSON, cached models)")
         g.add_argument("--data", default="digits", choices=("digits", "mnist", "cifar10"))
         g.add_argument("--data-dir", default=None)
         g.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N images only")
-        g.add_argument("--epochs", type=_ints, default=_ints(epochs), help="training checkpoints (epochs, comma-separated; 0 = init)")
+        g.add_argument("--epochs", type=_ints, default=_ints(epochs) if epochs else None,
+                       help="training checkpoints (epochs, comma-separated; 0 = init)" + (
+                           "" if epochs else "; default 2, with --model the epochs of 'deqdiff train' (15)"))
         g.add_argument("--batch-size", type=positive_int, default=64)
         g.add_argument("--lr", type=positive_float, default=1e-3)
         g.add_argument("--seed", type=seed, default=0)
@@ -87,15 +89,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--num-iters", type=positive_int, default=12, help="Lanczos steps per term")
     common(q, "0,1,2")
 
-    q = tools.add_parser("landscape", help="filter-normalized loss landscapes of a DEQ and repeat-k (§4.2.1)", formatter_class=fmt)
+    q = tools.add_parser("landscape", help="filter-normalized loss landscapes of a DEQ and repeat-k (§4.2.1), or of "
+                         "one model such as the MDEQ (§4.2.2)", formatter_class=fmt)
     q.add_argument("--models", type=_strs, default=_strs("conv,repeat-6,repeat-11,repeat-18"))
+    q.add_argument("--model", default=None, help="one model instead of --models, in the setting of the thesis's "
+                   "§4.2.2 MDEQ landscape: held-out images (--split test, --samples 1024) of a model trained "
+                   "for the epochs of 'deqdiff train' (e.g. --model mdeq)")
+    q.add_argument("--split", choices=("train", "test"), default=None,
+                   help="images the loss is averaged over (default: train; test with --model)")
     q.add_argument("--steps", type=_odd, default=51, help="grid points per axis (odd)")
     q.add_argument("--span", type=finite_float, nargs=2, default=(-1.0, 1.0))
-    q.add_argument("--samples", type=positive_int, default=32, help="training images the loss is averaged over")
+    q.add_argument("--samples", type=positive_int, default=None, help="images the loss is averaged over (default: 32; "
+                   "1024 with --model, at most the split's size: digits hold out 360)")
     q.add_argument("--points-per-batch", type=positive_int, default=128, help="grid points evaluated in one vmapped pass")
     q.add_argument("--ignore", default="biasbn", choices=("biasbn", "copy"), help="1-D parameters: zero or copy")
     q.add_argument("--no-1d", action="store_true")
-    common(q, "2")
+    common(q, None)
 
 
 def _bar(args):
@@ -308,10 +317,21 @@ def _landscape(args, out: Path) -> list:
     from ..analysis.landscape import flatness_summary, landscape_1d, landscape_2d
     from ..analysis.runs import digits_split
 
-    X, Y = digits_split(args.data, split="train", limit=args.samples, seed=args.seed, data_dir=args.data_dir)
+    single = args.model is not None
+    split = args.split or ("test" if single else "train")
+    samples = args.samples or (1024 if single else 32)
+    X, Y = digits_split(args.data, split=split, limit=samples, seed=args.seed, data_dir=args.data_dir)
+    if X.shape[0] < samples:
+        print(f"  {args.data} {split} split has {X.shape[0]} images: the landscape averages over all of them "
+              f"(asked for {samples})")
+    models = [args.model] if single else args.models
+    if args.epochs is None:
+        from ..training import TrainConfig
+
+        args.epochs = [TrainConfig().epochs] if single else [2]  # with --model: trained as 'deqdiff train' does
     e = max(args.epochs)
     lands2, lands1, summary = {}, {}, {}
-    for name in args.models:
+    for name in models:
         model = _snapshots(args, name, [e])[e]
         bar = _bar(args)
         prog = (lambda it, name=name: bar(it, desc=f"{name} 2D")) if bar else None
@@ -331,7 +351,8 @@ def _landscape(args, out: Path) -> list:
     if lands1:
         files.append(plotting.plot_landscapes_1d(lands1, out / "landscape_1d.png"))
     files.append(_write(out, "landscape", {
-        "models": args.models, "epochs": e, "samples": args.samples, "grid": args.steps, "span": list(args.span),
+        "models": models, "epochs": e, "split": split, "samples": int(X.shape[0]), "grid": args.steps,
+        "span": list(args.span),
         "ignore": args.ignore, "summary": summary,
         "landscapes_2d": {k: l.to_dict() for k, l in lands2.items()},
         "landscapes_1d": {k: l.to_dict() for k, l in lands1.items()}}))
