@@ -1,0 +1,183 @@
+"""Training tools on the digits conv DEQ (and optionally MDEQ): exact vs phantom gradients,
+with/without fixed-point correction, float32 vs bf16, eager vs compiled cell.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_training_tools.py             # ~25 min on 2 loaded cores
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_training_tools.py --quick     # smoke run
+
+Two parts, both in one process:
+
+* ``training``: each variant trained with ``deqdiff.training.train`` from the same seed for
+  ``--epochs`` epochs (cosine schedule over the run, thesis defaults otherwise); reported: held-out
+  accuracy and loss after the last epoch, the median epoch time, forward iterations.
+* ``steps``: one model trained for one epoch, its weights copied into every variant; then training
+  steps (forward + loss + backward, no optimizer update, so every variant sees the same weights and
+  batch) are timed round-robin over the variants (``--rounds`` rounds, after warm-up, including the
+  compilation of the compiled cell), so machine-load changes hit every variant alike. Reported: the
+  median forward time, backward time and step time, and their ratios to exact float32 eager.
+
+Results: ``benchmarks/results/training_tools.json`` (``--quick``: ``training_tools_quick.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from deqdiff.data import load_dataset
+from deqdiff.training import TrainConfig, build_model, train
+from deqdiff.training.correction import outputs_at_iterates
+
+#: training variants: name → TrainConfig settings (correction iterations: the conv solve takes
+#: ~10–17 Anderson iterations at tol 1e-2, so 3 and 6 are early and middle iterates)
+VARIANTS = {
+    "exact": {},
+    "phantom": {"grad": "phantom"},
+    "exact+correction": {"correction": [3, 6]},
+    "phantom+correction": {"grad": "phantom", "correction": [3, 6]},
+    "bf16": {"amp": "bf16"},
+}
+#: step-time variants: the training variants and the compiled cell
+STEP_VARIANTS = {**VARIANTS, "compiled": {"compile": True}}
+
+
+def _config(model: str, epochs: int, limit: int | None, **tools) -> TrainConfig:
+    return TrainConfig(model=model, epochs=epochs, progress=False, seed=0, train_limit=limit, test_limit=limit, **tools)
+
+
+def run_training(model: str, epochs: int, limit: int | None, names: list[str]) -> list[dict]:
+    rows = []
+    for name in names:
+        t0 = time.perf_counter()
+        result = train(_config(model, epochs, limit, **VARIANTS[name]))
+        wall = time.perf_counter() - t0
+        final = result.final
+        rows.append({
+            "model": model, "variant": name, "epochs": epochs,
+            "test_acc": final["test"]["acc"], "test_loss": final["test"]["loss"], "train_loss": final["train"]["loss"],
+            "epoch_time_median_s": statistics.median(e["time_s"] for e in result.history["epochs"]),
+            "epoch_times_s": [e["time_s"] for e in result.history["epochs"]],
+            "fwd_iter_mean": final["train"].get("fwd_iter_mean"), "bwd_iter_mean": final["train"].get("bwd_iter_mean"),
+            "wall_s": wall,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+class _Stepper:
+    """One variant's model (weights copied from a trained model) and its timed training step."""
+
+    def __init__(self, model_name: str, name: str, state: dict, data, limit):
+        self.name = name
+        self.config = _config(model_name, 1, limit, **STEP_VARIANTS[name])
+        torch.manual_seed(0)
+        self.model = build_model(self.config, data.image_shape, data.num_classes)
+        self.model.load_state_dict(state)
+        self.model.train()
+
+    def step(self, x, y) -> tuple[float, float]:
+        cfg, model = self.config, self.model
+        model.zero_grad(set_to_none=True)
+        amp = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.amp == "bf16" else _null()
+        t0 = time.perf_counter()
+        with amp:
+            logits = model(x, store_trajectory=True) if cfg.correction else model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        if cfg.correction:
+            with amp:
+                extra = outputs_at_iterates(model, x, cfg.correction)
+            for w, out in zip(cfg.correction_weights, extra):
+                loss = loss + w * F.cross_entropy(out.float(), y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def run_steps(model_name: str, limit: int | None, names: list[str], rounds: int, warmup: int, batch: int) -> list[dict]:
+    data = load_dataset("digits", None, seed=0, test_fraction=0.2)
+    base = train(_config(model_name, 1, limit))  # one epoch: solver iteration counts of a model in training
+    state = base.model.state_dict()
+    idx = torch.arange(batch)
+    x = data.images("train", idx, dtype=torch.float32, device="cpu")
+    y = data.labels("train", idx, device="cpu")
+    steppers = [_Stepper(model_name, n, state, data, limit) for n in names]
+    compile_s = {}
+    for s in steppers:
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            s.step(x, y)
+        compile_s[s.name] = time.perf_counter() - t0
+    times: dict[str, list[tuple[float, float]]] = {s.name: [] for s in steppers}
+    for _ in range(rounds):
+        for s in steppers:
+            times[s.name].append(s.step(x, y))
+    ref = None
+    rows = []
+    for s in steppers:
+        fwd = statistics.median(t[0] for t in times[s.name])
+        bwd = statistics.median(t[1] for t in times[s.name])
+        step = statistics.median(t[0] + t[1] for t in times[s.name])
+        if ref is None:
+            ref = (fwd, bwd, step)
+        rows.append({"model": model_name, "variant": s.name, "batch": batch, "rounds": rounds,
+                     "fwd_median_s": fwd, "bwd_median_s": bwd, "step_median_s": step,
+                     "fwd_ratio": fwd / ref[0], "bwd_ratio": bwd / ref[1], "step_ratio": step / ref[2],
+                     "warmup_s": compile_s[s.name]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="conv", help="comma-separated: conv, mdeq")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=15, help="timed steps per variant (round-robin)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compiles the cell)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--skip-steps", action="store_true")
+    p.add_argument("--quick", action="store_true", help="1 epoch on 128 images, 3 rounds")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    limit = None
+    if args.quick:
+        args.epochs, args.rounds, args.warmup, limit = 1, 3, 2, 128
+    out = Path(args.out or f"benchmarks/results/training_tools{'_quick' if args.quick else ''}.json")
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_training_tools.py "
+                   + " ".join(a for a in os.sys.argv[1:]),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+    }
+    results = {"meta": meta, "training": [], "steps": []}
+    for model in args.models.split(","):
+        if not args.skip_steps:
+            results["steps"] += run_steps(model, limit, list(STEP_VARIANTS), args.rounds, args.warmup, args.batch)
+        if not args.skip_training:
+            results["training"] += run_training(model, args.epochs, limit, list(VARIANTS))
+        meta["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
