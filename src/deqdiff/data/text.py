@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -71,8 +72,7 @@ class CharCorpus:
         if not (0 < f_train < 1 and 0 < f_valid < 1 and f_train + f_valid < 1):
             raise ValueError(f"split fractions must be in (0, 1) and sum to < 1, got {fractions}")
         vocab = sorted(set(text))
-        index = {c: i for i, c in enumerate(vocab)}
-        ids = torch.tensor([index[c] for c in text], dtype=torch.int64)
+        ids = _ids(text, vocab)
         n = ids.numel()
         a, b = int(n * f_train), int(n * (f_train + f_valid))
         if min(a, b - a, n - b) < min_split:
@@ -91,14 +91,13 @@ class CharCorpus:
 
     def encode(self, text: str) -> Tensor:
         """Token ids of ``text`` (``KeyError`` naming a character outside the vocabulary)."""
-        index = {c: i for i, c in enumerate(self.vocab)}
-        try:
-            return torch.tensor([index[c] for c in text], dtype=torch.int64)
-        except KeyError as err:
-            raise KeyError(f"character {err.args[0]!r} is not in the corpus vocabulary") from None
+        unknown = set(text) - set(self.vocab)
+        if unknown:
+            raise KeyError(f"character {min(unknown)!r} is not in the corpus vocabulary")
+        return _ids(text, self.vocab)
 
     def decode(self, ids: Tensor) -> str:
-        return "".join(self.vocab[int(i)] for i in ids.reshape(-1))
+        return "".join(map(self.vocab.__getitem__, ids.reshape(-1).tolist()))
 
     def windows(self, split: str, length: int) -> Tensor:
         """Non-overlapping windows ``(n, length + 1)`` of ``split``: inputs are ``w[:, :-1]``,
@@ -113,6 +112,13 @@ class CharCorpus:
             raise ValueError(f"{self.name}: the {split} split ({ids.numel()} characters) is shorter than one "
                              f"window of {length} + 1 characters")
         return ids[: n * length + 1].unfold(0, length + 1, length)
+
+
+def _ids(text: str, vocab: list[str]) -> Tensor:
+    """Index of each character of ``text`` in the sorted ``vocab`` (which holds all of them)."""
+    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    table = np.array([ord(c) for c in vocab], dtype=np.uint32)  # sorted, as vocab is
+    return torch.from_numpy(np.searchsorted(table, points).astype(np.int64))
 
 
 def load_corpus(path: str | Path | None = None, *, max_chars: int | None = None) -> CharCorpus:
