@@ -84,5 +84,5 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["inverse", "-h"])
     assert exit_.value.code == 0
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # help wraps lines
     assert "deblur" in text and "(default: 10)" in text and "(default: 0.01 deblur, 0.2 denoise)" in text
