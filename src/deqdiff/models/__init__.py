@@ -4,7 +4,8 @@
 * monotone DEQs (Winston & Kolter 2020; Nguyen 2022 §2.3.2, §3.2): :mod:`.monotone`,
   :mod:`.monotone_conv`;
 * convolutional DEQ of eq. 4.1 and its repeat-k counterpart: :mod:`.conv`;
-* multiscale DEQ (Bai, Koltun & Kolter 2020): :mod:`.mdeq`.
+* multiscale DEQ (Bai, Koltun & Kolter 2020): :mod:`.mdeq`;
+* inverse-problem DEQ and its unrolled counterpart (Gilton, Ongie & Willett 2021): :mod:`.inverse`.
 """
 
 from .monotone import (
@@ -20,8 +21,15 @@ from .monotone_conv import MonotoneConv, MonotoneConvDEQ, FourierMonotone
 from .conv import ConvCell, ConvDEQ, ConvRepeat, WeightTied, repeat_from_deq, repeat_k
 from .fno import FNODEQ, FNOExplicit, FourierCell, SpectralConv2d
 from .mdeq import MDEQ, MDEQCell, WeightNormConv2d, mdeq_cifar10, mdeq_digits
+from .inverse import Blur, GaussianBlur, Identity, InverseCell, InverseDEQ, InverseUnrolled
 
 __all__ = [
+    "Blur",
+    "GaussianBlur",
+    "Identity",
+    "InverseCell",
+    "InverseDEQ",
+    "InverseUnrolled",
     "ConvCell",
     "ConvDEQ",
     "ConvRepeat",
