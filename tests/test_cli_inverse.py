@@ -85,4 +85,4 @@ def test_help_shows_the_defaults(capsys):
         main(["inverse", "-h"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # help wraps lines
-    assert "deblur" in text and "(default: 10)" in text and "(default: 0.01 deblur, 0.2 denoise)" in text
+    assert "deblur" in text and "(default: 5)" in text and "(default: 0.01 deblur, 0.2 denoise)" in text

@@ -66,7 +66,7 @@ class InverseConfig:
     init_std: float = 1e-3
     k: int = 10
     models: tuple[str, ...] = MODELS
-    epochs: int = 10
+    epochs: int = 5
     batch_size: int = 32
     eval_batch_size: int = 256
     lr: float = 1e-3

@@ -1,0 +1,114 @@
+"""Inverse-problem DEQ vs deep unrolling (Gilton, Ongie & Willett 2021) on digits: PSNR on the
+held-out split, PSNR with 2× and 4× the training iterations at test time, DEQ iterations, time
+per epoch and the memory of one training step.
+
+Each task trains both models through ``deqdiff.training.inverse.train_inverse`` with the
+``deqdiff inverse`` defaults (unless flags change them) and reports with
+``deqdiff.training.inverse_report.assess``. The peak memory of one training step is measured
+for each model in a fresh process (``--memory-worker``): one warm-up step, the resident
+high-water mark reset (``/proc/self/clear_refs``), one step, the rise of ``ru_maxrss``; with it
+the bytes autograd saves for the backward pass. The warm-up step uses one image (lazy imports
+without pooling the batch's memory) and glibc returns freed blocks of ≥ 64 KiB to the system.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_inverse.py --tasks deblur,denoise --epochs 3
+
+writes ``benchmarks/results/inverse.json`` (and the figures of each task under
+``benchmarks/results/inverse_<task>/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+
+def memory_worker(config_json: str, kind: str) -> dict:
+    from deqdiff.training.inverse import InverseConfig, build_inverse_model, load_task_data
+    from deqdiff.training.inverse_report import step_memory
+
+    torch.set_num_threads(1)
+    cfg = InverseConfig.from_dict(json.loads(config_json))
+    data = load_task_data(InverseConfig.from_dict({**cfg.to_dict(), "train_limit": cfg.batch_size, "test_limit": 1}))
+    model = build_inverse_model(cfg, kind)
+    y, x = data.batch("train", slice(0, cfg.batch_size), dtype=getattr(torch, cfg.dtype))
+    step_memory(model, y[:1], x[:1])  # warm-up on one image: lazy imports, without pooling the batch's memory
+    return step_memory(model, y, x)
+
+
+def fresh_memory(cfg, kind: str) -> dict:
+    # blocks from 64 KiB up are mmapped and returned when freed, so the RSS follows live memory
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, __file__, "--memory-worker", kind, "--config-json", json.dumps(cfg.to_dict())]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_task(task: str, args) -> dict:
+    from deqdiff.cli.inverse import _print_summary
+    from deqdiff.training.inverse import InverseConfig, load_task_data, train_inverse
+    from deqdiff.training.inverse_report import assess, plot_examples, plot_psnr_curve, plot_training
+
+    overrides = {k: v for k, v in dict(epochs=args.epochs, train_limit=args.train_limit, test_limit=args.test_limit,
+                                      k=args.k, hidden=args.hidden, seed=args.seed).items() if v is not None}
+    cfg = InverseConfig(task=task, **overrides)
+    data = load_task_data(cfg)
+    out = ROOT / "results" / f"inverse_{task}"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = train_inverse(cfg, data, progress=not args.no_progress)
+    train_s = time.perf_counter() - t0
+    report = assess(result, data)
+    for kind in result.models:
+        report["models"][kind]["step_memory_fresh_process"] = fresh_memory(cfg, kind)
+    files = {"examples": out / "examples.png", "psnr_vs_iterations": out / "psnr_vs_iterations.png",
+             "training": out / "training.png"}
+    plot_examples(result.models, data, cfg, files["examples"])
+    plot_psnr_curve(report, cfg, files["psnr_vs_iterations"])
+    plot_training(result.history, files["training"])
+    _print_summary(report, cfg, files)
+    return {"config": cfg.to_dict(), "train_wall_s": train_s, "report": report,
+            "history": {k: h["epochs"] for k, h in result.history.items()},
+            "files": {k: str(v.relative_to(ROOT.parent)) for k, v in files.items()}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="deblur,denoise")
+    p.add_argument("--epochs", type=int, default=None, help="default: the CLI's")
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--k", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=str(ROOT / "results" / "inverse.json"))
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--memory-worker", choices=("deq", "unrolled"), help=argparse.SUPPRESS)
+    p.add_argument("--config-json", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_worker:
+        print(json.dumps(memory_worker(args.config_json, args.memory_worker)))
+        return
+    torch.set_num_threads(1)
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+               "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "load_average_start": os.getloadavg(), "tasks": {}}
+    out = Path(args.out)
+    for task in args.tasks.split(","):
+        results["tasks"][task] = run_task(task, args)
+        results["load_average_end"] = os.getloadavg()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
