@@ -86,3 +86,18 @@ def test_help_shows_the_defaults(capsys):
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # help wraps lines
     assert "deblur" in text and "(default: 5)" in text and "(default: 0.01 deblur, 0.2 denoise)" in text
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun(tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = ["torchrun", "--nproc_per_node=2", "--no-python", "deqdiff", "inverse", "denoise", "--out", str(tmp_path),
+           *TINY]
+    subprocess.run(cmd, check=True, env=env, timeout=600)
+    assert json.loads((tmp_path / "results.json").read_text())["report"]["test_images"] == 8

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.inverse import cell_lipschitz, psnr, unrolled
+from .distributed import DistContext
 from .inverse import InverseConfig, InverseResult, evaluate_inverse
 
 __all__ = ["assess", "step_memory", "psnr_curve", "plot_examples", "plot_psnr_curve", "plot_training"]
@@ -101,11 +102,13 @@ def psnr_curve(cell: nn.Module, y: Tensor, x: Tensor, iterations: int, *, batch:
 def assess(result: InverseResult, data, *, multiples: tuple[int, ...] = (1, 2, 4), extra_tol: float | None = None,
            curve_max: int | None = None, lipschitz_samples: int = 32) -> dict:
     """The report of the module docstring for the trained models of ``result`` on the held-out
-    split of ``data`` (an :class:`~deqdiff.data.inverse.InverseData`). ``extra_tol``: the DEQ's
+    split of ``data`` (an :class:`~deqdiff.data.inverse.InverseData`), computed in this process alone
+    (under ``torch.distributed``, call it on one rank). ``extra_tol``: the DEQ's
     tolerance when given more iterations (default 1e-5 in float32, 1e-8 in float64);
     ``curve_max``: the last n of the curves (default max(multiples)·K)."""
     cfg: InverseConfig = result.config
     dtype = getattr(torch, cfg.dtype)
+    alone = DistContext()  # the report runs on one rank only: no collective calls
     device = next(iter(result.models.values())).parameters().__next__().device
     y, x = data.batch("test", slice(None), dtype=dtype, device=device)
     extra_tol = extra_tol or (1e-5 if dtype == torch.float32 else 1e-8)
@@ -115,7 +118,7 @@ def assess(result: InverseResult, data, *, multiples: tuple[int, ...] = (1, 2, 4
     yb, xb = data.batch("train", slice(0, cfg.batch_size), dtype=dtype, device=device)
     for kind, model in result.models.items():
         hist = result.history[kind]["epochs"]
-        ev = evaluate_inverse(model, data, cfg, device=str(device))
+        ev = evaluate_inverse(model, data, cfg, ctx=alone, device=str(device))
         entry: dict = {"psnr": ev["psnr"],
                        "time_per_epoch_s": statistics.median(e["time_s"] for e in hist) if hist else None,
                        "epochs": len(hist)}
@@ -126,7 +129,8 @@ def assess(result: InverseResult, data, *, multiples: tuple[int, ...] = (1, 2, 4
             entry["train_bwd_iter_mean"] = hist[-1]["train"].get("bwd_iter_mean") if hist else None
             entry["extra_iterations"] = {}
             for m in multiples:
-                ev = evaluate_inverse(model, data, cfg, device=str(device), max_iter=m * cfg.max_iter, tol=extra_tol)
+                ev = evaluate_inverse(model, data, cfg, ctx=alone, device=str(device), max_iter=m * cfg.max_iter,
+                                      tol=extra_tol)
                 entry["extra_iterations"][str(m)] = {
                     "max_iter": m * cfg.max_iter, "tol": extra_tol, "psnr": ev["psnr"],
                     "fwd_iter_mean": ev.get("fwd_iter_mean"), "fwd_res_max": ev.get("fwd_res_max"),
