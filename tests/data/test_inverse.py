@@ -36,6 +36,15 @@ def test_measurements_are_reproducible_and_have_the_stated_noise():
         load_inverse_data(A, 0.05, train_limit=0)
 
 
-def test_mnist_needs_its_folder(tmp_path):
+def test_mnist_from_local_idx_files(tmp_path):
+    from tests.data.test_datasets import make_mnist
+
+    arrays = make_mnist(tmp_path, n_train=5, n_test=3)
+    train, test = clean_images("mnist", tmp_path, size=None)
+    assert train.shape == (5, 1, 28, 28) and test.shape == (3, 1, 28, 28)
+    expected = torch.from_numpy(arrays["train-images-idx3-ubyte"].astype("float32")) / 255
+    torch.testing.assert_close(train[:, 0], expected)
+    small, _ = clean_images("mnist", tmp_path, size=14)
+    assert small.shape == (5, 1, 14, 14) and 0.0 <= float(small.min()) <= float(small.max()) <= 1.0
     with pytest.raises(FileNotFoundError, match="MNIST directory not found"):
         clean_images("mnist", tmp_path / "missing")
