@@ -21,6 +21,7 @@ Writes ``benchmarks/results/neural_solver.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -65,6 +66,8 @@ def main() -> None:
     p.add_argument("--init-hidden", type=int, default=64)
     p.add_argument("--budgets", default="2,3,4,5,6,8,10,12,16,24,32")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ablation", action="store_true",
+                   help="also solve with the fitted initializer and plain Anderson steps (mixer zeroed)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "neural_solver.json"))
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -86,6 +89,14 @@ def main() -> None:
         fitted = fit_run(run, config=config, fit=fit, progress=True)
         results = compare_solvers(run, fitted.solver, budgets, progress=True)
         head = summary(run, fitted, results)
+        if args.ablation:  # the fitted initializer with plain Anderson steps (HyperAnderson zeroed)
+            plain = copy.deepcopy(fitted.solver)
+            with torch.no_grad():
+                plain.mixer.net[-1].weight.zero_()
+                plain.mixer.net[-1].bias.zero_()
+            abl = compare_solvers(run, plain, budgets[:3])["neural"]
+            head["f_evals_initializer_only"] = abl["at_tol"]["f_evals_mean"]
+            head["metric_initializer_only"] = abl["at_tol"]["metric"]
         out["runs"][name] = {"run_dir": run_dir, "settings": s, "fit": fit.__dict__, "load_during_fit": load,
                              "load_after": os.getloadavg(), "summary": head, "solvers": results,
                              "fit_samples_used": fitted.samples, "fit_samples_left_out": fitted.left_out,
