@@ -80,6 +80,54 @@ def run_task(task: str, args) -> dict:
             "files": {k: str(v.relative_to(ROOT.parent)) for k, v in files.items()}}
 
 
+def _f(v, fmt="{:.2f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def render(paths: list[str], out_json: Path, out_md: Path) -> None:
+    """Merge per-task result files into ``out_json`` and write the results section ``out_md``."""
+    merged: dict = {"runs": [], "tasks": {}}
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        merged["runs"].append({k: d[k] for k in ("date", "command", "torch", "threads", "load_average_start",
+                                                  "load_average_end") if k in d})
+        merged["tasks"].update(d["tasks"])
+    out_json.write_text(json.dumps(merged, indent=1))
+    lines = ["## Inverse problems: DEQ vs deep unrolling (Gilton, Ongie & Willett 2021)", ""]
+    for r in merged["runs"]:
+        lines.append(f"- `{r['command']}` — {r['date']}, torch {r['torch']}, {r['threads']} thread, load average "
+                     f"{r['load_average_start'][0]:.1f} at start / {r.get('load_average_end', [float('nan')])[0]:.1f} "
+                     "at end (2 shared cores)")
+    lines.append("")
+    head = ("| task | model | PSNR (dB) | 2× iterations | 4× iterations | forward iterations (mean/max) | "
+            "time per epoch (s) | step memory: saved / peak RSS rise (MiB) |")
+    lines += [head, "|" + "---|" * 8]
+    verdicts = []
+    for task, t in merged["tasks"].items():
+        rep, cfg = t["report"], t["config"]
+        lines.append(f"| {task} | measurement y | {rep['measurement_psnr']:.2f} | | | | | |")
+        for kind, e in rep["models"].items():
+            x = e["extra_iterations"]
+            mem = e.get("step_memory_fresh_process", e["step_memory"])
+            its = (f"{e['fwd_iter_mean']:.1f} / {e['fwd_iter_max']} (res ≤ {e['fwd_res_max']:.1e}, "
+                   f"{e['fwd_converged']:.0%} converged)" if kind == "deq" else f"K = {cfg['k']} (fixed)")
+            name = "DEQ" if kind == "deq" else f"unrolled-{cfg['k']}"
+            lines.append(f"| {task} | {name} | {e['psnr']:.2f} | {x['2']['psnr']:.2f} | {x['4']['psnr']:.2f} | {its} | "
+                         f"{_f(e['time_per_epoch_s'], '{:.1f}')} | {mem['saved_mib']:.2f} / {mem['peak_mib']:.1f} |")
+        m = rep["models"]
+        if "deq" in m and "unrolled" in m:
+            d, u = m["deq"], m["unrolled"]
+            verdicts.append(f"- {task}: DEQ {d['psnr']:.2f} dB vs unrolled-{cfg['k']} {u['psnr']:.2f} dB "
+                            f"({'DEQ better or equal' if d['psnr'] >= u['psnr'] else 'unrolled better'}); at 4× the "
+                            f"training iterations the unrolled network goes {u['psnr']:.2f} → "
+                            f"{u['extra_iterations']['4']['psnr']:.2f} dB, the DEQ {d['psnr']:.2f} → "
+                            f"{d['extra_iterations']['4']['psnr']:.2f} dB; learned cell's ‖∂f/∂z‖₂ at z* "
+                            f"{d['lipschitz_at_fixed_point']['mean']:.3f} mean, "
+                            f"{d['lipschitz_at_fixed_point']['max']:.3f} max")
+    lines += ["", *verdicts, ""]
+    out_md.write_text("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="deblur,denoise")
@@ -91,11 +139,17 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default=str(ROOT / "results" / "inverse.json"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--render", nargs="+", metavar="JSON",
+                   help="merge these result files into --out and write the markdown section next to it")
     p.add_argument("--memory-worker", choices=("deq", "unrolled"), help=argparse.SUPPRESS)
     p.add_argument("--config-json", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_worker:
         print(json.dumps(memory_worker(args.config_json, args.memory_worker)))
+        return
+    if args.render:
+        out = Path(args.out)
+        render(args.render, out, out.with_suffix(".md"))
         return
     torch.set_num_threads(1)
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
