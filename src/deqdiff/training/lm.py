@@ -138,6 +138,17 @@ def build_lm(config: LMConfig, vocab_size: int) -> nn.Module:
     sizes = dict(d_model=config.d_model, n_heads=config.n_heads, d_ff=config.d_ff, max_len=config.seq_len,
                  init_std=config.init_std, tie_weights=config.tie_weights)
     depth = parse_model(config.model)
+    # initialize in the run's dtype whatever the caller's default dtype is, so that a run (and
+    # each data-parallel process) draws the same initial weights
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, config.dtype))
+    try:
+        return _build(config, vocab_size, sizes, depth, DEQTransformerLM, UnrolledTransformerLM)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _build(config, vocab_size, sizes, depth, DEQTransformerLM, UnrolledTransformerLM) -> nn.Module:
     if depth is None:
         model = DEQTransformerLM(vocab_size, **sizes, solver=config.solver, tol=config.tol, max_iter=config.max_iter,
                                  backward_solver=config.backward_solver, backward_tol=config.backward_tol,
@@ -417,6 +428,14 @@ def train_lm(config: LMConfig, corpus: CharCorpus | None = None, *, resume: bool
         path = Path(config.out or ".") / "checkpoint.pt" if resume is True else Path(resume)
         if resume is not True or path.is_file():
             run.restore(read_checkpoint(path, format=LM_FORMAT))
+    with warnings.catch_warnings():
+        # solves above tolerance are counted per step and epoch (with their residuals) instead
+        # of one warning per step
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return _train(run, config, corpus, ctx)
+
+
+def _train(run: "_Run", config: LMConfig, corpus: CharCorpus, ctx: DistContext) -> LMResult:
     rng = rng_state()  # the warm-up must not move any random state
     _warm_up(run.model, run.train)
     set_rng_state(rng)
@@ -428,54 +447,51 @@ def train_lm(config: LMConfig, corpus: CharCorpus | None = None, *, resume: bool
     show = config.progress and ctx.is_main
     if show:
         from tqdm import tqdm
-    with warnings.catch_warnings():
-        # counted per step in the metrics (with residuals) instead of one warning per step
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        while run.epoch < config.epochs and run.step < limit:
-            if run.step_in_epoch == 0:
-                run.epoch_loader_state = run.batches.get_state()
-            else:  # resumed mid-epoch: replay this epoch's permutation
-                run.batches.set_state(run.epoch_loader_state)
-            plan = run.batches.epoch()
-            tracked = reset_peak_memory() and tracked  # the peak of training steps, not of evaluation
-            bar = tqdm(total=len(plan), initial=run.step_in_epoch, desc=f"{config.model} epoch {run.epoch + 1}/{config.epochs}",
-                       leave=True, dynamic_ncols=True) if show else None
-            while run.step_in_epoch < len(plan) and run.step < limit:
-                global_size, idx = plan[run.step_in_epoch]
-                lr = run.optimizer.param_groups[0]["lr"]
-                t0 = time.perf_counter()
-                step_sums = run.train_step(global_size, idx).reduce(ctx)
-                dt = time.perf_counter() - t0
-                run.epoch_time += dt
-                run.sums.merge(step_sums)
-                run.step += 1
-                run.step_in_epoch += 1
-                s = step_sums.summary()
-                run.history["steps"].append({"step": run.step, "epoch": run.epoch + 1, "lr": lr, "time_s": dt, **s})
-                if bar is not None:
-                    bar.set_postfix(_postfix(s), refresh=False)
-                    bar.update(1)
-                if config.checkpoint_every and run.step % config.checkpoint_every == 0:
-                    run.save()
+    while run.epoch < config.epochs and run.step < limit:
+        if run.step_in_epoch == 0:
+            run.epoch_loader_state = run.batches.get_state()
+        else:  # resumed mid-epoch: replay this epoch's permutation
+            run.batches.set_state(run.epoch_loader_state)
+        plan = run.batches.epoch()
+        tracked = reset_peak_memory() and tracked  # the peak of training steps, not of evaluation
+        bar = tqdm(total=len(plan), initial=run.step_in_epoch, desc=f"{config.model} epoch {run.epoch + 1}/{config.epochs}",
+                   leave=True, dynamic_ncols=True) if show else None
+        while run.step_in_epoch < len(plan) and run.step < limit:
+            global_size, idx = plan[run.step_in_epoch]
+            lr = run.optimizer.param_groups[0]["lr"]
+            t0 = time.perf_counter()
+            step_sums = run.train_step(global_size, idx).reduce(ctx)
+            dt = time.perf_counter() - t0
+            run.epoch_time += dt
+            run.sums.merge(step_sums)
+            run.step += 1
+            run.step_in_epoch += 1
+            s = step_sums.summary()
+            run.history["steps"].append({"step": run.step, "epoch": run.epoch + 1, "lr": lr, "time_s": dt, **s})
             if bar is not None:
-                bar.close()
-            cur, peak = resident_memory()
-            if tracked and peak is not None:
-                train_peak = max(train_peak, peak)
-            if run.step_in_epoch < len(plan):  # stopped by max_steps mid-epoch
-                break
-            valid = evaluate_bpc(run.model, run.valid, batch_size=config.eval_batch_size, ctx=ctx)
-            record = {"epoch": run.epoch + 1, "step": run.step, "time_s": run.epoch_time,
-                      "train": run.sums.summary(), "valid": valid,
-                      "peak_rss_above_start_mib": (peak - base) if tracked and peak is not None else None}
-            run.history["epochs"].append(record)
-            if show:
-                tqdm.write(_epoch_line(record))
-            run.epoch += 1
-            run.step_in_epoch = 0
-            run.sums = _Sums()
-            run.epoch_time = 0.0
-            run.save()
+                bar.set_postfix(_postfix(s), refresh=False)
+                bar.update(1)
+            if config.checkpoint_every and run.step % config.checkpoint_every == 0:
+                run.save()
+        if bar is not None:
+            bar.close()
+        cur, peak = resident_memory()
+        if tracked and peak is not None:
+            train_peak = max(train_peak, peak)
+        if run.step_in_epoch < len(plan):  # stopped by max_steps mid-epoch
+            break
+        valid = evaluate_bpc(run.model, run.valid, batch_size=config.eval_batch_size, ctx=ctx)
+        record = {"epoch": run.epoch + 1, "step": run.step, "time_s": run.epoch_time,
+                  "train": run.sums.summary(), "valid": valid,
+                  "peak_rss_above_start_mib": (peak - base) if tracked and peak is not None else None}
+        run.history["epochs"].append(record)
+        if show:
+            tqdm.write(_epoch_line(record))
+        run.epoch += 1
+        run.step_in_epoch = 0
+        run.sums = _Sums()
+        run.epoch_time = 0.0
+        run.save()
     run.history["memory"] = {
         "rss_start_mib": base, "peak_rss_mib": train_peak if tracked and train_peak else None,
         "peak_rss_above_start_mib": (train_peak - base) if tracked and train_peak else None,
