@@ -87,7 +87,7 @@ def test_derivatives_exact_for_the_solve_mask_even_after_a_later_solve():
     torch.manual_seed(2)
     cell = DropCell(p=0.4)
     deq = deqdiff.DEQ(cell, tol=1e-12, max_iter=300)
-    x = torch.randn(6, 3, requires_grad=True)
+    x = torch.randn(4, 3, requires_grad=True)
     z = deq(x)
     mask = cell.drop.mask
     deq(x)  # a second solve draws a new mask; z's derivative solves must keep the first
@@ -98,14 +98,14 @@ def test_derivatives_exact_for_the_solve_mask_even_after_a_later_solve():
         (dx,) = torch.autograd.grad(out[:, 0].sum(), x, create_graph=True)
         return torch.autograd.grad((dx**2).sum() + (out**2).sum(), [x, *params])
 
-    for a, r in zip(second_order(z), second_order(masked_reference(cell, mask, x))):
+    for a, r in zip(second_order(z), second_order(masked_reference(cell, mask, x, iters=120))):
         assert rel_err(a, r) < 1e-9
 
 
 def test_gradcheck_with_the_mask_fixed_by_the_seed():
-    cell = DropCell(n=4, d=2, p=0.3)
+    cell = DropCell(n=3, d=2, p=0.3)
     deq = deqdiff.DEQ(cell, tol=1e-13, max_iter=400)
-    x = torch.randn(3, 2, requires_grad=True)
+    x = torch.randn(2, 2, requires_grad=True)
     w = cell.lin.weight.detach().clone().requires_grad_()
 
     def fn(x, w):
