@@ -144,6 +144,22 @@ def run_steps(model_name: str, limit: int | None, names: list[str], rounds: int,
     return rows
 
 
+def tables(results: dict) -> str:
+    """Markdown tables of a results file (``--tables``)."""
+    lines = ["| model | variant | epochs | test acc | test loss | epoch time (median, s) | fwd iters | bwd iters |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["training"]:
+        bwd = "—" if r["bwd_iter_mean"] is None else f"{r['bwd_iter_mean']:.1f}"
+        lines.append(f"| {r['model']} | {r['variant']} | {r['epochs']} | {100 * r['test_acc']:.2f} % | "
+                     f"{r['test_loss']:.4f} | {r['epoch_time_median_s']:.1f} | {r['fwd_iter_mean']:.1f} | {bwd} |")
+    lines += ["", "| model | variant | forward (ms) | backward (ms) | step (ms) | forward × | backward × | step × |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results["steps"]:
+        lines.append(f"| {r['model']} | {r['variant']} | {1e3 * r['fwd_median_s']:.0f} | {1e3 * r['bwd_median_s']:.0f} | "
+                     f"{1e3 * r['step_median_s']:.0f} | {r['fwd_ratio']:.2f} | {r['bwd_ratio']:.2f} | {r['step_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="conv", help="comma-separated: conv, mdeq")
@@ -155,7 +171,11 @@ def main() -> None:
     p.add_argument("--skip-steps", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 epoch on 128 images, 3 rounds")
     p.add_argument("--out", default=None)
+    p.add_argument("--tables", metavar="JSON", help="print the markdown tables of a results file and exit")
     args = p.parse_args()
+    if args.tables:
+        print(tables(json.loads(Path(args.tables).read_text())))
+        return
     limit = None
     if args.quick:
         args.epochs, args.rounds, args.warmup, limit = 1, 3, 2, 128
