@@ -95,5 +95,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"  f-evaluations to tol {run.tol:g} on {run.test_inputs.shape[0]} held-out inputs: neural "
           f"{head['f_evals_neural']:.2f}, anderson {head['f_evals_anderson']:.2f} (ratio {head['f_evals_ratio']:.2f}); "
           f"{run.metric_name}: {head['metric_neural']:.4g} vs {head['metric_anderson']:.4g}")
+    print(f"  the initializer costs {head['initializer_cost_f_evals']:.1f} f-evaluations of wall time; whole solve "
+          f"{head['time_neural_s']:.3f} s vs {head['time_anderson_s']:.3f} s")
     print(f"  solver: {path}\n  results: {out / 'fit_solver.json'}, {out / 'fit_solver.png'}")
     return 0

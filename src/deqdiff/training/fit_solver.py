@@ -283,6 +283,27 @@ def default_gt_tol(run: Run) -> float:
     return max(run.tol / 100.0, 20 * eps)
 
 
+def initializer_cost(run: Run, network: NeuralSolver, repeats: int = 7) -> dict:
+    """Wall time of one initializer call and of one evaluation of f on the held-out injections
+    (medians of ``repeats``) and their ratio: the initializer's cost in f-evaluations, which the
+    f-evaluation counts leave out."""
+    x = injections(run, run.test_inputs)
+    z = run.deq.init_state(x)
+    cell = run.deq.cell
+
+    def median(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    with torch.no_grad():
+        t_init, t_f = median(lambda: network.initial_state(x)), median(lambda: cell(z, x))
+    return {"initializer_time_s": t_init, "f_eval_time_s": t_f, "initializer_cost_f_evals": t_init / t_f}
+
+
 def summary(run: Run, fit: FitResult, results: dict) -> dict:
     """The headline numbers: f-evaluation ratio neural/Anderson at the model's tolerance, the
     metric of each, and fitting time as a share of the run's training time."""
@@ -293,7 +314,8 @@ def summary(run: Run, fit: FitResult, results: dict) -> dict:
             "f_evals_ratio": ratio, "metric_name": run.metric_name, "metric_neural": n["metric"],
             "metric_anderson": a["metric"], "converged_neural": n["converged"], "converged_anderson": a["converged"],
             "fit_time_s": fit.time_s, "fit_cpu_time_s": fit.cpu_time_s, "ground_truth_time_s": fit.ground_truth_time_s,
-            "init_error": fit.init_error,
+            "init_error": fit.init_error, **initializer_cost(run, fit.solver),
+            "time_neural_s": n["time_s"], "time_anderson_s": a["time_s"],
             "training_time_s": run.training_time_s, "fit_time_share": share,
             "target_f_evals_ratio_met": bool(ratio <= 0.5 and n["converged"] >= a["converged"]),
             "target_fit_time_met": bool(share <= 0.05)}
