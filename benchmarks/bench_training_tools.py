@@ -167,6 +167,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15, help="timed steps per variant (round-robin)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compiles the cell)")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="training variants (comma-separated)")
+    p.add_argument("--step-variants", default=",".join(STEP_VARIANTS), help="step-time variants (comma-separated)")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--skip-steps", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 epoch on 128 images, 3 rounds")
@@ -190,9 +192,9 @@ def main() -> None:
     results = {"meta": meta, "training": [], "steps": []}
     for model in args.models.split(","):
         if not args.skip_steps:
-            results["steps"] += run_steps(model, limit, list(STEP_VARIANTS), args.rounds, args.warmup, args.batch)
+            results["steps"] += run_steps(model, limit, args.step_variants.split(","), args.rounds, args.warmup, args.batch)
         if not args.skip_training:
-            results["training"] += run_training(model, args.epochs, limit, list(VARIANTS))
+            results["training"] += run_training(model, args.epochs, limit, args.variants.split(","))
         meta["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
