@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/bench_mdeq", help="work folder (cached model, figures, landscape.json)")
+    p.add_argument("--out", default="benchmarks/out/mdeq", help="work folder (cached model, figures, landscape.json)")
     p.add_argument("--steps", type=int, default=None, help="grid points per axis (default 51; quick 5)")
     p.add_argument("--points-per-batch", type=int, default=16, help="grid points per vmapped solve")
     p.add_argument("--quick", action="store_true", help="1 epoch, 5x5 grid, 64 images")

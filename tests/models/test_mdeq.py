@@ -354,8 +354,10 @@ def test_two_process_training_equals_single_process(tmp_path):
     out = str(tmp_path / "ddp.pt")
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), config.to_dict(), out), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
+    # Adam divides each step by the root of the squared gradients, so entries whose gradient is
+    # near zero carry the solves' 1e-10 tolerance into the weights at about 1e-8 relative
     for name, p in single.model.state_dict().items():
-        torch.testing.assert_close(ddp["state"][name], p, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(ddp["state"][name], p, rtol=1e-7, atol=1e-9)
     for a, b in zip(single.history["steps"], ddp["history"]["steps"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-10) and a["acc"] == b["acc"]
     assert len(ddp["history"]["steps"]) == 4
