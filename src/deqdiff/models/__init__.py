@@ -5,7 +5,8 @@
   :mod:`.monotone_conv`;
 * convolutional DEQ of eq. 4.1 and its repeat-k counterpart: :mod:`.conv`;
 * multiscale DEQ (Bai, Koltun & Kolter 2020): :mod:`.mdeq`;
-* inverse-problem DEQ and its unrolled counterpart (Gilton, Ongie & Willett 2021): :mod:`.inverse`.
+* inverse-problem DEQ and its unrolled counterpart (Gilton, Ongie & Willett 2021): :mod:`.inverse`;
+* sequence DEQ (DEQ-Transformer, Bai, Kolter & Koltun 2019) and its unrolled counterpart: :mod:`.transformer`.
 """
 
 from .monotone import (
@@ -22,8 +23,13 @@ from .conv import ConvCell, ConvDEQ, ConvRepeat, WeightTied, repeat_from_deq, re
 from .fno import FNODEQ, FNOExplicit, FourierCell, SpectralConv2d
 from .mdeq import MDEQ, MDEQCell, WeightNormConv2d, mdeq_cifar10, mdeq_digits
 from .inverse import Blur, GaussianBlur, Identity, InverseCell, InverseDEQ, InverseUnrolled
+from .transformer import DEQTransformerLM, TransformerCell, UnrolledTransformerLM, unrolled_from_deq
 
 __all__ = [
+    "DEQTransformerLM",
+    "TransformerCell",
+    "UnrolledTransformerLM",
+    "unrolled_from_deq",
     "Blur",
     "GaussianBlur",
     "Identity",
