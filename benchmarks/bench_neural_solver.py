@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--m", type=int, default=5)
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--init-hidden", type=int, default=64)
+    p.add_argument("--init-hidden", type=int, default=None)
     p.add_argument("--budgets", default="2,3,4,5,6,8,10,12,16,24,32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablation", action="store_true",

@@ -39,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--lr", type=positive_float, default=3e-3, help="Adam learning rate (cosine-annealed)")
     a("--m", type=positive_int, default=5, help="Anderson memory of the neural solver")
     a("--hidden", type=positive_int, default=64, help="width of the HyperAnderson network")
-    a("--init-hidden", type=positive_int, default=64, help="width (or channels) of the initializer network")
+    a("--init-hidden", type=positive_int, default=None,
+      help="width of the initializer's random-feature layer (vector states; default 1024) or its channels "
+           "(image states; default 32)")
     a("--gt-tol", type=positive_float, default=None,
       help="relative residual of the ground-truth fixed points (default: the model's tolerance / 100)")
     a("--budgets", type=int_list(_budget), default=[2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32],

@@ -61,7 +61,7 @@ class NeuralSolverConfig:
     ``state_shape``/``input_shape``: per-sample shapes of the DEQ state z and of the injection x.
     ``m``: Anderson memory (history columns the mixer sees). ``hidden``: width of the mixer's
     MLP; ``compress``: dimension of the learned residual compression; ``init_hidden``: width
-    (vector states) or channels (image states) of the initializer. ``beta_max``: β ∈ (0, beta_max)
+    (vector states; default 1024) or channels (image states; default 32) of the initializer. ``beta_max``: β ∈ (0, beta_max)
     (1 at initialization). ``patience``: steps in a row that fail to lower a sample's best
     residual by :data:`MIN_DECREASE` before it falls back to plain Anderson."""
 
@@ -70,7 +70,7 @@ class NeuralSolverConfig:
     m: int = 5
     hidden: int = 64
     compress: int = 8
-    init_hidden: int = 64
+    init_hidden: int | None = None
     beta_max: float = 2.0
     patience: int = 3
     meta: dict = field(default_factory=dict)  # provenance (model kind, fit settings), JSON-able
@@ -79,6 +79,8 @@ class NeuralSolverConfig:
         self.state_shape, self.input_shape = tuple(int(n) for n in self.state_shape), tuple(int(n) for n in self.input_shape)
         for name in ("m", "hidden", "compress", "init_hidden", "patience"):
             v = getattr(self, name)
+            if v is None and name == "init_hidden":
+                continue
             if isinstance(v, bool) or int(v) != v or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if not (math.isfinite(self.beta_max) and self.beta_max > 1):
@@ -96,18 +98,23 @@ class Initializer(nn.Module):
     """``z⁰ = g_φ(x)``: per-sample injection ``(B, *input_shape)`` → state ``(B, *state_shape)``.
 
     Image states whose injection has the same spatial size (``(C_in, H, W)`` → ``(C, H, W)``) get a
-    small convolutional network (3×3 conv, ReLU, 3×3 conv, ReLU, 1×1 conv), as the paper's
-    initializer for vision DEQs; other shapes one wide tanh layer on the standardized flattened
+    small convolutional network (3×3 convolutions with dilations 1, 2, 4 and ReLUs, then a 1×1
+    convolution), as the paper's initializer for vision DEQs; other shapes one wide tanh layer on the standardized flattened
     input. The last layer is linear in the output: :meth:`refit_output` sets it by least squares."""
 
-    def __init__(self, input_shape: tuple[int, ...], state_shape: tuple[int, ...], hidden: int = 64):
+    def __init__(self, input_shape: tuple[int, ...], state_shape: tuple[int, ...], hidden: int | None = None):
         super().__init__()
         self.input_shape, self.state_shape = tuple(input_shape), tuple(state_shape)
         self.conv = len(input_shape) == 3 and len(state_shape) == 3 and input_shape[1:] == state_shape[1:]
+        hidden = hidden or (32 if self.conv else 1024)
         if self.conv:
             c_in, c = input_shape[0], state_shape[0]
+            # dilations 1, 2, 4: a 15×15 receptive field, since z* at a pixel depends on the whole
+            # image through the DEQ's repeated 3×3 convolutions
             self.net = nn.Sequential(nn.Conv2d(c_in, hidden, 3, padding=1), nn.ReLU(),
-                                     nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, c, 1))
+                                     nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2), nn.ReLU(),
+                                     nn.Conv2d(hidden, hidden, 3, padding=4, dilation=4), nn.ReLU(),
+                                     nn.Conv2d(hidden, c, 1))
         else:
             n_in, n = math.prod(input_shape), math.prod(state_shape)
             self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, n))
