@@ -101,3 +101,15 @@ def test_two_processes_train_as_one(tmp_path):
             assert a["mse"] == pytest.approx(b["mse"], rel=1e-9)
         a_test, b_test = single.history[kind]["epochs"][-1]["test"], ddp["history"][kind]["epochs"][-1]["test"]
         assert a_test["psnr"] == pytest.approx(b_test["psnr"], rel=1e-9)
+
+
+def test_unconverged_solves_are_reported_with_their_residual():
+    from deqdiff.training.inverse import build_inverse_model, evaluate_inverse
+
+    cfg = _config(task="deblur")
+    data = load_task_data(cfg)
+    model = build_inverse_model(cfg, "deq")
+    ok = evaluate_inverse(model, data, cfg)
+    assert ok["fwd_converged"] == 1.0 and ok["fwd_res_max"] <= cfg.tol
+    cut = evaluate_inverse(model, data, cfg, max_iter=1)  # one iteration cannot reach 1e-8
+    assert cut["fwd_converged"] < 1.0 and cut["fwd_res_max"] > cfg.tol and cut["fwd_iter_max"] == 1
