@@ -49,6 +49,10 @@ class Linearization:
         self._blocks: Tensor | None = None
         self._lu: tuple[Tensor, Tensor] | None = None
 
+    def prepare(self) -> None:
+        """Build what products build lazily, before they run under a transform (``vmap``)
+        whose level a cached closure must not capture."""
+
     def blocks(self) -> Tensor:
         """Dense per-row matrices ``(S, N, N)`` of ``A``: row ``i`` of every block is ``Aᵀeᵢ``,
         so ``N`` pullbacks batched by ``vmap`` build them in one pass."""
@@ -84,6 +88,7 @@ class StackedLinearization(Linearization):
     right-hand sides, one operator): products are vmapped, blocks and LU are the base's."""
 
     def __init__(self, base: Linearization, size: int):
+        base.prepare()
         super().__init__(
             (size, *base.shape), base.batch_ndim + 1,
             torch.func.vmap(base.mv), torch.func.vmap(base.rmv), base.like,
@@ -263,13 +268,32 @@ class FixedPointJacobian(LinearOperator):
 def _linearize_fixed_point(f: Callable, batch_ndim: int, z: Tensor, theta, shape, like) -> Linearization:
     """``I − ∂f/∂z`` at ``(z, θ)`` (:meth:`FixedPointJacobian._linearize`); refers to no operator."""
     _, f_vjp = torch.func.vjp(lambda zz: f(zz, *theta), z)
-    _, f_jvp = torch.func.vjp(lambda w: f_vjp(w)[0], zero_point(z))
-    jv, jtu = (lambda v: f_jvp(v)[0]), (lambda u: f_vjp(u)[0])
+    jtu = lambda u: f_vjp(u)[0]  # noqa: E731
+    jv = _PullbackOfPullback(jtu, zero_point(z))
     lin = Linearization(shape, batch_ndim, lambda v: v - jv(v), lambda u: u - jtu(u), like, cmv=jv, crmv=jtu)
+    lin.prepare = jv.build
     lin.singular_message = (
         "I − ∂f/∂z is singular at the fixed point z*: the implicit function theorem does not apply "
         "there (z* is not locally unique or not differentiable in the parameters; e.g. f(z) = z)")
     return lin
+
+
+class _PullbackOfPullback:
+    """``v ↦ J v`` as the pullback of the linear map ``u ↦ Jᵀu`` (the double-vjp trick), built on
+    first use: adjoint solves (reverse mode) need ``Jᵀu`` only, and building it costs a
+    backward pass of f — on small problems a linearization costs as much as a few iterations,
+    and compaction re-linearizes."""
+
+    def __init__(self, jtu: Callable, zero: Tensor):
+        self.jtu, self.zero, self.pull = jtu, zero, None
+
+    def build(self) -> None:
+        if self.pull is None:
+            self.pull = torch.func.vjp(self.jtu, self.zero)[1]
+
+    def __call__(self, v: Tensor) -> Tensor:
+        self.build()
+        return self.pull(v)[0]
 
 
 class VmappedOperator(LinearOperator):

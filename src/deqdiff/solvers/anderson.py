@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .base import COMPACT_BELOW, SolveInfo, Tracker, compaction, register_solver, row_norm
+from .base import SolveInfo, Tracker, compact_now, compaction, register_solver, row_norm
 
 
 def solve_small(G: Tensor, r: Tensor) -> Tensor:
@@ -198,7 +198,7 @@ def anderson(
                     step = torch.where(grew[:, None], b * F, step)
         z_prev, F_prev, res_prev = z, F, res
         z = torch.where(running[:, None], z + step, z)
-        if compact and int(running.sum()) < COMPACT_BELOW * running.numel():
+        if compact and compact_now(g, k, running):
             keep = running.nonzero().squeeze(1)
             z, z_prev, F_prev, res_prev = z[keep], z_prev[keep], F_prev[keep], res_prev[keep]
             restarts = restarts[keep]

@@ -36,6 +36,7 @@ __all__ = [
     "report_failure",
     "compaction",
     "compact_rows_",
+    "compact_now",
     "merge_rows",
     "concat_rows",
 ]
@@ -198,7 +199,10 @@ class Tracker:
             rel = _relative(res_abs, scale)
             self.residual = torch.where(running, res_abs, self.residual)
             self.rel_residual = torch.where(running, rel, self.rel_residual)
-            self.iterations = torch.where(running, torch.as_tensor(k, device=self.iterations.device), self.iterations)
+            if isinstance(k, int):
+                self.iterations = self.iterations.masked_fill(running, k)
+            else:
+                self.iterations = torch.where(running, torch.as_tensor(k, device=self.iterations.device), self.iterations)
             idx = self._record(running, res_abs, rel)
             if idx is None:
                 self.result.copy_(z)
@@ -214,8 +218,11 @@ class Tracker:
             rel = _relative(res_abs, scale)
             self.residual = self.residual.index_put((keep,), res_abs)
             self.rel_residual = self.rel_residual.index_put((keep,), rel)
-            kk = torch.as_tensor(k, device=keep.device)
-            self.iterations = self.iterations.index_put((keep,), kk[live] if kk.ndim else kk)
+            if isinstance(k, int):
+                self.iterations = self.iterations.index_fill(0, keep, k)
+            else:
+                kk = torch.as_tensor(k, device=keep.device)
+                self.iterations = self.iterations.index_put((keep,), kk[live] if kk.ndim else kk)
             self.result.index_copy_(0, keep, z[live])
             self.done = self.done.index_put((keep,), self._met(res_abs, scale, keep))
             self.trace.append(keep, res_abs, rel)
@@ -278,6 +285,15 @@ def compaction(g: Callable) -> bool:
 
 #: shrink the state when fewer than this share of its rows is still running
 COMPACT_BELOW = 0.75
+
+
+def compact_now(g: Callable, k: int, running: Tensor) -> bool:
+    """Whether a solver that can (:func:`compaction`) should shrink its state after iteration
+    ``k``: fewer than ``COMPACT_BELOW`` of its rows run, and ``k`` ≥ ``g.compact_from`` (a map
+    whose restriction costs as much as a few iterations, as a linearization that must be
+    rebuilt on the rows kept, sets it: most of its solves end within a few iterations, and
+    those that run longer still shrink)."""
+    return k >= getattr(g, "compact_from", 0) and int(running.sum()) < COMPACT_BELOW * running.numel()
 
 
 def compact_rows_(t: Tensor, keep: Tensor) -> Tensor:
@@ -415,9 +431,10 @@ def row_norm(v: Tensor) -> Tensor:
     if not v.is_floating_point() or v.numel() == 0:
         return n
     lo, hi = _norm_band(v.dtype)
-    bad = (n < lo) | (n > hi)
-    if not bool(bad.any()):
+    least, most = torch.aminmax(n)  # one reduction: this runs at every iteration of every solve
+    if float(least) >= lo and float(most) <= hi:
         return n
+    bad = (n < lo) | (n > hi)
     m = v.abs().amax(dim=1)
     ok = torch.isfinite(m) & (m > 0)
     safe = m * torch.linalg.vector_norm(v / torch.where(ok, m, 1.0)[:, None], dim=1)

@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from .base import COMPACT_BELOW, SolveInfo, Tracker, compaction, register_solver, row_norm
+from .base import SolveInfo, Tracker, compact_now, compaction, register_solver, row_norm
 
 
 @register_solver("fixed_point")
@@ -39,7 +39,7 @@ def fixed_point_iteration(
             break
         z = gz if damping == 1.0 else z + damping * F
         del F
-        if compact and int(running.sum()) < COMPACT_BELOW * running.numel():
+        if compact and compact_now(g, k, running):
             keep = running.nonzero().squeeze(1)
             z = z[keep]
             rows = keep if rows is None else rows[keep]
