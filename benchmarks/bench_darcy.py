@@ -30,8 +30,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def probe(name: str, cfg_json: str, steps: int) -> dict:
-    """In a fresh process: peak RSS before and after ``steps`` training steps of model ``name``."""
+def probe(name: str, cfg_json: str, steps: int, batch: int) -> dict:
+    """In a fresh process: peak RSS before and after ``steps`` training steps of model ``name``
+    on a batch of ``batch`` fields (large enough that training, not the imports, sets the peak)."""
     import torch
 
     from deqdiff.physics.darcy import generate
@@ -39,9 +40,9 @@ def probe(name: str, cfg_json: str, steps: int) -> dict:
 
     torch.set_num_threads(1)
     cfg = OperatorConfig(**json.loads(cfg_json))
-    data = generate(OperatorConfig(**{**asdict(cfg), "n_train": cfg.batch, "n_test": 1}).data_settings())
-    a = torch.as_tensor(data.a[:cfg.batch], dtype=cfg.torch_dtype)
-    u = torch.as_tensor(data.u[:cfg.batch], dtype=cfg.torch_dtype)
+    data = generate(OperatorConfig(**{**asdict(cfg), "n_train": batch, "n_test": 1, "batch": 1}).data_settings())
+    a = torch.as_tensor(data.a[:batch], dtype=cfg.torch_dtype)
+    u = torch.as_tensor(data.u[:batch], dtype=cfg.torch_dtype)
     model = build_model(cfg, name)
     model.set_normalization(a, u)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -54,13 +55,15 @@ def probe(name: str, cfg_json: str, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         relative_l2(model(a), u).mean().backward()
         opt.step()
-    return {"model": name, "steps": steps, "peak_rss_built_mib": built, "peak_rss_before_mib": before,
+    return {"model": name, "steps": steps, "batch": batch, "peak_rss_built_mib": built, "peak_rss_before_mib": before,
             "training_peak_over_built_mib": peak_rss_mib() - built, "peak_rss_after_mib": peak_rss_mib(),
             "peak_rss_growth_mib": peak_rss_mib() - before}
 
 
-def side_by_side(cfg, steps: int) -> dict:
-    """Interleaved training steps of both models on the same batches; medians (s) and ratio."""
+def side_by_side(cfg, steps: int, trained: dict | None = None) -> dict:
+    """Interleaved training steps of both models on the same batches; medians (s) and ratio.
+    ``trained``: state dicts to start from (the run's final models: the DEQ's iteration counts
+    grow during training, so the ratio at the end of training is the one that matters)."""
     import torch
 
     from deqdiff.physics.darcy import generate
@@ -71,9 +74,12 @@ def side_by_side(cfg, steps: int) -> dict:
     a = torch.as_tensor(data.a, dtype=cfg.torch_dtype)
     u = torch.as_tensor(data.u, dtype=cfg.torch_dtype)
     models = {n: build_model(cfg, n) for n in ("deq", "explicit")}
+    for n, state in (trained or {}).items():
+        models[n].load_state_dict(state)
     opts = {n: torch.optim.Adam(m.parameters(), lr=cfg.lr) for n, m in models.items()}
-    for m in models.values():
-        m.set_normalization(a, u)
+    if not trained:
+        for m in models.values():
+            m.set_normalization(a, u)
     times: dict[str, list[float]] = {n: [] for n in models}
     for step in range(steps + 1):
         i = (step % 4) * cfg.batch
@@ -95,13 +101,16 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--side-steps", type=int, default=20, help="interleaved steps per model")
-    p.add_argument("--probe-steps", type=int, default=20, help="training steps of the memory probe")
+    p.add_argument("--probe-steps", type=int, default=3, help="training steps of the memory probe")
+    p.add_argument("--probe-batch", type=int, default=200, help="fields per batch in the memory probe")
+    p.add_argument("--skip-run", action="store_true",
+                   help="keep the full run's figures in --out and redo only the side-by-side timing and memory probes")
     p.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cfg", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.probe:
-        print(json.dumps(probe(args.probe, args.cfg, args.probe_steps)))
+        print(json.dumps(probe(args.probe, args.cfg, args.probe_steps, args.probe_batch)))
         return
 
     import torch
@@ -112,30 +121,42 @@ def main() -> None:
     over = {}
     if args.quick:
         over = dict(n_train=40, n_test=10, epochs=2, width=8, modes=4, resolution=16)
-        args.side_steps, args.probe_steps = 4, 4
+        args.side_steps, args.probe_steps, args.probe_batch = 4, 2, 20
     if args.epochs:
         over["epochs"] = args.epochs
     if args.n_train:
         over["n_train"] = args.n_train
     cfg = OperatorConfig(**over).validate()
-    result: dict = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "command": " ".join(sys.argv),
-                    "load_before": os.getloadavg(), "torch": torch.__version__, "python": platform.python_version(),
-                    "threads": 1, "config": asdict(cfg)}
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(args.run_dir) if args.run_dir else Path(tmp)
+    if args.skip_run:
+        result = json.loads(Path(args.out).read_text())
+        cfg = OperatorConfig(**result["config"])
+        result["command_probes"] = " ".join(sys.argv)
+    else:
+        result = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "command": " ".join(sys.argv),
+                  "load_before": os.getloadavg(), "torch": torch.__version__, "python": platform.python_version(),
+                  "threads": 1, "config": asdict(cfg)}
+        run_dir = Path(args.run_dir or tempfile.mkdtemp())
         t0 = time.perf_counter()
         res = run(cfg, run_dir, progress=True, plots=bool(args.run_dir), checkpoint_every=0)
         result["run_wall_s"] = time.perf_counter() - t0
-    result["models"] = res["models"]
-    result["data"] = res["data"]
-    result["target_rel_l2"] = 5e-2
-    result["met"] = {n: m["held_out"]["rel_l2"] <= 5e-2 for n, m in res["models"].items()}
-    result["load_after_run"] = os.getloadavg()
+        result["run_dir"] = str(run_dir)
+        result["models"] = res["models"]
+        result["data"] = res["data"]
+        result["target_rel_l2"] = 5e-2
+        result["met"] = {n: m["held_out"]["rel_l2"] <= 5e-2 for n, m in res["models"].items()}
+        result["load_after_run"] = os.getloadavg()
+    trained = None
+    ckpt = Path(result.get("run_dir", "")) / "checkpoint.pt"
+    if ckpt.is_file():
+        from deqdiff.physics.neural_operator import OPERATOR_FORMAT, read_checkpoint
+
+        trained = {n: b["model"] for n, b in read_checkpoint(ckpt, format=OPERATOR_FORMAT)["done"].items()}
+    result["side_by_side_trained"] = side_by_side(cfg, args.side_steps, trained) if trained else None
     result["side_by_side"] = side_by_side(cfg, args.side_steps)
     result["memory_probe"] = {}
     for name in cfg.models:
         out = subprocess.run([sys.executable, __file__, "--probe", name, "--cfg", json.dumps(asdict(cfg)),
-                              "--probe-steps", str(args.probe_steps)], capture_output=True, text=True, check=True,
+                              "--probe-steps", str(args.probe_steps), "--probe-batch", str(args.probe_batch)], capture_output=True, text=True, check=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         result["memory_probe"][name] = json.loads(out.stdout.strip().splitlines()[-1])
     result["load_after"] = os.getloadavg()
@@ -147,7 +168,8 @@ def main() -> None:
               f"activations {m['saved_activations_mib_per_batch']:.1f} MiB, "
               f"training peak RSS +{result['memory_probe'][n]['training_peak_over_built_mib']:.0f} MiB "
               f"(growth over the steps {result['memory_probe'][n]['peak_rss_growth_mib']:.0f} MiB)")
-    print("side by side:", result["side_by_side"])
+    print("side by side (untrained):", result["side_by_side"])
+    print("side by side (trained):", result["side_by_side_trained"])
     print("written", args.out)
 
 
