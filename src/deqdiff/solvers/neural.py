@@ -62,7 +62,9 @@ class NeuralSolverConfig:
     ``m``: Anderson memory (history columns the mixer sees). ``hidden``: width of the mixer's
     MLP; ``compress``: dimension of the learned residual compression; ``init_hidden``: width
     (vector states; default 1024) or channels (image states; default 32) of the initializer. ``beta_max``: β ∈ (0, beta_max)
-    (1 at initialization). ``patience``: steps in a row that fail to lower a sample's best
+    (1 at initialization). ``mixer_steps``: the mixer proposes the first this many steps (the
+    unrolled steps it was fitted on; later steps are plain Anderson, where the network would
+    extrapolate beyond its training); None: every step. ``patience``: steps in a row that fail to lower a sample's best
     residual by :data:`MIN_DECREASE` before it falls back to plain Anderson."""
 
     state_shape: tuple[int, ...]
@@ -73,13 +75,14 @@ class NeuralSolverConfig:
     init_hidden: int | None = None
     beta_max: float = 2.0
     patience: int = 3
+    mixer_steps: int | None = None  # steps the mixer acts on (those it was fitted on); None: all
     meta: dict = field(default_factory=dict)  # provenance (model kind, fit settings), JSON-able
 
     def __post_init__(self):
         self.state_shape, self.input_shape = tuple(int(n) for n in self.state_shape), tuple(int(n) for n in self.input_shape)
-        for name in ("m", "hidden", "compress", "init_hidden", "patience"):
+        for name in ("m", "hidden", "compress", "init_hidden", "patience", "mixer_steps"):
             v = getattr(self, name)
-            if v is None and name == "init_hidden":
+            if v is None and name in ("init_hidden", "mixer_steps"):
                 continue
             if isinstance(v, bool) or int(v) != v or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -252,6 +255,7 @@ class _Session:
     def __init__(self, network: "NeuralSolver", S: int, device, dtype, *, patience: int | None,
                  beta: float, record: bool):
         self.net, self.beta, self.patience = network.mixer, float(beta), patience
+        self.steps = network.config.mixer_steps
         self.best = torch.full((S,), math.inf, dtype=dtype, device=device)
         self.tol, self.atol, self.scale = 0.0, 0.0, None  # the solve's stopping rule
         self.seen: Tensor | None = None  # ‖g(z)‖ of the rows of the latest evaluation
@@ -260,6 +264,8 @@ class _Session:
         self.alpha_terms: list[Tensor] | None = [] if record else None
 
     def __call__(self, k, F, res, dF, gram, rhs, gamma, rows, newest):
+        if self.steps is not None and k >= self.steps:  # past the fitted steps: plain Anderson
+            return gamma, torch.full_like(res, self.beta)
         mk = gamma.shape[1]
         order = chronological(newest, mk, self.net.m)
         inv = [order.index(c) for c in range(mk)]  # chronological position of each ring column

@@ -131,7 +131,8 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     x_all, z_star = x_all[ok], z_star[ok]
     state_shape, input_shape = tuple(z_star.shape[1:]), tuple(x_all.shape[1:])
     base = config or NeuralSolverConfig(state_shape, input_shape)
-    cfg = NeuralSolverConfig(**{**base.__dict__, "state_shape": state_shape, "input_shape": input_shape})
+    cfg = NeuralSolverConfig(**{**base.__dict__, "state_shape": state_shape, "input_shape": input_shape,
+                                "mixer_steps": fit.unroll if base.mixer_steps is None else base.mixer_steps})
     gen = torch.Generator().manual_seed(fit.seed)
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(fit.seed)
