@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.fft
 import scipy.sparse
 import scipy.sparse.linalg
 
