@@ -46,7 +46,9 @@ VARIANTS = {
     "bf16": {"amp": "bf16"},
 }
 #: step-time variants: the training variants and the compiled cell
-STEP_VARIANTS = {**VARIANTS, "compiled": {"compile": True}}
+STEP_VARIANTS = {**VARIANTS, "compiled": {"compile": True},
+                 # float32 with the derivative solver bf16 uses (GMRES), to separate precision from solver
+                 "exact-gmres": {"backward_solver": "gmres"}}
 
 
 def _config(model: str, epochs: int, limit: int | None, **tools) -> TrainConfig:
@@ -77,10 +79,14 @@ class _Stepper:
 
     def __init__(self, model_name: str, name: str, state: dict, data, limit):
         self.name = name
-        self.config = _config(model_name, 1, limit, **STEP_VARIANTS[name])
+        tools = dict(STEP_VARIANTS[name])
+        backward_solver = tools.pop("backward_solver", None)
+        self.config = _config(model_name, 1, limit, **tools)
         torch.manual_seed(0)
         self.model = build_model(self.config, data.image_shape, data.num_classes)
         self.model.load_state_dict(state)
+        if backward_solver is not None:
+            self.model.deq.solver_options["backward_solver"] = backward_solver
         self.model.train()
 
     def step(self, x, y) -> tuple[float, float]:
@@ -168,7 +174,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compiles the cell)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--variants", default=",".join(VARIANTS), help="training variants (comma-separated)")
-    p.add_argument("--step-variants", default=",".join(STEP_VARIANTS), help="step-time variants (comma-separated)")
+    p.add_argument("--step-variants", default=",".join(STEP_VARIANTS), help="step-time variants (comma-separated; "
+                   "exact-gmres: float32 with GMRES derivative solves, as bf16 uses)")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--skip-steps", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 epoch on 128 images, 3 rounds")
