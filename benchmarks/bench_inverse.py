@@ -6,7 +6,7 @@ Each task trains both models through ``deqdiff.training.inverse.train_inverse`` 
 ``deqdiff inverse`` defaults (unless flags change them) and reports with
 ``deqdiff.training.inverse_report.assess``. The peak memory of one training step is measured
 for each model in a fresh process (``--memory-worker``): one warm-up step, the resident
-high-water mark reset (``/proc/self/clear_refs``), one step, the rise of ``ru_maxrss``; with it
+high-water mark reset (``/proc/self/clear_refs``), one step, the rise of ``VmHWM``; with it
 the bytes autograd saves for the backward pass. The warm-up step uses one image (lazy imports
 without pooling the batch's memory) and glibc returns freed blocks of ≥ 64 KiB to the system.
 
@@ -139,6 +139,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default=str(ROOT / "results" / "inverse.json"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--remeasure-memory", metavar="JSON",
+                   help="measure the one-step memory of each model of this result file again (in place)")
     p.add_argument("--render", nargs="+", metavar="JSON",
                    help="merge these result files into --out and write the markdown section next to it")
     p.add_argument("--memory-worker", choices=("deq", "unrolled"), help=argparse.SUPPRESS)
@@ -146,6 +148,18 @@ def main() -> None:
     args = p.parse_args()
     if args.memory_worker:
         print(json.dumps(memory_worker(args.config_json, args.memory_worker)))
+        return
+    if args.remeasure_memory:
+        from deqdiff.training.inverse import InverseConfig
+
+        path = Path(args.remeasure_memory)
+        d = json.loads(path.read_text())
+        for t in d["tasks"].values():
+            cfg = InverseConfig.from_dict(t["config"])
+            for kind, e in t["report"]["models"].items():
+                e["step_memory_fresh_process"] = fresh_memory(cfg, kind)
+                print(kind, e["step_memory_fresh_process"])
+        path.write_text(json.dumps(d, indent=1))
         return
     if args.render:
         out = Path(args.out)

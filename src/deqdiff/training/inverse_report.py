@@ -27,7 +27,17 @@ from .inverse import InverseConfig, InverseResult, evaluate_inverse
 __all__ = ["assess", "step_memory", "psnr_curve", "plot_examples", "plot_psnr_curve", "plot_training"]
 
 
-def _maxrss_mib() -> float:
+def _peak_rss_mib() -> float:
+    """The resident high-water mark (``VmHWM``; ``clear_refs`` resets it). ``ru_maxrss`` is no
+    substitute: after ``exec`` it keeps the parent's peak, so a worker started from a large
+    process reads a constant."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -48,9 +58,11 @@ def step_memory(model: nn.Module, y: Tensor, x: Tensor) -> dict:
       (counted with ``torch.autograd.graph.saved_tensors_hooks``; each storage once) — for the
       unrolled network this grows with K, for the DEQ it does not;
     * ``peak_mib``: CUDA ``max_memory_allocated`` above the memory in use before the step, or on
-      CPU the step's rise of the process's peak resident memory (``ru_maxrss`` after resetting the
+      CPU the step's rise of the process's peak resident memory (``VmHWM`` after resetting the
       high-water mark; ``hiwater_reset`` says whether that reset worked — if not, only a rise
-      above every earlier peak of the process shows).
+      above every earlier peak of the process shows). Memory the allocator kept from earlier
+      steps is reused without a rise, so in a long-lived process this is a lower bound; the
+      benchmark measures it in a fresh process.
     The gradients are cleared afterwards."""
     seen: dict[int, int] = {}
 
@@ -70,7 +82,7 @@ def step_memory(model: nn.Module, y: Tensor, x: Tensor) -> dict:
         before = torch.cuda.memory_allocated(y.device)
     else:
         reset = _reset_peak()
-        before = _maxrss_mib()
+        before = _peak_rss_mib()
     was_training = model.training
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -83,8 +95,8 @@ def step_memory(model: nn.Module, y: Tensor, x: Tensor) -> dict:
         peak = (torch.cuda.max_memory_allocated(y.device) - before) / 2 ** 20
         extra = {"method": "cuda.max_memory_allocated"}
     else:
-        peak = _maxrss_mib() - before
-        extra = {"method": "ru_maxrss rise", "hiwater_reset": reset}
+        peak = _peak_rss_mib() - before
+        extra = {"method": "VmHWM rise", "hiwater_reset": reset}
     model.zero_grad(set_to_none=True)
     return {"saved_mib": sum(seen.values()) / 2 ** 20, "peak_mib": peak, "batch": int(y.shape[0]), **extra}
 
