@@ -53,7 +53,7 @@ def test_fit_reduces_the_paper_losses_in_seconds(fitted):
     first, last = res.history[0], res.history[-1]
     assert res.left_out == 0 and res.samples == 256
     # the zero start is at relative distance 1 from z*; the fitted initializer far closer
-    assert res.init_error < 0.15
+    assert res.init_error < 0.3  # held out
     assert last["loss"] < first["loss"] and last["last"] < first["last"]
     assert res.time_s < 60
 
