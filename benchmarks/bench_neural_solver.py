@@ -15,7 +15,8 @@ then::
 
 Per run, the fit settings are ``--fit-samples``, ``--steps`` … (one set for every run) unless a
 run is given as ``name=DIR:key=value,key=value`` (e.g. ``vdp=/tmp/v:fit_samples=2048,init_hidden=256``).
-Writes ``benchmarks/results/neural_solver.json``.
+Writes ``benchmarks/results/neural_solver.json`` and ``neural_solver_<NAME>.png`` (residual and
+downstream metric vs f-evaluations per solver).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 from deqdiff.solvers.neural import NeuralSolverConfig
 from deqdiff.solvers.neural_fit import FitConfig
-from deqdiff.training.fit_solver import compare_solvers, default_gt_tol, fit_run, load_run, summary
+from deqdiff.training.fit_solver import compare_solvers, default_gt_tol, fit_run, load_run, plot_comparison, summary
 
 KEYS = {"fit_samples": int, "steps": int, "batch": int, "unroll": int, "lr": float, "m": int, "hidden": int,
         "init_hidden": int, "gt_tol": float}
@@ -102,6 +103,7 @@ def main() -> None:
                              "fit_samples_used": fitted.samples, "fit_samples_left_out": fitted.left_out,
                              "wall_s": time.perf_counter() - t0}
         print(json.dumps({name: head}, indent=1))
+        plot_comparison(results, run, Path(args.out).with_name(f"neural_solver_{name}.png"))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))  # after each run: partial results survive
     out["machine"]["load_after"] = os.getloadavg()
