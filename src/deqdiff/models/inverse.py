@@ -179,7 +179,8 @@ class ResidualDenoiser(nn.Module):
 class InverseCell(nn.Module):
     """One iteration ``z ← f(z, y)`` of the learned reconstruction method (module docstring):
     ``form="prox"``: f = R_θ(z − ηAᵀ(Az − y)); ``form="grad"``: f = z − η(Aᵀ(Az − y) + ε_θ(z)).
-    States and measurements ``(B, C, H, W)``; the initial state is ``Aᵀy``."""
+    States and measurements ``(B, C, H, W)``; the initial state is ``Aᵀy``. ``ValueError`` for an
+    unknown ``form``, a step size η ≤ 0 or a Tikhonov weight μ < 0 (or any of them not finite)."""
 
     def __init__(self, operator: LinearOperator, denoiser: ResidualDenoiser, *, step_size: float = 0.5,
                  form: str = "prox", tikhonov: float = 0.0):
