@@ -67,21 +67,23 @@ def main() -> None:
     data = json.loads(out.read_text()) if out.is_file() else {}
     for name in [p.strip() for p in args.problems.split(",") if p.strip()]:
         folder = Path(args.runs) / name
-        folder.mkdir(parents=True, exist_ok=True)
         started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         load = os.getloadavg()[0]
+        folder.mkdir(parents=True, exist_ok=True)
         if name in TODAY:
             entry = run_interface_classic(name, args.epochs or 1500, folder)
         else:
             extra = {"T": args.kdv_T} if name == "kdv" and args.kdv_T else {}
             cfg = JobConfig(problem=name, models=tuple(args.models.split(",")), epochs=args.epochs, **extra)
+            folder = folder / "+".join(cfg.models)
+            folder.mkdir(parents=True, exist_ok=True)
             entry = run_job(cfg, folder, progress=False)
         entry["meta"] = {"started": started, "load_average_at_start": load, "torch": torch.__version__,
                          "python": platform.python_version(), "threads": 1,
-                         "command": f"OMP_NUM_THREADS=1 python benchmarks/bench_pde.py --problems {name}"
-                                    + (f" --kdv-T {args.kdv_T}" if extra_T(args, name) else "")}
+                         "command": f"OMP_NUM_THREADS=1 python benchmarks/bench_pde.py --problems {name} "
+                                    f"--models {args.models}" + (f" --kdv-T {args.kdv_T}" if extra_T(args, name) else "")}
         data = json.loads(out.read_text()) if out.is_file() else {}  # other processes may have written meanwhile
-        data[name] = entry
+        data[name if name in TODAY else f"{name}:{args.models}"] = entry
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=1))
         print(json.dumps({name: {k: v for k, v in entry.items() if k in ("models", "interface")}}, indent=1, default=str)[:3000])

@@ -121,6 +121,8 @@ def _register_interface_problems(problems) -> None:
         a("--boundary-points", type=positive_int, default=d.boundary_points,
           help="points per boundary/periodic condition per step (kdv: twice as many initial points)")
         a("--lr", type=positive_float, default=lr, help="initial Adam learning rate")
+        a("--condition-weight", type=positive_float, default=d.condition_weight,
+          help="weight of the boundary/initial/periodic terms (the interior residual has weight 1)")
         a("--width", type=positive_int, default=d.width, help="DEQ hidden states (the MLP matches its parameter count)")
         a("--mlp-depth", type=positive_int, default=d.mlp_depth, help="hidden layers of the MLP baseline")
         a("--tol", type=positive_float, default=d.tol, help="forward solver tolerance (relative residual)")
@@ -148,7 +150,7 @@ def _run_interface_problem(args: argparse.Namespace) -> int:
 
     from ..physics.pde_jobs import JobConfig, run_job
 
-    fields = ("models", "epochs", "collocation", "boundary_points", "lr", "width", "mlp_depth", "tol", "max_iter",
+    fields = ("models", "epochs", "collocation", "boundary_points", "condition_weight", "lr", "width", "mlp_depth", "tol", "max_iter",
               "solver", "sampler", "rad_every", "delta2", "T", "seed", "dtype", "device")
     try:
         cfg = JobConfig(problem=args.problem, **{k: getattr(args, k) for k in fields if hasattr(args, k)})

@@ -31,6 +31,8 @@ SAMPLERS = ("uniform", "fixed", "rad")
 #: relative L2 targets of the issue's evidence (the run says whether each model met it)
 TARGETS = {"poisson2d": 1e-2, "kdv": 5e-2}
 #: per problem: (epochs, collocation points, learning rate, evaluation grid)
+#: default weight of the boundary/initial/periodic terms relative to the interior residual
+CONDITION_WEIGHT = {"poisson2d": 100.0, "kdv": 10.0}
 DEFAULTS = {"poisson2d": (1500, 500, 1e-2, (101, 101)), "kdv": (1000, 400, 1e-2, (201, 101))}
 
 
@@ -43,6 +45,7 @@ class JobConfig:
     epochs: int | None = None
     collocation: int | None = None
     boundary_points: int | None = None
+    condition_weight: float | None = None
     lr: float | None = None
     width: int = 24
     mlp_depth: int = 3
@@ -66,6 +69,10 @@ class JobConfig:
         self.lr = lr if self.lr is None else self.lr
         self.boundary_points = (100 if self.problem == "poisson2d" else 50) if self.boundary_points is None \
             else self.boundary_points
+        # the interior residual is O(2π²) (Poisson) or O(π) (KdV) where the conditions are O(1):
+        # weight the conditions up so that they are not neglected (the usual PINN loss balance)
+        self.condition_weight = CONDITION_WEIGHT[self.problem] if self.condition_weight is None \
+            else self.condition_weight
         self.models = tuple(self.models)
         bad = [m for m in self.models if m not in MODELS]
         if bad or not self.models or len(set(self.models)) != len(self.models):
@@ -80,7 +87,7 @@ class JobConfig:
         for name in ("collocation", "boundary_points", "width", "mlp_depth", "max_iter", "rad_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
-        for name in ("lr", "tol", "delta2", "T"):
+        for name in ("lr", "tol", "delta2", "T", "condition_weight"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}: must be a finite number > 0, got {v}")
@@ -103,11 +110,15 @@ def build_problem(cfg: JobConfig) -> PDEProblem:
     if cfg.problem == "poisson2d":
         from .poisson2d import poisson2d
 
-        return poisson2d(cfg.collocation, cfg.boundary_points, collocation=_sampler(cfg))
-    from .kdv import kdv
+        problem = poisson2d(cfg.collocation, cfg.boundary_points, collocation=_sampler(cfg))
+    else:
+        from .kdv import kdv
 
-    return kdv(cfg.delta2, cfg.T, n_initial=2 * cfg.boundary_points, n_periodic=cfg.boundary_points,
-               collocation=_sampler(cfg))
+        problem = kdv(cfg.delta2, cfg.T, n_initial=2 * cfg.boundary_points, n_periodic=cfg.boundary_points,
+                      collocation=_sampler(cfg))
+    for condition in problem.conditions:
+        condition.weight = cfg.condition_weight
+    return problem
 
 
 def build_model(cfg: JobConfig, kind: str, problem: PDEProblem) -> torch.nn.Module:
