@@ -67,6 +67,8 @@ def main() -> None:
     p.add_argument("--sweep-seq-len", type=int, nargs="*", default=[64, 128, 256])
     p.add_argument("--sweep-batch", type=int, default=16)
     p.add_argument("--sweep-steps", type=int, default=3)
+    p.add_argument("--no-compare", action="store_true", help="only the memory sweep (needs --depth)")
+    p.add_argument("--depth", type=int, default=None, help="unrolled depth of the sweep (default: the comparison's)")
     p.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/lm[_quick].json)")
     args = p.parse_args()
     extra: list[str] = []
@@ -84,11 +86,14 @@ def main() -> None:
                   "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": load,
                               "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
                   "command": " ".join(["python", "benchmarks/bench_lm.py", *sys.argv[1:]])}
-        result["compare"] = compare(tmp / "compare", [*extra, "--no-progress"])
-        figure = ROOT / "benchmarks" / "results" / ("lm_loss_curves_quick.png" if args.quick else "lm_loss_curves.png")
-        shutil.copyfile(tmp / "compare" / "loss_curves.png", figure)
-        result["figure"] = str(figure.relative_to(ROOT))
-        depth = result["compare"]["comparison"]["depth"]
+        if not args.no_compare:
+            result["compare"] = compare(tmp / "compare", [*extra, "--no-progress"])
+            figure = ROOT / "benchmarks" / "results" / ("lm_loss_curves_quick.png" if args.quick else "lm_loss_curves.png")
+            shutil.copyfile(tmp / "compare" / "loss_curves.png", figure)
+            result["figure"] = str(figure.relative_to(ROOT))
+        elif args.depth is None:
+            p.error("--no-compare needs --depth")
+        depth = args.depth or result["compare"]["comparison"]["depth"]
         sweep = []
         for T in args.sweep_seq_len:
             point = {"seq_len": T, "batch": args.sweep_batch, "depth": depth}
