@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..solvers.base import ResidualTrace, concat_rows, get_solver, merge_rows, report_failure, row_norm
+from ..solvers.base import ResidualTrace, SolveInfo, concat_rows, get_solver, merge_rows, report_failure, row_norm
 from ..solvers.scaling import solve_linear_rescaled
 from .functional import forbid_nested_forward, jvp_by_vjp, partial_in
 from .validation import check_solve_options
@@ -97,16 +97,13 @@ def _iterative_auto(op: BoundOperator, b: Tensor, x0: Tensor | None = None, *, b
     dense_tail = op.can_restrict and N <= DENSE_TAIL_MAX_ROW_SIZE
     if dense_tail:
         steps = min(max_iter, max(16, N))
+        x0 = _start_from_factored_rows(op, b, x0, tol=tol, atol=atol)
     x, info = get_solver("richardson", "linear")(op, b, x0, tol=tol, atol=atol, max_iter=steps)
     if info.all_converged:
         return x, info
     rows = (~info.converged).nonzero().flatten()
     if dense_tail:
-        dense = get_solver("dense", "linear")
-        chunk = max(TAIL_STATES * S // N, TAIL_MIN_NUMBERS // (N * N), 1)
-        parts = [dense(op.restrict(r), b.index_select(0, r), tol=tol, atol=_rows_of(atol, r))
-                 for r in rows.split(chunk)]
-        x_rows, sub = torch.cat([p[0] for p in parts]), concat_rows([p[1] for p in parts])
+        x_rows, sub = _dense_tail(op, b, rows, tol=tol, atol=atol)
     elif steps < max_iter:
         sane = torch.isfinite(x).all(1) & (info.residual <= row_norm(b))
         x0 = torch.where(sane[:, None], x, 0.0)
@@ -136,11 +133,76 @@ def _iterative_auto(op: BoundOperator, b: Tensor, x0: Tensor | None = None, *, b
     return x.index_copy(0, rows, x_rows), merge_rows(info, rows, sub, ITERATIVE_AUTO)
 
 
-def _select_rows(info, rows: Tensor):
-    """Statistics of the rows ``rows`` of a solve (its trace is dropped)."""
+def _factored(op: BoundOperator) -> list[tuple[Tensor, object]]:
+    """The row blocks of ``op``'s linearization that a dense tail has factored, as
+    ``(rows, restricted linearization holding their LU)``: every solve at the same point (the
+    derivative solves of one step, with ``A`` or ``Aᵀ``) reuses them, and the rows that are slow
+    for one right-hand side are slow for the others (their rate is ρ of their own block)."""
+    return op.lin.__dict__.setdefault("factored_rows", [])
+
+
+def _start_from_factored_rows(op: BoundOperator, b: Tensor, x0: Tensor | None, *, tol: float, atol):
+    """The initial guess with the rows already factored at this point solved directly
+    (Richardson then stops them at iteration 0)."""
+    pieces = _factored(op)
+    if not pieces:
+        return x0
+    dense = get_solver("dense", "linear")
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    for rows, sub in pieces:
+        x_rows, _ = dense(BoundOperator(sub, op.transposed), b.index_select(0, rows), tol=tol, atol=_rows_of(atol, rows))
+        x.index_copy_(0, rows, x_rows)
+    return x
+
+
+def _dense_tail(op: BoundOperator, b: Tensor, rows: Tensor, *, tol: float, atol):
+    """Dense LU solves of the rows ``rows`` that Richardson left: blocks already factored at
+    this point are reused, the others are built and factored in chunks of ``TAIL_STATES``·S/N
+    rows and kept for the next solve at this point. Returns their solutions and statistics
+    in the order of ``rows``."""
+    S, N = b.shape
+    dense = get_solver("dense", "linear")
+    pieces = _factored(op)
+    position = torch.full((S,), -1, dtype=torch.long, device=b.device)
+    position[rows] = torch.arange(rows.numel(), device=b.device)
+    parts: list[tuple[Tensor, Tensor, SolveInfo]] = []  # (rows, solutions, statistics)
+    for known, sub in list(pieces):
+        sel = (position[known] >= 0).nonzero().flatten()
+        if sel.numel():
+            x_b, info_b = dense(BoundOperator(sub, op.transposed), b.index_select(0, known), tol=tol,
+                                atol=_rows_of(atol, known))
+            parts.append((known[sel], x_b[sel], _select_rows(info_b, sel)))
+    taken = torch.zeros(S, dtype=torch.bool, device=b.device)
+    for r, _, _ in parts:
+        taken[r] = True
+    chunk = max(TAIL_STATES * S // N, TAIL_MIN_NUMBERS // (N * N), 1)
+    for r in rows[~taken[rows]].split(chunk):
+        sub_op = op.restrict(r)
+        x_b, info_b = dense(sub_op, b.index_select(0, r), tol=tol, atol=_rows_of(atol, r))
+        pieces.append((r, sub_op.lin))
+        parts.append((r, x_b, info_b))
+    order = torch.argsort(position[torch.cat([r for r, _, _ in parts])])
+    x_rows = torch.cat([x for _, x, _ in parts]).index_select(0, order)
+    return x_rows, _select_rows(_cat_infos([i for _, _, i in parts]), order, keep_trace=True)
+
+
+def _cat_infos(infos: list[SolveInfo]) -> SolveInfo:
+    """Statistics of consecutive row blocks solved separately; their traces are kept when
+    they have equally many steps."""
+    if len({len(i.trace) for i in infos}) == 1:
+        return concat_rows(infos)
+    return concat_rows([_select_rows(i, torch.arange(i.iterations.numel(), device=i.iterations.device)) for i in infos])
+
+
+def _select_rows(info, rows: Tensor, keep_trace: bool = False):
+    """Statistics of the rows ``rows`` of a solve (its trace is dropped, or with
+    ``keep_trace`` reordered when ``rows`` is a permutation)."""
+    trace = ResidualTrace(rows.numel(), info.residual.dtype, info.residual.device)
+    if keep_trace:
+        trace = ResidualTrace(rows.numel(), info.residual.dtype, info.residual.device).extended(
+            info.trace, torch.argsort(rows))
     return replace(info, iterations=info.iterations[rows], residual=info.residual[rows],
-                   rel_residual=info.rel_residual[rows], converged=info.converged[rows],
-                   trace=ResidualTrace(rows.numel(), info.residual.dtype, info.residual.device))
+                   rel_residual=info.rel_residual[rows], converged=info.converged[rows], trace=trace)
 
 
 def _rows_of(atol, rows: Tensor):
