@@ -459,10 +459,10 @@ def save_figures(cfg: OperatorConfig, out: Path, trained: dict, results: dict, a
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 4), constrained_layout=True)
-    for n in names:
+    for j, n in enumerate(names):
         h = results["models"][n]["history"]
-        ax.plot(h["epoch"], h["test_rel_l2"], label=f"{n} held-out")
-        ax.plot(h["epoch"], h["train_loss"], "--", label=f"{n} train")
+        ax.plot(h["epoch"], h["test_rel_l2"], color=f"C{j}", label=f"{n} held-out")
+        ax.plot(h["epoch"], h["train_loss"], "--", color=f"C{j}", label=f"{n} train")
     ax.axhline(5e-2, color="gray", lw=0.8, ls=":")
     ax.set(xlabel="epoch", ylabel="relative L2", yscale="log", title="training")
     ax.legend()
