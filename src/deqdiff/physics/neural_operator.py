@@ -244,7 +244,15 @@ def saved_activation_bytes(model: nn.Module, a: Tensor, u: Tensor) -> int:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (MiB)."""
+    """Peak resident memory of this process so far (MiB): ``VmHWM`` where ``/proc`` has it
+    (``ru_maxrss`` survives ``exec``, so a fresh worker would report its parent's peak)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
 
