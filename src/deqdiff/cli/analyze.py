@@ -299,7 +299,12 @@ def _hessian(args, out: Path) -> list:
     bar = _bar(args)
     for e, model in (bar(items, desc="checkpoints") if bar else items):
         t = time.perf_counter()
-        r = hessian_spectrum(model.float(), F.cross_entropy, X, Y, k=args.k, num_iters=args.num_iters, seed=args.seed)
+        # the Hessian's solves use the model's own derivative solver (the MDEQ's is Anderson: at its
+        # initialization plain Richardson iteration with ∂f/∂z diverges)
+        solver = model.deq.solver_options.get("backward_solver", "auto") if hasattr(model, "deq") else "auto"
+        solver = solver if isinstance(solver, str) else "auto"
+        r = hessian_spectrum(model.float(), F.cross_entropy, X, Y, k=args.k, num_iters=args.num_iters, seed=args.seed,
+                             solver=solver)
         r.update(epoch=e, seconds=time.perf_counter() - t)
         track.append(r)
         print(f"  epoch {e}: loss {r['loss']:.4f}, top eigenvalues total {['%.3g' % v for v in r['total']]}, "
