@@ -67,7 +67,14 @@ def _empty(root):
     return root / "empty"
 
 
+def _corrupt(root):
+    (root / "corrupt").mkdir()
+    (root / "corrupt" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    return root / "corrupt"
+
+
 BAD = {
+    "corrupt checkpoint": (lambda t: ["--from", str(_corrupt(t))], "not a readable deqdiff checkpoint"),
     "missing run dir": (lambda t: ["--from", str(t / "nope")], "--from"),
     "no checkpoint": (lambda t: ["--from", str(_empty(t))], "checkpoint.pt"),
     "unknown model kind": (lambda t: ["--from", str(_foreign(t))], "unknown model kind"),

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import struct
 import time
 import warnings
 from contextlib import contextmanager
@@ -81,7 +83,11 @@ def load_run(run_dir: str | Path, *, fit_samples: int = 512, seed: int = 0) -> R
     ckpt = run_dir / "checkpoint.pt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"no checkpoint.pt in {run_dir} (a run written by `deqdiff train` or `deqdiff pinn vdp`)")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, struct.error) as err:  # truncated or foreign
+        first = (str(err).strip() or type(err).__name__).splitlines()[0]
+        raise ValueError(f"{ckpt} is not a readable deqdiff checkpoint ({first})") from err
     tag = state.get("format") if isinstance(state, dict) else None
     if tag == FORMAT:
         return _classification_run(run_dir, fit_samples, seed)
