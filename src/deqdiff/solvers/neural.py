@@ -2,10 +2,10 @@
 
 A fitted solver has two small networks, trained on a frozen DEQ (:mod:`deqdiff.solvers.neural_fit`):
 
-* the **initializer** ``z⁰ = g_φ(x)`` proposes the starting state from the input injection ``x``
-  (paper §4.1);
-* the **HyperAnderson** network proposes, at every step ``k``, the Anderson weights and the mixing
-  ``β_k`` of each sample from its (compressed) residual history (paper §4.2). Here it predicts a
+* the **initializer** ``z⁰ = g_φ(x)`` proposes the starting state from the input injection ``x``;
+* the **HyperAnderson** network proposes, at each of the first steps (``mixer_steps``: those it
+  was fitted on; later steps are plain Anderson), the Anderson weights and the mixing ``β_k`` of
+  each sample from its (compressed) residual history. Here it predicts a
   *correction* to the least-squares weights of Anderson acceleration, so the untrained network is
   Anderson itself and the paper's regularization toward the least-squares weights is the size of
   the correction.
@@ -184,7 +184,8 @@ def _slog(v: Tensor) -> Tensor:
 
 
 class HyperAnderson(nn.Module):
-    """Per-sample Anderson weights and mixing from the residual history (Bai et al. 2022 §4.2).
+    """Per-sample Anderson weights and mixing from the residual history (HyperAnderson, Bai,
+    Koltun & Kolter 2022).
 
     Inputs per sample at step k, in chronological order and right-aligned in ``m`` slots (empty
     slots masked): the Gram matrix ΔFᵀΔF and ΔFᵀF_k of the residual differences divided by
@@ -334,7 +335,8 @@ class NeuralSolver(nn.Module):
     @contextmanager
     def attached(self, deq: nn.Module) -> Iterator[nn.Module]:
         """Within the block, ``deq`` (a :class:`deqdiff.DEQ`) starts from ``g_φ(x)`` and solves
-        with this network; its own start and options come back afterwards."""
+        with this network; its own start and options come back afterwards. Models that pass their
+        solver at every call (the monotone DEQs) need ``model(x, **ns.solver_options())`` too."""
         old_init, old_opts = deq.z_init, dict(deq.solver_options)
 
         def z_init(x: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""Fitting a neural DEQ solver on a frozen DEQ (Bai, Koltun & Kolter 2022, §4.3).
+"""Fitting a neural DEQ solver on a frozen DEQ (Bai, Koltun & Kolter 2022, "Neural deep equilibrium
+solvers", ICLR: the three losses below are theirs).
 
 Ground truth: the fixed points z* of the training inputs, from the library's Anderson solver at a
 tight tolerance (samples it leaves above that tolerance are left out and counted). Each fitting
@@ -7,13 +8,13 @@ the neural solver (the library's Anderson loop with the HyperAnderson mixer, rec
 through the frozen f) and minimizes the paper's three losses:
 
 * **convergence loss** Σ_k w_k ‖z^[k] − z*‖/‖z*‖ over the unrolled steps, w_k ∝ k (later steps
-  weigh more, paper eq. 9);
-* **initializer loss** ‖z⁰ − z*‖/‖z*‖ (paper eq. 10); the initializer's output layer is set to its
+  weigh more);
+* **initializer loss** ‖z⁰ − z*‖/‖z*‖; the initializer's output layer is set to its
   ridge least-squares value before the first and after the last step (variable projection, the
   ridge chosen on a held-out fifth of the samples), so the gradient steps only have to move its
   hidden layers;
 * **α regularization** ‖α^[k] − α*^[k]‖² toward the least-squares Anderson weights, during the
-  first ``alpha_fraction`` of the steps only (paper §4.3).
+  first ``alpha_fraction`` of the steps only (the paper, too, uses it early in fitting only).
 
 Only the solver's networks learn; f's parameters are never updated (the caller's ``cell`` closes
 over them, e.g. a ``DEQ``'s cell in eval mode).
