@@ -97,3 +97,15 @@ def test_newton_krylov_under_inference_mode():
 def test_newton_krylov_stall_option_is_checked():
     with pytest.raises(ValueError, match="stall"):
         newton_krylov(lambda z: z, torch.zeros(1, 2), stall=0)
+
+
+def test_newton_krylov_early_stop_says_more_iterations_will_not_help():
+    import deqdiff
+    from deqdiff.solvers import ConvergenceError
+
+    f = lambda z, c: z + c  # noqa: E731  (no fixed point: Newton finds no descent direction)
+    with pytest.raises(ConvergenceError, match="stopped early .*no descent direction.*will not help"):
+        deqdiff.fixed_point(f, torch.zeros(2, 3), torch.ones(2, 3), solver="newton_krylov", on_fail="raise")
+    with pytest.raises(ConvergenceError, match="Increase max_iter"):
+        deqdiff.fixed_point(lambda z, c: 0.99 * z + c, torch.zeros(2, 3), torch.ones(2, 3), solver="fixed_point",
+                            max_iter=3, on_fail="raise")

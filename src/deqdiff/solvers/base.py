@@ -351,6 +351,20 @@ def concat_rows(infos: list[SolveInfo]) -> SolveInfo:
                    trajectory=None)
 
 
+#: why a row gave up before ``max_iter`` (``info.extra["stopped"]`` of Newton–Krylov)
+_STOP_REASONS = {1: "no descent direction", 2: "stagnation", 3: "a non-finite residual"}
+
+
+def _advice(info: SolveInfo, bad: Tensor) -> str:
+    """What to change: more iterations help only rows that ran out of them."""
+    stopped = info.extra.get("stopped")
+    if isinstance(stopped, Tensor) and bool((stopped[bad] > 0).all()):
+        reasons = sorted({_STOP_REASONS.get(int(r), f"reason {int(r)}") for r in stopped[bad].unique()})
+        return (f"Every failed row stopped early ({', '.join(reasons)}), so a larger max_iter will not help: "
+                f"loosen tol, start closer, or choose another solver.")
+    return "Increase max_iter, loosen tol, or choose another solver."
+
+
 def report_failure(info: SolveInfo, on_fail: str, what: str) -> None:
     """Raise or warn (``on_fail`` = ``"raise"``/``"warn"``/``"ignore"``) when ``info`` has
     rows that did not converge; the message names the residual and iterations reached."""
@@ -362,8 +376,7 @@ def report_failure(info: SolveInfo, on_fail: str, what: str) -> None:
         f"{what} did not converge: {bad.numel()}/{info.converged.numel()} rows above tolerance "
         f"after {info.max_iterations} iterations of '{info.solver}'; worst row {worst} has "
         f"residual {float(info.residual[worst]):.3e} (relative {float(info.rel_residual[worst]):.3e}) "
-        f"vs tol={info.tol:g}, atol={info.atol:g}. Increase max_iter, loosen tol, or choose "
-        f"another solver."
+        f"vs tol={info.tol:g}, atol={info.atol:g}. " + _advice(info, bad)
     )
     if on_fail == "raise":
         raise ConvergenceError(msg, info)
