@@ -374,3 +374,17 @@ def test_cifar10_shape_trains_from_python_batches(tmp_path):
     result = train(config)
     assert len(result.model.cell.channels) == 4 and result.model.head.pool == "avg"
     assert result.steps == 1 and math.isfinite(result.history["steps"][0]["loss"])
+
+
+@pytest.mark.slow  # ~6 s: trains a step, evaluates a 3×3 grid, draws the figures
+def test_cli_landscape_of_the_mdeq_on_held_out_images(tmp_path):
+    import json
+
+    from deqdiff.cli import main
+
+    assert main(["analyze", "landscape", "--model", "mdeq", "--out", str(tmp_path), "--epochs", "1",
+                 "--train-limit", "16", "--batch-size", "16", "--samples", "5", "--steps", "3", "--no-1d",
+                 "--no-progress"]) == 0
+    d = json.loads((tmp_path / "landscape.json").read_text())
+    assert d["models"] == ["mdeq"] and d["split"] == "test" and d["samples"] == 5
+    assert len(d["landscapes_2d"]["mdeq"]["loss"]) == 3 and (tmp_path / "landscape_contour.png").is_file()
