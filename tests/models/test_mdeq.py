@@ -136,7 +136,7 @@ def test_configs_have_the_papers_resolutions():
     assert [s[1:] for s in digits.cell.branch_shapes(torch.zeros(1, 16, 8, 8))] == [(8, 8), (4, 4)]
     assert [s[1:] for s in cifar.cell.branch_shapes(torch.zeros(1, 16, 32, 32))] == [(32, 32), (16, 16), (8, 8), (4, 4)]
     with torch.no_grad():
-        assert cifar(torch.randn(2, 3, 32, 32), max_iter=3).shape == (2, 10)
+        assert cifar(torch.randn(2, 3, 32, 32), max_iter=3, on_fail="ignore").shape == (2, 10)
 
 
 # --- implicit derivatives -----------------------------------------------------------------------
