@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 import deqdiff
@@ -50,3 +52,18 @@ def test_second_solve_reuses_the_factored_rows_and_both_are_exact(monkeypatch):
     us = [torch.zeros_like(zd).index_fill_(1, torch.tensor([k]), 1.0) for k in (0, 1)]
     for g, ref in zip((g1, g2), _adjoint_reference(f, zd, A, s, x, us)):
         torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_auto_linear_solve_recovers_where_richardson_diverges():
+    # A = I − J with ρ(J) = 3: Richardson diverges; without a forward solve to size its budget,
+    # "auto" hands over to GMRES after a bounded number of steps instead of returning inf
+    n = 80  # wider than the dense default's 64 unknowns
+    gen = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
+    J = Q @ torch.diag(torch.linspace(-0.5, 3.0, n)) @ Q.T
+    b = torch.randn(2, n, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = deqdiff.linear_solve(lambda v, J: v - v @ J.T, b, J, tol=1e-10)
+    ref = torch.linalg.solve(torch.eye(n) - J, b.T).T
+    torch.testing.assert_close(x, ref, rtol=1e-7, atol=1e-9)

@@ -57,6 +57,10 @@ DENSE_MAX_ROW_SIZE = 64
 ITERATIVE_AUTO = "richardson→dense/gmres"
 #: rows of at most this many unknowns finish Richardson's slow tail with a dense LU
 DENSE_TAIL_MAX_ROW_SIZE = 256
+#: Richardson iterations before GMRES takes over where no forward solve says how many to expect
+#: (a linear solve of its own, or derivatives at a given point): Richardson diverges where
+#: ρ(J) > 1, as in an untrained multiscale DEQ whose forward solve only Anderson finishes
+RICHARDSON_BUDGET = 100
 #: GMRES failures are finished by a dense LU when their blocks hold at most this many numbers
 DENSE_FALLBACK_NUMBERS = 1 << 24
 #: dense tail blocks are factored in chunks holding as many numbers as this many states,
@@ -87,13 +91,15 @@ def _iterative_auto(op: BoundOperator, b: Tensor, x0: Tensor | None = None, *, b
     iterations (a dense solve of one row costs about N products with ``A``) and a dense LU
     finishes the rest, in chunks of ``TAIL_STATES``·S/N rows (blocks no larger than that
     many states, or than ``TAIL_MIN_NUMBERS``). The cap is per row, so a row's answer does
-    not depend on its batch. Otherwise Richardson runs at most ``budget`` iterations and GMRES finishes the failed
+    not depend on its batch. Otherwise Richardson runs at most ``budget`` iterations (default
+    ``RICHARDSON_BUDGET``) and GMRES finishes the failed
     rows from Richardson's iterate (from zero where it diverged); where their blocks hold at
     most ``DENSE_FALLBACK_NUMBERS`` numbers GMRES gets max(2N, 40) products and a dense LU
     finishes the rows it leaves (restarted GMRES stalls on operators whose eigenvalues
     surround 0, as I − J with ρ(J) > 1)."""
     S, N = b.shape
-    steps = max_iter if budget is None else max(1, min(int(budget), max_iter))
+    budget = RICHARDSON_BUDGET if budget is None else budget
+    steps = max(1, min(int(budget), max_iter))
     dense_tail = op.can_restrict and N <= DENSE_TAIL_MAX_ROW_SIZE
     if dense_tail:
         steps = min(max_iter, max(16, N))
