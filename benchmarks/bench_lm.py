@@ -59,6 +59,44 @@ def sweep_point(model: str, seq_len: int, batch: int, steps: int, out: Path, ext
     return json.loads((run / "metrics.json").read_text())["memory"]["peak_rss_above_start_mib"]
 
 
+def timing(steps: int, depth: int) -> dict:
+    """Median wall time of a training step (forward, backward, Adam) of the DEQ and of unrolled-L
+    sharing its parameters, interleaved step by step in this process (so both see the same load)."""
+    import statistics
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from deqdiff.data.text import load_corpus
+    from deqdiff.models.transformer import unrolled_from_deq
+    from deqdiff.training.lm import LMConfig, build_lm
+
+    torch.set_num_threads(1)
+    cfg = LMConfig()
+    corpus = load_corpus()
+    torch.manual_seed(0)
+    deq = build_lm(cfg, corpus.vocab_size)
+    models = {"deq": deq, f"unrolled-{depth}": unrolled_from_deq(deq, depth)}
+    windows = corpus.windows("train", cfg.seq_len)
+    times: dict = {k: [] for k in models}
+    iters = []
+    for i in range(steps + 1):
+        w = windows[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            logits = model(w[:, :-1])
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1)).backward()
+            model.zero_grad(set_to_none=True)
+            if i:  # the first step warms up
+                times[name].append(time.perf_counter() - t0)
+            if name == "deq" and i:
+                iters.append(float(deq.deq.last_info.forward.iterations.double().mean()))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"steps": steps, "median_step_s": med, "ratio_deq_over_unrolled": med["deq"] / med[f"unrolled-{depth}"],
+            "deq_fwd_iter_mean": statistics.mean(iters), "note": "untrained model (initial weights), forward + backward"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
@@ -69,6 +107,7 @@ def main() -> None:
     p.add_argument("--sweep-steps", type=int, default=3)
     p.add_argument("--no-compare", action="store_true", help="only the memory sweep (needs --depth)")
     p.add_argument("--depth", type=int, default=None, help="unrolled depth of the sweep (default: the comparison's)")
+    p.add_argument("--timing", type=int, default=0, help="also time this many interleaved steps side by side")
     p.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/lm[_quick].json)")
     args = p.parse_args()
     extra: list[str] = []
@@ -104,6 +143,9 @@ def main() -> None:
             sweep.append(point)
             print(json.dumps(point), flush=True)
         result["memory_sweep"] = sweep
+        if args.timing:
+            result["timing"] = timing(args.timing, depth)
+            print(json.dumps(result["timing"]), flush=True)
         result["machine"]["loadavg_end"] = os.getloadavg()
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / ("lm_quick.json" if args.quick else "lm.json")
     out.parent.mkdir(parents=True, exist_ok=True)
