@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -91,3 +94,13 @@ class _NoExit:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_lm_under_torchrun(tmp_path, text):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = ["torchrun", "--nproc_per_node=2", "--no-python", "deqdiff", "lm", "--text", text, *TINY, "--epochs", "1",
+           "--out", str(tmp_path / "ddp")]
+    subprocess.run(cmd, check=True, env=env, timeout=300)
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["model"]["steps"] == 2
