@@ -53,6 +53,9 @@ def test_resume_refuses_changed_settings(tmp_path):
     train_lm(tiny(out=str(tmp_path), max_steps=1), corpus)
     with pytest.raises(ValueError, match="lr"):
         train_lm(tiny(out=str(tmp_path), lr=0.5), corpus, resume=True)
+    other = CharCorpus.from_text(corpus.decode(torch.cat([corpus.train, corpus.valid, corpus.test]))[::-1], name="r")
+    with pytest.raises(ValueError, match="text differs"):
+        train_lm(tiny(out=str(tmp_path)), other, resume=True)
 
 
 def test_unrolled_model_trains_and_reports_no_solves():

@@ -18,6 +18,7 @@ processes (the allocator keeps what a process once used).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -308,6 +309,14 @@ def _valid_windows(corpus: CharCorpus, config: LMConfig, split: str = "valid") -
     return w
 
 
+def _digest(corpus: CharCorpus) -> str:
+    """SHA-256 of the corpus's splits: a resumed run must read the same text (``text`` may move)."""
+    h = hashlib.sha256()
+    for split in (corpus.train, corpus.valid, corpus.test):
+        h.update(split.numpy().tobytes())
+    return h.hexdigest()
+
+
 class _Run:
     """The mutable state of one run (everything a checkpoint holds)."""
 
@@ -335,7 +344,7 @@ class _Run:
 
     def state(self) -> dict:
         return {
-            "config": self.config.to_dict(), "vocab": "".join(self.corpus.vocab),
+            "config": self.config.to_dict(), "vocab": "".join(self.corpus.vocab), "corpus_sha256": _digest(self.corpus),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
             "loader": {"epoch_start": self.epoch_loader_state, "current": self.batches.get_state()},
@@ -349,8 +358,8 @@ class _Run:
         if changed:
             raise ValueError(f"cannot resume: settings {changed} differ from the checkpoint's "
                              f"({ {k: getattr(saved, k) for k in changed} }); only {sorted(LM_RESUMABLE)} may change")
-        if state["vocab"] != "".join(self.corpus.vocab):
-            raise ValueError("cannot resume: the text's character vocabulary differs from the checkpoint's")
+        if state["vocab"] != "".join(self.corpus.vocab) or state.get("corpus_sha256", _digest(self.corpus)) != _digest(self.corpus):
+            raise ValueError("cannot resume: the text differs from the one the checkpoint was trained on")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
