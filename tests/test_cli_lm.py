@@ -53,6 +53,11 @@ def _bin(tmp_path):
     return str(tmp_path / "b.txt")
 
 
+def _other(tmp_path):
+    (tmp_path / "o.txt").write_text("a different text with other words in it. " * 12, encoding="utf-8")
+    return str(tmp_path / "o.txt")
+
+
 def _resumable(tmp_path, text):
     main(["lm", "--text", text, *TINY, "--out", str(tmp_path / "r"), "--max-steps", "1"])
     return str(tmp_path / "r")
@@ -70,6 +75,7 @@ CASES = {
     "window too long": (lambda p, t: ["--text", t, "--seq-len", "500", "--out", str(p / "o")], "--seq-len"),
     "no checkpoint": (lambda p, t: ["--resume", "--out", str(p / "empty")], "--resume"),
     "changed setting": (lambda p, t: ["--resume", "--lr", "0.5", "--out", _resumable(p, t)], "--lr"),
+    "other text": (lambda p, t: ["--resume", "--text", _other(p), "--out", _resumable(p, t)], "--resume"),
     "compare with model": (lambda p, t: ["--compare", "--model", "deq"], "--compare"),
     "depth without compare": (lambda p, t: ["--unrolled-depth", "3", "--out", str(p / "o")], "--unrolled-depth"),
     "out is a file": (lambda p, t: ["--text", t, *TINY, "--out", t], "--out"),

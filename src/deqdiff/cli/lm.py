@@ -194,6 +194,10 @@ def _train(config, corpus, resume: bool):
         return train_lm(config, corpus, resume=resume)
     except OSError as err:  # e.g. the disk filled up while writing a checkpoint
         raise UsageError(f"--out {config.out}: {one_line(err)}") from err
+    except ValueError as err:  # a checkpoint that does not fit this run (other text); bugs propagate
+        if str(err).startswith("cannot resume"):
+            raise UsageError(f"--resume: {one_line(err)}") from err
+        raise
 
 
 def _summary(result) -> dict:
