@@ -222,13 +222,15 @@ class InverseDEQ(nn.Module):
     et al. 2021. ``model(y, **overrides)``: measurements ``(B, C, H, W)`` → reconstructions of
     the same shape; ``overrides`` (``tol``, ``max_iter``, ``solver`` …) go to the solve and
     ``model.deq.last_info`` holds its statistics. Solver defaults: Anderson to relative residual
-    1e-3 in at most 50 iterations, derivative solves by GMRES. ``tikhonov`` (μ, default 0.1)
+    1e-4 in at most 50 iterations (measured on digits deblurring: trained at 1e-3 the cell drifted
+    to ‖∂f/∂z‖₂ ≈ 0.998 and the exact fixed point lost 3.2 dB; at 1e-4 it stays within 0.1 dB),
+    derivative solves by GMRES. ``tikhonov`` (μ, default 0.1)
     adds (μ/2)‖z‖² to the data fidelity: the data step then contracts by 1 − ημ on the blur's
     near-null space, where a plain gradient step does not contract at all."""
 
     def __init__(self, operator: LinearOperator, *, channels: int = 1, hidden: int = 32, step_size: float = 0.5,
                  form: str = "prox", tikhonov: float = 0.1, init_std: float = 1e-3, solver: str = "anderson",
-                 tol: float = 1e-3, max_iter: int = 50, **solver_options):
+                 tol: float = 1e-4, max_iter: int = 50, **solver_options):
         super().__init__()
         cell = _cell(operator, channels, hidden, step_size, form, tikhonov, init_std)
         # measured on 16×16 deblurring (batch 32): "auto" ran ~107 Richardson steps and a dense

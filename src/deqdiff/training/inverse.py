@@ -48,7 +48,7 @@ class InverseConfig:
     Defaults: scikit-learn digits upsampled (bilinear) from 8×8 to 16×16; deblurring with a 5×5
     Gaussian kernel of σ = 1 pixel and noise σ = 0.01, denoising with noise σ = 0.2; the
     proximal-gradient cell with η = 0.5, Tikhonov weight μ = 0.1 and a 32-channel residual denoiser; the DEQ solved by
-    Anderson to relative residual 1e-3 (≤ 50 iterations), the unrolled baseline with K = 10."""
+    Anderson to relative residual 1e-4 (≤ 50 iterations), the unrolled baseline with K = 10."""
 
     task: str = "deblur"
     data: str = "digits"
@@ -72,7 +72,7 @@ class InverseConfig:
     lr: float = 1e-3
     grad_clip: float | None = None
     solver: str = "anderson"
-    tol: float = 1e-3
+    tol: float = 1e-4
     max_iter: int = 50
     backward_solver: str = "gmres"
     backward_tol: float | None = None
