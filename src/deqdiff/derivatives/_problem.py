@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..engine import FixedPointJacobian, fixed_point
 from ..solvers.base import ConvergenceError, ConvergenceWarning, SolveInfo
+from ..engine.functional import hvp_by_vjp
 from ..engine.linear_solve import solve_with_operator
 from ..engine.validation import is_transformed
 
@@ -271,17 +272,18 @@ class Equilibrium:
         g = self._partial(idx)
         primals = (self.z, *[self.leaves[i] for i in idx])
         ta, tb = self._tangent(a, idx), self._tangent(b, idx)
+        # forward over forward: wrong through layer_norm in PyTorch 2.13, and so is every
+        # reverse-only route tried (README, known limitations); hvp_by_vjp serves the Hessians
         return torch.func.jvp(lambda *p: torch.func.jvp(g, p, ta)[1], primals, tb)[1]
 
     def f_second_vjp(self, lam: Tensor, a, idx: Sequence[int]) -> tuple[Tensor, tuple[Tensor, ...]]:
         """``∇_{(z, θ_idx)} ⟨λ, Df[a]⟩`` = the Hessian of ``S = λᵀf`` (λ fixed) applied to
-        ``a``: returns ``(g_z, g_θ)`` (reverse over forward through ``f``)."""
+        ``a``: returns ``(g_z, g_θ)`` (reverse over reverse through ``f``)."""
         idx = sorted(set(idx) | set(self._dirs(a)))
         g = self._partial(idx)
         ta = self._tangent(a, idx)
         primals = (self.z, *[self.leaves[i] for i in idx])
-        _, pull = torch.func.vjp(lambda *p: torch.func.jvp(g, p, ta)[1], *primals)
-        grads = pull(lam)
+        grads = hvp_by_vjp(g, primals, lam, ta)
         return grads[0], dict(zip(idx, grads[1:]))
 
     # --- Z = dz*/dθ = (I − J)⁻¹ ∂f/∂θ -------------------------------------------------------

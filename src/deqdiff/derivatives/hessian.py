@@ -51,6 +51,7 @@ from torch import Tensor
 
 from torch.utils._pytree import tree_map
 
+from ..engine.functional import hvp_by_vjp
 from ._problem import Equilibrium, ParamTree
 
 __all__ = ["LossHessian"]
@@ -156,8 +157,8 @@ class LossHessian:
             _, pull = torch.func.vjp(self._head, *primals)
             add(pull(u))
         if curv and self.has_head:
-            _, pull = torch.func.vjp(y_dot_of, *primals)  # ∇_{(h,φ)} ⟨∇ℓ, D y[(Zv, v_φ)]⟩
-            add(pull(self.grad_y))
+            # ∇_{(h,φ)} ⟨∇ℓ, D y[(Zv, v_φ)]⟩, reverse over reverse (engine.functional.hvp_by_vjp)
+            add(hvp_by_vjp(self._head, primals, self.grad_y, tangents))
         return w_h, w_phi
 
     def _product(self, v, gn: bool, dyn: bool, curv: bool):
