@@ -33,7 +33,7 @@ TARGETS = {"poisson2d": 1e-2, "kdv": 5e-2}
 #: per problem: (epochs, collocation points, learning rate, evaluation grid)
 #: default weight of the boundary/initial/periodic terms relative to the interior residual
 CONDITION_WEIGHT = {"poisson2d": 100.0, "kdv": 10.0}
-DEFAULTS = {"poisson2d": (1500, 500, 1e-2, (101, 101)), "kdv": (1000, 400, 1e-2, (201, 101))}
+DEFAULTS = {"poisson2d": (1500, 500, 1e-2, (101, 101)), "kdv": (1500, 400, 1e-2, (201, 101))}
 
 
 @dataclass
