@@ -60,6 +60,11 @@ def user_errors(flag: str | None = None, kinds: tuple[type[BaseException], ...] 
         raise UsageError(f"{flag}: {msg}" if flag and not msg.startswith(flag) else msg) from err
 
 
+def flag_of(name: str) -> str:
+    """The command-line flag of a setting: ``"max_steps"`` → ``"--max-steps"``."""
+    return "--" + name.replace("_", "-")
+
+
 def out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Create the output folder ``path`` (and its parents) and check that files can be written
     there; ``UsageError`` naming ``flag`` if it is a file or not writable."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import (UsageError, check_device, check_solver, nonneg_float, nonneg_int, one_line, out_dir,
+from ._common import (UsageError, flag_of, check_device, check_solver, nonneg_float, nonneg_int, one_line, out_dir,
                       positive_float, positive_int, seed, str_list, user_errors)
 
 #: command-line flags ↔ InverseConfig fields (the flags default to "not given")
@@ -129,9 +129,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
 
 def _config(args: argparse.Namespace):
     from pathlib import Path
@@ -146,7 +143,7 @@ def _config(args: argparse.Namespace):
                 return InverseConfig(task=args.task, **given), out
             except ValueError as err:  # the message starts with the setting's name
                 name = str(err).split(" ", 1)[0]
-                raise UsageError(f"{_flag(name)}: {one_line(err)}" if name in _FIELDS else one_line(err)) from err
+                raise UsageError(f"{flag_of(name)}: {one_line(err)}" if name in _FIELDS else one_line(err)) from err
     ckpt = out / "checkpoint.pt"
     if not ckpt.is_file():
         raise UsageError(f"--resume: no checkpoint at {ckpt}")
@@ -157,7 +154,7 @@ def _config(args: argparse.Namespace):
         given["models"] = list(given["models"])
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE and k in saved and saved[k] != v)
     if changed:
-        what = ", ".join(f"{'the task' if k == 'task' else _flag(k)} {given[k]} (checkpoint: {saved[k]})"
+        what = ", ".join(f"{'the task' if k == 'task' else flag_of(k)} {given[k]} (checkpoint: {saved[k]})"
                          for k in changed)
         raise UsageError(f"--resume: {what} would not continue the run in {out}; a resumed run keeps its settings")
     with user_errors("--resume"):

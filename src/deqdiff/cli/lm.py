@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from ._common import (UsageError, check_solver, nonneg_float, nonneg_int, one_line, out_dir, positive_float,
+from ._common import (UsageError, flag_of, check_solver, nonneg_float, nonneg_int, one_line, out_dir, positive_float,
                       positive_int, seed, user_errors)
 
 #: LMConfig fields set from flags of the same name
@@ -96,9 +96,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
 
 def _config(args: argparse.Namespace, out: Path, model: str | None = None, resume: bool = False):
     """The ``LMConfig`` of the flags given (over the checkpoint's settings with ``--resume``)."""
@@ -120,7 +117,7 @@ def _config(args: argparse.Namespace, out: Path, model: str | None = None, resum
         saved = dict(read_checkpoint(ckpt, format=LM_FORMAT)["config"])
     changed = sorted(k for k, v in given.items() if k not in LM_RESUMABLE and k in saved and saved[k] != v)
     if changed:
-        what = ", ".join(f"{_flag(k)} {given[k]} (checkpoint: {saved[k]})" for k in changed)
+        what = ", ".join(f"{flag_of(k)} {given[k]} (checkpoint: {saved[k]})" for k in changed)
         raise UsageError(f"--resume: {what} would not continue the run in {out}; a resumed run keeps its settings "
                          "(only --max-steps, --checkpoint-every, --text and --no-progress may change)")
     with user_errors("--resume"):
@@ -132,7 +129,7 @@ def _flagged(err: ValueError) -> UsageError:
     """LMConfig's messages start with the setting's name: name its flag."""
     field = str(err).split(" ", 1)[0]
     msg = one_line(err)
-    return UsageError(f"{_flag(field)}: {msg}" if field in _FIELDS else msg)
+    return UsageError(f"{flag_of(field)}: {msg}" if field in _FIELDS else msg)
 
 
 def _check(config, args):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 
-from ._common import (UsageError, check_device, check_solver, float_list, int_list, nonneg_float, nonneg_int, one_line,
+from ._common import (UsageError, flag_of, check_device, check_solver, float_list, int_list, nonneg_float, nonneg_int, one_line,
                       out_dir, positive_float, positive_int, seed, user_errors)
 
 
@@ -139,9 +139,6 @@ _FIELDS = (
 )
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
 
 def _config(args: argparse.Namespace):
     """The run's ``TrainConfig``: the flags given, over the checkpoint's settings with
@@ -162,9 +159,9 @@ def _config(args: argparse.Namespace):
         saved = dict(read_checkpoint(ckpt)["config"])
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v)
     if changed:
-        what = ", ".join(f"{_flag(k)} {given[k]} (checkpoint: {saved[k]})" for k in changed)
+        what = ", ".join(f"{flag_of(k)} {given[k]} (checkpoint: {saved[k]})" for k in changed)
         raise UsageError(f"--resume: {what} would not continue the run in {args.out}; a resumed run keeps its "
-                         f"settings (only {', '.join(_flag(k) for k in sorted(RESUMABLE_CHANGES - {'progress'}))} "
+                         f"settings (only {', '.join(flag_of(k) for k in sorted(RESUMABLE_CHANGES - {'progress'}))} "
                          "and --no-progress may change)")
     with user_errors("--resume"):
         # run controls not given: no step limit; the run's own device, cadence and data folder
