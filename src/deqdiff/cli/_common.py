@@ -65,6 +65,15 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def resume_checkpoint(out: str | os.PathLike, resume: object = True) -> Path:
+    """The checkpoint ``--resume`` names: ``OUT/checkpoint.pt`` (``resume`` True) or the path
+    given; a missing file is a :class:`UsageError` naming the flag."""
+    path = Path(out) / "checkpoint.pt" if resume is True else Path(resume)
+    if not path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {path}")
+    return path
+
+
 def out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Create the output folder ``path`` (and its parents) and check that files can be written
     there; ``UsageError`` naming ``flag`` if it is a file or not writable."""

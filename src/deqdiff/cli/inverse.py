@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import (UsageError, flag_of, check_device, check_solver, nonneg_float, nonneg_int, one_line, out_dir,
+from ._common import (resume_checkpoint, UsageError, flag_of, check_device, check_solver, nonneg_float, nonneg_int, one_line, out_dir,
                       positive_float, positive_int, seed, str_list, user_errors)
 
 #: command-line flags ↔ InverseConfig fields (the flags default to "not given")
@@ -144,9 +144,7 @@ def _config(args: argparse.Namespace):
             except ValueError as err:  # the message starts with the setting's name
                 name = str(err).split(" ", 1)[0]
                 raise UsageError(f"{flag_of(name)}: {one_line(err)}" if name in _FIELDS else one_line(err)) from err
-    ckpt = out / "checkpoint.pt"
-    if not ckpt.is_file():
-        raise UsageError(f"--resume: no checkpoint at {ckpt}")
+    ckpt = resume_checkpoint(out)
     with user_errors("--resume"):
         saved = dict(read_inverse_checkpoint(ckpt)["config"])
     given["task"] = args.task

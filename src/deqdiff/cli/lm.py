@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from ._common import (UsageError, flag_of, check_solver, nonneg_float, nonneg_int, one_line, out_dir, positive_float,
+from ._common import (resume_checkpoint, UsageError, flag_of, check_solver, nonneg_float, nonneg_int, one_line, out_dir, positive_float,
                       positive_int, seed, user_errors)
 
 #: LMConfig fields set from flags of the same name
@@ -110,9 +110,7 @@ def _config(args: argparse.Namespace, out: Path, model: str | None = None, resum
             return LMConfig(**given, out=str(out), progress=not args.no_progress), None
         except ValueError as err:
             raise _flagged(err) from err
-    ckpt = out / "checkpoint.pt"
-    if not ckpt.is_file():
-        raise UsageError(f"--resume: no checkpoint at {ckpt}")
+    ckpt = resume_checkpoint(out)
     with user_errors("--resume"):
         saved = dict(read_checkpoint(ckpt, format=LM_FORMAT)["config"])
     changed = sorted(k for k, v in given.items() if k not in LM_RESUMABLE and k in saved and saved[k] != v)

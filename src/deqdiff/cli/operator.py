@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import (UsageError, check_device, check_solver, float_list, nonneg_float, nonneg_int, one_line, out_dir,
+from ._common import (resume_checkpoint, UsageError, check_device, check_solver, float_list, nonneg_float, nonneg_int, one_line, out_dir,
                       positive_float, positive_int, seed, str_list, user_errors)
 
 
@@ -93,9 +93,7 @@ def _run_darcy(args: argparse.Namespace) -> int:
     out = out_dir(args.out)
     state = None
     if args.resume:
-        path = out / "checkpoint.pt" if args.resume is True else Path(args.resume)
-        if not path.is_file():
-            raise UsageError(f"--resume: no checkpoint at {path}")
+        path = resume_checkpoint(out, args.resume)
         with user_errors():  # its messages name the flag
             state = resume_state(cfg, path)
     if args.cache and (out / "darcy_data.npz").exists():

@@ -16,7 +16,7 @@ import importlib
 import math
 import sys
 
-from ._common import (UsageError, check_device, check_solver, nonneg_int, one_line, out_dir, positive_float,
+from ._common import (resume_checkpoint, UsageError, check_device, check_solver, nonneg_int, one_line, out_dir, positive_float,
                       positive_int, seed, str_list, user_errors)
 
 
@@ -187,8 +187,6 @@ def _flagged(err: ValueError, flags: set[str]) -> UsageError:
 
 
 def _run_vdp(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
     from ..physics.vdp import VdPConfig, resume_state, run
@@ -208,9 +206,7 @@ def _run_vdp(args: argparse.Namespace) -> int:
     out = out_dir(args.out)
     state = None
     if args.resume:
-        path = out / "checkpoint.pt" if args.resume is True else Path(args.resume)
-        if not path.is_file():
-            raise UsageError(f"--resume: no checkpoint at {path}")
+        path = resume_checkpoint(out, args.resume)
         with user_errors():  # its messages name the flag
             state = resume_state(cfg, path)
     if args.threads:

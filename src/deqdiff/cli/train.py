@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 
-from ._common import (UsageError, flag_of, check_device, check_solver, float_list, int_list, nonneg_float, nonneg_int, one_line,
+from ._common import (resume_checkpoint, UsageError, flag_of, check_device, check_solver, float_list, int_list, nonneg_float, nonneg_int, one_line,
                       out_dir, positive_float, positive_int, seed, user_errors)
 
 
@@ -58,9 +58,6 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..training.config import TrainConfig
-
-    d = TrainConfig()
     p = sub.add_parser(
         "train", help="train a DEQ (conv, mon, mon-conv, mdeq) or repeat-k classifier on digits/MNIST/CIFAR-10",
         description=__doc__, formatter_class=_Help, argument_default=argparse.SUPPRESS,
@@ -143,8 +140,6 @@ _FIELDS = (
 def _config(args: argparse.Namespace):
     """The run's ``TrainConfig``: the flags given, over the checkpoint's settings with
     ``--resume`` (a changed setting that would break the continuation is refused)."""
-    from pathlib import Path
-
     from ..training import TrainConfig, read_checkpoint
     from ..training.trainer import RESUMABLE_CHANGES
 
@@ -152,9 +147,7 @@ def _config(args: argparse.Namespace):
     if not args.resume:
         with user_errors():
             return TrainConfig(**given, progress=not args.no_progress), None
-    ckpt = Path(args.out) / "checkpoint.pt"
-    if not ckpt.is_file():
-        raise UsageError(f"--resume: no checkpoint at {ckpt}")
+    ckpt = resume_checkpoint(args.out)
     with user_errors("--resume"):
         saved = dict(read_checkpoint(ckpt)["config"])
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v)
