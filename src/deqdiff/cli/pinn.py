@@ -56,7 +56,11 @@ def _register_vdp(problems) -> None:
     a("--lr", type=float, default=None, help="initial Adam learning rate")
     a("--lr-final", type=float, default=None, help="learning rate at the last Adam epoch (exponential decay)")
     a("--lbfgs-steps", type=int, default=None, help="L-BFGS steps after Adam")
-    a("--mu", type=float, default=d.mu, help="Van der Pol μ")
+    mu = v.add_mutually_exclusive_group()
+    mu.add_argument("--mu", type=float, default=d.mu, help="Van der Pol μ")
+    mu.add_argument("--mu-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                    help="conditioned: train one flow map for the whole family μ ∈ [LO, HI] (μ drawn per "
+                         "collocation point) and evaluate per μ on held-out values inside and two just outside")
     a("--horizon", type=float, default=None, help="conditioned: prediction horizon h (Δ ∈ [0, h])")
     a("--t-end", type=float, default=None, help="pideq: end of the time interval")
     a("--rollout-t-end", type=float, default=None, help="conditioned: length of the simulated trajectory")
@@ -196,7 +200,8 @@ def _run_vdp(args: argparse.Namespace) -> int:
                      t_end=args.t_end, rollout_t_end=args.rollout_t_end, n_test=args.n_test,
                      physics_weight=args.physics_weight, jacobian_weight=args.jacobian_weight, tol=args.tol,
                      solver=args.solver, dtype=args.dtype, seed=args.seed, device=args.device,
-                     taylor=args.taylor, spectral_norm=args.spectral_norm)
+                     taylor=args.taylor, spectral_norm=args.spectral_norm,
+                     mu_range=tuple(args.mu_range) if args.mu_range is not None else None)
     try:
         cfg = VdPConfig.for_setup(args.setup, **overrides)
     except ValueError as err:
@@ -231,6 +236,8 @@ def _run_pde(args: argparse.Namespace) -> int:
 
 
 def _summary(cfg, res: dict) -> None:
+    if cfg.mu_range is not None:
+        return _family_summary(cfg, res)
     m, tr = res["metrics"], res["training"]
     print(f"\nVan der Pol (μ = {cfg.mu:g}), setup '{cfg.setup}', model '{cfg.model}' "
           f"({res['parameters']} parameters), {tr['epochs']} epochs in {tr['train_time_s']:.1f} s "
@@ -247,5 +254,25 @@ def _summary(cfg, res: dict) -> None:
                   f"skip alone: held-out {m['skip_only_held_out_rel_l2']:.2e}, rollout {m['skip_only_rollout_rel_l2']:.2e}")
         print(f"  rollout t ∈ [0, {cfg.rollout_t_end:g}] from y0 = {tuple(cfg.y0)}: relative L2 "
               f"{m['rollout_rel_l2']:.2e}, IAE {m['rollout_iae']:.2e}, max |error| {m['rollout_max_abs_error']:.2e}")
+    for k, v in res["files"].items():
+        print(f"  {k}: {v}")
+
+
+def _family_summary(cfg, res: dict) -> None:
+    tr = res["training"]
+    lo, hi = cfg.mu_range
+    print(f"\nVan der Pol family μ ∈ [{lo:g}, {hi:g}], model '{cfg.model}' ({res['parameters']} parameters), "
+          f"{tr['epochs']} epochs in {tr['train_time_s']:.1f} s ({1e3 * (tr['epoch_time_mean_s'] or math.nan):.1f} ms/epoch)")
+    if "solver_iters_mean" in tr:
+        print(f"  forward solver iterations: mean {tr['solver_iters_mean']:.1f}, max {tr['solver_iters_max']:.0f}")
+    print(f"  relative L2 vs solve_ivp: held-out flows ({cfg.n_test} y0 × 21 Δ ∈ [0, {cfg.horizon:g}]), "
+          f"rollout from y0 = {tuple(cfg.y0)} to t = {cfg.rollout_t_end:g}")
+    skip = "skip_only_held_out_rel_l2" in res["per_mu"][0]
+    print(f"  {'μ':>7s}  {'regime':13s} {'held-out':>9s} {'rollout':>9s}" + ("   skip alone: held-out  rollout" if skip else ""))
+    for r in res["per_mu"]:
+        line = f"  {r['mu']:7.4g}  {r['regime']:13s} {r['held_out_rel_l2']:9.2e} {r['rollout_rel_l2']:9.2e}"
+        if skip:
+            line += f"               {r['skip_only_held_out_rel_l2']:9.2e} {r['skip_only_rollout_rel_l2']:8.2e}"
+        print(line)
     for k, v in res["files"].items():
         print(f"  {k}: {v}")

@@ -12,6 +12,11 @@ Two setups (``VdPConfig.setup``):
   ``(h/Δ)²/(‖y0/box‖ + 0.05)``), 500 Adam + 80 L-BFGS steps, checked on held-out initial states
   and rolled out (``y_{k+1} = y(h; y_k)``) to simulate ``t ∈ [0, 20]``; the same metrics for the
   skip alone are reported next to the model's (``skip_only_*``).
+* ``"conditioned"`` with ``mu_range = (lo, hi)`` — the parametric family: one flow map for every
+  μ ∈ [lo, hi], μ drawn uniformly per collocation point like the state (the model takes μ as a
+  conditioning input, normalized to [−1, 1] over the range); the box defaults to the extent of
+  the μ = hi limit cycle (+8 %). Evaluated per μ on held-out values inside the range and on two
+  just outside it (labelled extrapolation) by :mod:`deqdiff.physics.vdp_family`.
 
 Errors against ``solve_ivp`` (DOP853, rtol 1e-11): IAE and relative L2
 (:mod:`deqdiff.physics.metrics`). ``run(config, out_dir)`` trains (with checkpoint/resume),
@@ -43,7 +48,8 @@ from .rollout import rollout
 from ..training.checkpoint import PINN_FORMAT, read_checkpoint
 from .training import Phase, Trainer
 
-__all__ = ["VdPConfig", "SETUPS", "build_model", "build_trainer", "evaluate", "resume_state", "run"]
+__all__ = ["VdPConfig", "SETUPS", "build_model", "build_trainer", "evaluate", "resume_state", "run", "family_box",
+           "sample_family"]
 
 SETUPS = ("pideq", "conditioned")
 
@@ -52,7 +58,8 @@ SETUPS = ("pideq", "conditioned")
 class VdPConfig:
     setup: str = "conditioned"
     model: str = "pideq"  # core: "pideq" (implicit DEQ), "unrolled" (same, unrolled autodiff), "mlp"
-    mu: float = 1.0
+    mu: float = 1.0  # ignored when mu_range is set
+    mu_range: tuple[float, float] | None = None  # conditioned: train over μ ~ U[lo, hi] (the family)
     width: int = 64
     mlp_depth: int = 4
     epochs: int = 500  # one epoch = one fresh batch of collocation points, one optimizer step
@@ -98,6 +105,10 @@ class VdPConfig:
         if bad:
             raise ValueError(f"unknown config field(s): {sorted(bad)}")
         base.update({k: v for k, v in overrides.items() if v is not None})
+        if base.get("mu_range") is not None:
+            base["mu_range"] = _check_mu_range(base["mu_range"], setup)
+            if overrides.get("box") is None:
+                base["box"] = family_box(base["mu_range"])
         cfg = cls(**base)
         cfg.validate()
         return cfg
@@ -129,6 +140,8 @@ class VdPConfig:
         for name in ("epochs", "lbfgs_steps"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.mu_range is not None:
+            _check_mu_range(self.mu_range, self.setup)
         vals = [self.mu, *self.y0, *self.box]
         if not all(math.isfinite(v) for v in vals):
             raise ValueError(f"mu, y0 and box must be finite, got mu={self.mu}, y0={self.y0}, box={self.box}")
@@ -138,6 +151,30 @@ class VdPConfig:
             raise ValueError(f"taylor (order of the Taylor skip) must be 0, 1 or 2, got {self.taylor}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+
+
+def _check_mu_range(mu_range, setup: str) -> tuple[float, float]:
+    """``(lo, hi)`` as floats; ``ValueError`` starting with ``mu_range`` when it is not
+    ``0 ≤ lo < hi`` (finite) or the setup is not ``conditioned``."""
+    try:
+        lo, hi = (float(v) for v in mu_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"mu_range must be two numbers LO HI, got {mu_range!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+        raise ValueError(f"mu_range must satisfy 0 <= LO < HI (finite), got {lo:g} {hi:g}")
+    if setup != "conditioned":
+        raise ValueError(f"mu_range needs --setup conditioned (the family is a flow map conditioned on μ), got {setup!r}")
+    return lo, hi
+
+
+def family_box(mu_range: tuple[float, float], margin: float = 1.08) -> tuple[float, float]:
+    """Half-widths of the training/held-out box of initial states for μ ∈ ``mu_range``: the
+    extent of the largest μ's limit cycle (it grows with μ) times ``margin``, rounded up to 0.1
+    (μ = 1 gives the single-μ default (2.2, 2.9); μ = 2 gives (2.2, 4.2))."""
+    from .problems import limit_cycle_extent
+
+    ext = limit_cycle_extent(max(mu_range))
+    return tuple(math.ceil(10 * margin * e - 1e-9) / 10 for e in ext)
 
 
 # --- model, loss, data ------------------------------------------------------------------------
@@ -154,8 +191,13 @@ def build_model(cfg: VdPConfig) -> torch.nn.Module:
                      max_norm=cfg.max_norm, spectral_norm=cfg.spectral_norm)
     if cfg.setup == "pideq":
         return core
-    return FlowMap(core, 2, 1, horizon=cfg.horizon, state_scale=cfg.box, cond_center=cfg.mu,
-                   cond_scale=max(abs(cfg.mu), 1.0), rhs=_vdp_rhs if int(cfg.taylor) else None,
+    if cfg.mu_range is not None:  # μ feature in [−1, 1] over the family's range
+        lo, hi = cfg.mu_range
+        center, scale = (lo + hi) / 2, (hi - lo) / 2
+    else:
+        center, scale = cfg.mu, max(abs(cfg.mu), 1.0)
+    return FlowMap(core, 2, 1, horizon=cfg.horizon, state_scale=cfg.box, cond_center=center,
+                   cond_scale=scale, rhs=_vdp_rhs if int(cfg.taylor) else None,
                    order=int(cfg.taylor), taylor_features=cfg.taylor_features)
 
 
@@ -202,6 +244,8 @@ def build_trainer(cfg: VdPConfig) -> Trainer:
     def sample(gen: torch.Generator, step: int):
         if cfg.setup == "pideq":
             return (torch.rand(cfg.batch, 1, generator=gen, dtype=dtype) * cfg.t_end).to(device)
+        if cfg.mu_range is not None:
+            return sample_family(cfg, gen, dtype).to(device)
         u = torch.rand(cfg.batch, 3, generator=gen, dtype=dtype)
         box = torch.tensor(cfg.box, dtype=dtype)
         x = torch.cat([u[:, :1] * cfg.horizon, (2 * u[:, 1:] - 1) * box, torch.full((cfg.batch, 1), cfg.mu, dtype=dtype)], 1)
@@ -219,6 +263,15 @@ def build_trainer(cfg: VdPConfig) -> Trainer:
     return Trainer(model, loss_fn, sample, phases, seed=cfg.seed)
 
 
+def sample_family(cfg: VdPConfig, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One batch of collocation points ``[Δ, y0₁, y0₂, μ]`` ``(batch, 4)`` for the μ family:
+    ``Δ ~ U[0, h]``, ``y0 ~ U(box)``, ``μ ~ U[lo, hi]``, independently per point."""
+    lo, hi = cfg.mu_range
+    u = torch.rand(cfg.batch, 4, generator=gen, dtype=dtype)
+    box = torch.tensor(cfg.box, dtype=dtype)
+    return torch.cat([u[:, :1] * cfg.horizon, (2 * u[:, 1:3] - 1) * box, lo + (hi - lo) * u[:, 3:]], 1)
+
+
 # --- evaluation -------------------------------------------------------------------------------
 def _predict(model, x: np.ndarray) -> np.ndarray:
     p = next(iter(model.parameters()))
@@ -234,6 +287,9 @@ def held_out_states(cfg: VdPConfig) -> np.ndarray:
 
 def evaluate(cfg: VdPConfig, model: torch.nn.Module) -> dict:
     model.eval()
+    if cfg.mu_range is not None:
+        from .vdp_family import evaluate_family
+        return evaluate_family(cfg, model)
     if cfg.setup == "pideq":
         t = np.linspace(0, cfg.t_end, 201)
         ref = reference_trajectory(cfg.y0, t, cfg.mu)
@@ -378,12 +434,19 @@ def run(cfg: VdPConfig, out_dir: str | Path, *, resume: bool | str | Path | dict
                 checkpoint_extra={"config": asdict(cfg)}, desc=f"vdp/{cfg.setup}")
     wall = time.perf_counter() - t0
     ev = evaluate(cfg, trainer.model)
-    results = {"problem": "vdp", "config": asdict(cfg), "parameters": count_parameters(trainer.model),
+    results = {"problem": "vdp" if cfg.mu_range is None else "vdp-family", "config": asdict(cfg),
+               "parameters": count_parameters(trainer.model),
                "metrics": ev["metrics"], "training": _history_stats(trainer.history),
                "wall_time_this_run_s": wall, "torch_threads": torch.get_num_threads(), "files": {}}
+    if cfg.mu_range is not None:
+        results["reference"] = "scipy.integrate.solve_ivp (DOP853, rtol 1e-11, atol 1e-12)"
+        results["per_mu"] = ev["per_mu_metrics"]
     if plots:
-        from .plots import plot_vdp
-        results["files"] = {k: str(v) for k, v in plot_vdp(cfg, ev, trainer.history, out).items()}
+        if cfg.mu_range is not None:
+            from .vdp_family import plot_family as plot
+        else:
+            from .plots import plot_vdp as plot
+        results["files"] = {k: str(v) for k, v in plot(cfg, ev, trainer.history, out).items()}
     results["files"]["checkpoint"] = str(ckpt)
     with open(out / "results.json", "w") as fh:
         json.dump(results, fh, indent=2, default=float)
