@@ -17,23 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+import harness
 
 ROOT = Path(__file__).resolve().parent
 
 
 def run_cli(argv: list[str]) -> float:
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import sys; from deqdiff.cli import main; sys.exit(main(sys.argv[1:]))",
-                    *argv], check=True)
-    return time.perf_counter() - t
+    """Wall seconds of ``deqdiff ARGV`` in a fresh process (its output goes to the terminal)."""
+    return harness.run_cli(argv, capture=False).wall_s
 
 
 def ntk_timing(samples: int, out: str, width: int = 64) -> dict:
@@ -68,17 +63,15 @@ def main() -> int:
                       "per_model_2d_s": {k: v["seconds_2d"] for k, v in land["summary"].items()},
                       "first_run_with_training_s": cold},
         "ntk": ntk_timing(ntk_n, args.out),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-                    "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")},
+        "machine": harness.machine_info("python", "torch", "cpus", "threads", omp="omp_num_threads"),
     }
-    path = ROOT / "results" / ("analysis_quick.json" if args.quick else "analysis.json")
-    path.write_text(json.dumps(res, indent=1))
+    path = harness.write_json(ROOT / "results" / ("analysis_quick.json" if args.quick else "analysis.json"), res)
     L, N = res["landscape"], res["ntk"]
-    print("| run | size | time |\n|---|---|---|")
-    print(f"| `{res['command']}` (models cached) | {len(L['models'])} models × {steps}×{steps} grid, "
-          f"{L['samples']} images | {L['total_s']:.0f} s |")
-    print(f"| NTK, monotone DEQ (width 64) | {N['samples']} samples, kernel {N['kernel_size']}², "
-          f"{N['parameters']} parameters | {N['total_s']:.1f} s (Jacobians {N['jacobian_s']:.1f} s) |")
+    print(harness.markdown_table(["run", "size", "time"], [
+        [f"`{res['command']}` (models cached)", f"{len(L['models'])} models × {steps}×{steps} grid, "
+         f"{L['samples']} images", f"{L['total_s']:.0f} s"],
+        ["NTK, monotone DEQ (width 64)", f"{N['samples']} samples, kernel {N['kernel_size']}², "
+         f"{N['parameters']} parameters", f"{N['total_s']:.1f} s (Jacobians {N['jacobian_s']:.1f} s)"]]))
     print(f"wrote {path}")
     return 0
 

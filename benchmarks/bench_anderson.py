@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -43,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "solvers"))
 
+import harness  # noqa: E402
 from deqdiff.solvers import get_solver  # noqa: E402
 
 VARIANTS = {"plain iteration": ("fixed_point", {}), "anderson, no restart": ("anderson", {"restart": None}),
@@ -119,12 +117,14 @@ def monotone(seed: int):
 
 
 def measure(g, z0, tol, solver, opts, max_iter, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    last = {}
+
+    def solve() -> None:
         with torch.no_grad():
-            _, info = get_solver(solver, "forward")(g, z0, tol=tol, max_iter=max_iter, **opts)
-        times.append(time.perf_counter() - t0)
+            last["info"] = get_solver(solver, "forward")(g, z0, tol=tol, max_iter=max_iter, **opts)[1]
+
+    times = harness.repeat_times(solve, repeats)
+    info = last["info"]
     it = info.iterations.float()
     return dict(max=int(it.max()), mean=round(float(it.mean()), 2), unconverged=int((~info.converged).sum()),
                 rows=int(it.numel()), time_s=statistics.median(times))
@@ -150,22 +150,19 @@ def main(argv=None):
         res = {v: measure(g, z0, tol, s, o, args.max_iter, repeats) for v, (s, o) in VARIANTS.items()}
         rows.append(dict(problem=name, tol=tol, **res))
         print(name, {v: (r["max"], r["mean"], r["unconverged"]) for v, r in res.items()}, flush=True)
-    head = "| problem (tol) | " + " | ".join(VARIANTS) + " |"
+    m = harness.machine_info("machine", "torch")
+    cells = [[f"{r['problem']} ({r['tol']:g})"] + [
+        f"{r[v]['max']} / {r[v]['mean']:.1f}, {r[v]['unconverged']}/{r[v]['rows']}, {1000 * r[v]['time_s']:.0f} ms"
+        for v in VARIANTS] for r in rows]
     lines = [f"Command: `OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_anderson.py{' --quick' if args.quick else ''}`  ",
-             f"Date: {datetime.date.today()}; {platform.machine()}, torch {torch.__version__}, 1 thread, "
+             f"Date: {datetime.date.today()}; {m['machine']}, torch {m['torch']}, 1 thread, "
              f"max {args.max_iter} iterations. Cells: iterations max / mean, rows unconverged of all, median ms.", "",
-             head, "|---" * (len(VARIANTS) + 1) + "|"]
-    for r in rows:
-        cells = [f"{r[v]['max']} / {r[v]['mean']:.1f}, {r[v]['unconverged']}/{r[v]['rows']}, {1000 * r[v]['time_s']:.0f} ms"
-                 for v in VARIANTS]
-        lines.append(f"| {r['problem']} ({r['tol']:g}) | " + " | ".join(cells) + " |")
+             harness.markdown_table(["problem (tol)", *VARIANTS], cells)]
     md = "\n".join(lines) + "\n"
     print(md)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    (out / f"anderson{suffix}.json").write_text(json.dumps(dict(rows=rows, quick=args.quick,
-                                                                date=str(datetime.date.today())), indent=1))
+    harness.write_json(out / f"anderson{suffix}.json", dict(rows=rows, quick=args.quick, date=str(datetime.date.today())))
     (out / f"anderson{suffix}.md").write_text(md)
 
 

@@ -7,7 +7,7 @@ Measures, on generated data (thresholded Gaussian random fields, finite-differen
    solver iterations, unconverged solves, bytes autograd saves per batch;
 2. training-step time side by side: the two models' steps interleaved on the same batches in
    one process, medians and their ratio (robust to the machine's load drifting);
-3. peak resident memory of training, each model in a fresh process (``--probe``).
+3. peak resident memory of training, each model in a fresh process (:func:`probe`).
 
 Usage: ``python benchmarks/bench_darcy.py`` (defaults: the CLI's defaults) → ``benchmarks/results/darcy.json``;
 ``--quick`` for a smoke run.
@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+import harness
 
 HERE = Path(__file__).resolve().parent
 
@@ -36,7 +36,9 @@ def probe(name: str, cfg_json: str, steps: int, batch: int) -> dict:
     import torch
 
     from deqdiff.physics.darcy import generate
-    from deqdiff.physics.neural_operator import OperatorConfig, build_model, peak_rss_mib, relative_l2
+    from deqdiff.physics.neural_operator import OperatorConfig, build_model, relative_l2
+
+    peak_rss_mib = harness.peak_rss_mib
 
     torch.set_num_threads(1)
     cfg = OperatorConfig(**json.loads(cfg_json))
@@ -80,16 +82,16 @@ def side_by_side(cfg, steps: int, trained: dict | None = None) -> dict:
     if not trained:
         for m in models.values():
             m.set_normalization(a, u)
-    times: dict[str, list[float]] = {n: [] for n in models}
-    for step in range(steps + 1):
-        i = (step % 4) * cfg.batch
-        for n, m in models.items():
-            t0 = time.perf_counter()
+
+    def train_step(n: str):
+        def run(step: int) -> None:
+            i = (step % 4) * cfg.batch  # four batches in turn
             opts[n].zero_grad(set_to_none=True)
-            relative_l2(m(a[i:i + cfg.batch]), u[i:i + cfg.batch]).mean().backward()
+            relative_l2(models[n](a[i:i + cfg.batch]), u[i:i + cfg.batch]).mean().backward()
             opts[n].step()
-            if step:  # step 0 is warm-up
-                times[n].append(time.perf_counter() - t0)
+        return run
+
+    times = harness.interleaved_times({n: train_step(n) for n in models}, steps, warmup=1)  # step 0 warms up
     med = {n: statistics.median(t) for n, t in times.items()}
     return {"steps": steps, "median_step_s": med, "deq_over_explicit": med["deq"] / med["explicit"]}
 
@@ -106,12 +108,7 @@ def main() -> None:
     p.add_argument("--skip-run", action="store_true",
                    help="keep the full run's figures in --out and redo only the side-by-side timing and memory probes")
     p.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
-    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--cfg", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.probe:
-        print(json.dumps(probe(args.probe, args.cfg, args.probe_steps, args.probe_batch)))
-        return
 
     import torch
 
@@ -133,8 +130,8 @@ def main() -> None:
         result["command_probes"] = " ".join(sys.argv)
     else:
         result = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "command": " ".join(sys.argv),
-                  "load_before": os.getloadavg(), "torch": torch.__version__, "python": platform.python_version(),
-                  "threads": 1, "config": asdict(cfg)}
+                  **harness.machine_info("torch", "python", load_before="load_average"), "threads": 1,
+                  "config": asdict(cfg)}
         run_dir = Path(args.run_dir or tempfile.mkdtemp())
         t0 = time.perf_counter()
         res = run(cfg, run_dir, progress=True, plots=bool(args.run_dir), checkpoint_every=0)
@@ -154,14 +151,11 @@ def main() -> None:
     result["side_by_side_trained"] = side_by_side(cfg, args.side_steps, trained) if trained else None
     result["side_by_side"] = side_by_side(cfg, args.side_steps)
     result["memory_probe"] = {}
-    for name in cfg.models:
-        out = subprocess.run([sys.executable, __file__, "--probe", name, "--cfg", json.dumps(asdict(cfg)),
-                              "--probe-steps", str(args.probe_steps), "--probe-batch", str(args.probe_batch)], capture_output=True, text=True, check=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-        result["memory_probe"][name] = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in cfg.models:  # each model in a fresh process
+        result["memory_probe"][name] = harness.call_isolated(
+            probe, name, json.dumps(asdict(cfg)), args.probe_steps, args.probe_batch, env={"OMP_NUM_THREADS": "1"}).data
     result["load_after"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    harness.write_json(args.out, result)
     for n, m in result["models"].items():
         print(f"{n}: held-out rel L2 {m['held_out']['rel_l2']:.4f} ({'met' if result['met'][n] else 'not met'}), "
               f"{m['epoch_time_s_median']:.1f} s/epoch, noise {[round(r['rel_l2'], 4) for r in m['noise']]}, "

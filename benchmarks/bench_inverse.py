@@ -5,7 +5,7 @@ per epoch and the memory of one training step.
 Each task trains both models through ``deqdiff.training.inverse.train_inverse`` with the
 ``deqdiff inverse`` defaults (unless flags change them) and reports with
 ``deqdiff.training.inverse_report.assess``. The peak memory of one training step is measured
-for each model in a fresh process (``--memory-worker``): one warm-up step, the resident
+for each model in a fresh process (:func:`memory_worker`): one warm-up step, the resident
 high-water mark reset (``/proc/self/clear_refs``), one step, the rise of ``VmHWM``; with it
 the bytes autograd saves for the backward pass. The warm-up step uses one image (lazy imports
 without pooling the batch's memory) and glibc returns freed blocks of ≥ 64 KiB to the system.
@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+import harness
 
 ROOT = Path(__file__).resolve().parent
 
@@ -46,10 +47,8 @@ def memory_worker(config_json: str, kind: str) -> dict:
 
 def fresh_memory(cfg, kind: str) -> dict:
     # blocks from 64 KiB up are mmapped and returned when freed, so the RSS follows live memory
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, __file__, "--memory-worker", kind, "--config-json", json.dumps(cfg.to_dict())]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    env = {"OMP_NUM_THREADS": "1", **harness.LIVE_RSS_ENV}
+    return harness.call_isolated(memory_worker, json.dumps(cfg.to_dict()), kind, env=env, timeout=1800).data
 
 
 def run_task(task: str, args) -> dict:
@@ -92,28 +91,27 @@ def render(paths: list[str], out_json: Path, out_md: Path) -> None:
         merged["runs"].append({k: d[k] for k in ("date", "command", "torch", "threads", "load_average_start",
                                                   "load_average_end") if k in d})
         merged["tasks"].update(d["tasks"])
-    out_json.write_text(json.dumps(merged, indent=1))
+    harness.write_json(out_json, merged)
     lines = ["## Inverse problems: DEQ vs deep unrolling (Gilton, Ongie & Willett 2021)", ""]
     for r in merged["runs"]:
         lines.append(f"- `{r['command']}` — {r['date']}, torch {r['torch']}, {r['threads']} thread, load average "
                      f"{r['load_average_start'][0]:.1f} at start / {r.get('load_average_end', [float('nan')])[0]:.1f} "
                      "at end (2 shared cores)")
     lines.append("")
-    head = ("| task | model | PSNR (dB) | 2× iterations | 4× iterations | forward iterations (mean/max) | "
-            "time per epoch (s) | step memory: saved / peak RSS rise (MiB) |")
-    lines += [head, "|" + "---|" * 8]
-    verdicts = []
+    columns = ["task", "model", "PSNR (dB)", "2× iterations", "4× iterations", "forward iterations (mean/max)",
+               "time per epoch (s)", "step memory: saved / peak RSS rise (MiB)"]
+    rows, verdicts = [], []
     for task, t in merged["tasks"].items():
         rep, cfg = t["report"], t["config"]
-        lines.append(f"| {task} | measurement y | {rep['measurement_psnr']:.2f} | | | | | |")
+        rows.append([task, "measurement y", f"{rep['measurement_psnr']:.2f}", "", "", "", "", ""])
         for kind, e in rep["models"].items():
             x = e["extra_iterations"]
             mem = e.get("step_memory_fresh_process", e["step_memory"])
             its = (f"{e['fwd_iter_mean']:.1f} / {e['fwd_iter_max']} (res ≤ {e['fwd_res_max']:.1e}, "
                    f"{e['fwd_converged']:.0%} converged)" if kind == "deq" else f"K = {cfg['k']} (fixed)")
             name = "DEQ" if kind == "deq" else f"unrolled-{cfg['k']}"
-            lines.append(f"| {task} | {name} | {e['psnr']:.2f} | {x['2']['psnr']:.2f} | {x['4']['psnr']:.2f} | {its} | "
-                         f"{_f(e['time_per_epoch_s'], '{:.1f}')} | {mem['saved_mib']:.2f} / {mem['peak_mib']:.1f} |")
+            rows.append([task, name, f"{e['psnr']:.2f}", f"{x['2']['psnr']:.2f}", f"{x['4']['psnr']:.2f}", its,
+                         _f(e['time_per_epoch_s'], '{:.1f}'), f"{mem['saved_mib']:.2f} / {mem['peak_mib']:.1f}"])
         m = rep["models"]
         if "deq" in m and "unrolled" in m:
             d, u = m["deq"], m["unrolled"]
@@ -124,7 +122,7 @@ def render(paths: list[str], out_json: Path, out_md: Path) -> None:
                             f"{d['extra_iterations']['4']['psnr']:.2f} dB; learned cell's ‖∂f/∂z‖₂ at z* "
                             f"{d['lipschitz_at_fixed_point']['mean']:.3f} mean, "
                             f"{d['lipschitz_at_fixed_point']['max']:.3f} max")
-    lines += ["", *verdicts, ""]
+    lines += [harness.markdown_table(columns, rows), "", *verdicts, ""]
     out_md.write_text("\n".join(lines))
 
 
@@ -143,12 +141,7 @@ def main() -> None:
                    help="measure the one-step memory of each model of this result file again (in place)")
     p.add_argument("--render", nargs="+", metavar="JSON",
                    help="merge these result files into --out and write the markdown section next to it")
-    p.add_argument("--memory-worker", choices=("deq", "unrolled"), help=argparse.SUPPRESS)
-    p.add_argument("--config-json", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.memory_worker:
-        print(json.dumps(memory_worker(args.config_json, args.memory_worker)))
-        return
     if args.remeasure_memory:
         from deqdiff.training.inverse import InverseConfig
 
@@ -159,7 +152,7 @@ def main() -> None:
             for kind, e in t["report"]["models"].items():
                 e["step_memory_fresh_process"] = fresh_memory(cfg, kind)
                 print(kind, e["step_memory_fresh_process"])
-        path.write_text(json.dumps(d, indent=1))
+        harness.write_json(path, d)
         return
     if args.render:
         out = Path(args.out)
@@ -167,14 +160,12 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
-               "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "load_average_start": os.getloadavg(), "tasks": {}}
+               **harness.machine_info("torch", "threads", load_average_start="load_average"), "tasks": {}}
     out = Path(args.out)
     for task in args.tasks.split(","):
         results["tasks"][task] = run_task(task, args)
         results["load_average_end"] = os.getloadavg()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+        harness.write_json(out, results)
     print(f"wrote {out}")
 
 

@@ -27,19 +27,20 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import harness
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _deqdiff(args: list[str]) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    subprocess.run([sys.executable, "-m", "deqdiff.cli", "lm", *args], check=True, env=env, cwd=ROOT)
+    """``deqdiff lm ARGS`` in a fresh process (one torch thread unless OMP_NUM_THREADS says otherwise)."""
+    harness.run_cli(["lm", *args], env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}, cwd=ROOT,
+                    capture=False)
 
 
 def compare(out: Path, extra: list[str]) -> dict:
@@ -63,7 +64,6 @@ def timing(steps: int, depth: int) -> dict:
     """Median wall time of a training step (forward, backward, Adam) of the DEQ and of unrolled-L
     sharing its parameters, interleaved step by step in this process (so both see the same load)."""
     import statistics
-    import time
 
     import torch
     import torch.nn.functional as F
@@ -79,19 +79,22 @@ def timing(steps: int, depth: int) -> dict:
     deq = build_lm(cfg, corpus.vocab_size)
     models = {"deq": deq, f"unrolled-{depth}": unrolled_from_deq(deq, depth)}
     windows = corpus.windows("train", cfg.seq_len)
-    times: dict = {k: [] for k in models}
-    iters = []
-    for i in range(steps + 1):
-        w = windows[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        for name, model in models.items():
-            t0 = time.perf_counter()
+
+    def timed_step(model):
+        def step(i: int) -> None:
+            w = windows[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             logits = model(w[:, :-1])
             F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1)).backward()
             model.zero_grad(set_to_none=True)
-            if i:  # the first step warms up
-                times[name].append(time.perf_counter() - t0)
-            if name == "deq" and i:
-                iters.append(float(deq.deq.last_info.forward.iterations.double().mean()))
+        return lambda i: harness.timed(lambda: step(i))
+
+    def deq_iterations(i: int) -> float:  # read after the DEQ's step, outside its timing
+        return float(deq.deq.last_info.forward.iterations.double().mean())
+
+    calls = {"deq": timed_step(deq), "deq_iterations": deq_iterations, **{
+        k: timed_step(m) for k, m in models.items() if k != "deq"}}
+    times = harness.round_robin(calls, steps, warmup=1)  # the first step warms up
+    iters = times.pop("deq_iterations")
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"steps": steps, "median_step_s": med, "ratio_deq_over_unrolled": med["deq"] / med[f"unrolled-{depth}"],
             "deq_fwd_iter_mean": statistics.mean(iters), "note": "untrained model (initial weights), forward + backward"}
@@ -122,8 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_lm_") as tmp:
         tmp = Path(tmp)
         result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": load,
-                              "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+                  "machine": {**harness.machine_info("platform", "cpus", "omp_num_threads"), "loadavg_start": load},
                   "command": " ".join(["python", "benchmarks/bench_lm.py", *sys.argv[1:]])}
         if not args.no_compare:
             result["compare"] = compare(tmp / "compare", [*extra, "--no-progress"])
@@ -148,8 +150,7 @@ def main() -> None:
             print(json.dumps(result["timing"]), flush=True)
         result["machine"]["loadavg_end"] = os.getloadavg()
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / ("lm_quick.json" if args.quick else "lm.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    harness.write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
 
-import torch
+import harness
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,8 +64,7 @@ def main() -> None:
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "deqdiff " + " ".join(cmd),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "load_average_at_end": os.getloadavg()},
+        "machine": harness.machine_info("platform", "torch", "threads", load_average_at_end="load_average"),
         "config": metrics["config"], "parameters": metrics["parameters"],
         "training": {
             "final_test_acc": final["test"]["acc"], "final_train_acc": final["train"]["acc"],
@@ -88,8 +85,7 @@ def main() -> None:
         },
         "wall_s_total": total,
     }
-    res = ROOT / "benchmarks" / "results" / ("mdeq_quick.json" if args.quick else "mdeq.json")
-    res.write_text(json.dumps(result, indent=1))
+    res = harness.write_json(ROOT / "benchmarks" / "results" / ("mdeq_quick.json" if args.quick else "mdeq.json"), result)
     if not args.quick:
         for name in ("contour", "surface", "1d"):
             src = out / f"landscape_{name}.png"

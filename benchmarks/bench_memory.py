@@ -26,26 +26,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+#: the children's environment: one thread, as the CLI
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_rss_mib = harness.current_rss_mib
 
 
 def child(epochs: int, lbfgs: int, every: int) -> dict:
     """One training run in this (fresh) process; returns RSS figures in MiB."""
-    import resource
-
     import torch
 
     from deqdiff.physics import vdp
@@ -64,37 +58,17 @@ def child(epochs: int, lbfgs: int, every: int) -> dict:
             trace.append((trainer.step_count, round(_rss_mib(), 1)))
     return {"epochs": epochs, "lbfgs_steps": lbfgs, "rss_after_build_mib": round(after_build, 1),
             "baseline_mib": round(baseline, 1),
-            "peak_self_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_self_mib": round(harness.peak_rss_mib(), 1),
             "train_s": round(time.perf_counter() - t0, 1), "rss_trace_mib": trace}
 
 
-def _spawn(cmd: list[str], env: dict) -> tuple[str, float, float]:
-    """Run ``cmd``; (stdout, peak RSS MiB of that process alone, wall s)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        if proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.read()[-3000:]}")
-        return out.read(), usage.ru_maxrss / 1024, wall
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
-    return env
-
-
 def measure_case(epochs: int, lbfgs: int, every: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(epochs), str(lbfgs), str(every)]
-    out, peak, wall = _spawn(cmd, _env())
-    res = json.loads(out.strip().splitlines()[-1])
-    res["peak_mib"] = round(peak, 1)
+    """:func:`child` in a fresh process; its peak RSS is ``ru_maxrss`` from ``os.wait4``."""
+    run = harness.call_isolated(child, epochs, lbfgs, every, env=ENV, cwd=ROOT)
+    res = run.data
+    res["peak_mib"] = round(run.peak_rss_mib, 1)
     res["peak_above_baseline_mib"] = round(res["peak_mib"] - res["baseline_mib"], 1)
-    res["wall_s"] = round(wall, 1)
+    res["wall_s"] = round(run.wall_s, 1)
     return res
 
 
@@ -102,8 +76,8 @@ def measure_default() -> dict:
     """``deqdiff pinn vdp`` with its defaults (``ru_maxrss`` of that process, as ``/usr/bin/time -v``)."""
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = str(Path(tmp) / "vdp")
-        cli = [sys.executable, "-m", "deqdiff.cli", "pinn", "vdp", "--no-progress", "--out", out_dir]
-        _, peak, wall = _spawn(cli, _env())
+        run = harness.run_cli(["pinn", "vdp", "--no-progress", "--out", out_dir], env=ENV, cwd=ROOT)
+        peak, wall = run.peak_rss_mib, run.wall_s
         results = json.loads((Path(out_dir) / "results.json").read_text())
     return {"command": "deqdiff pinn vdp", "peak_mib": round(peak, 1), "wall_s": round(wall, 1),
             "train_time_s": results["training"].get("train_time_s"),
@@ -115,23 +89,12 @@ def speed_reference() -> dict:
     import torch
 
     torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
-    x, W, b = torch.randn(2000, 128, generator=g), torch.randn(128, 128, generator=g), torch.randn(128, generator=g)
-    for _ in range(20):
-        torch.tanh(x @ W.T + b)
-    times = []
-    for _ in range(200):
-        t0 = time.perf_counter()
-        torch.tanh(x @ W.T + b)
-        times.append(time.perf_counter() - t0)
-    times.sort()
     return {"what": "one 2000x128 tanh layer tanh(x W^T + b), float32, 1 thread, median of 200",
-            "ms": round(1e3 * times[len(times) // 2], 3)}
+            "ms": round(harness.tanh_layer_ms(200, warmup=20), 3)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--child", nargs=3, type=int, metavar=("EPOCHS", "LBFGS", "EVERY"), help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="shorter cases, no default run")
     ap.add_argument("--adam", type=int, nargs=2, default=None, metavar=("SHORT", "LONG"),
                     help="Adam epochs of the two Adam-only runs (default 40 500; --quick 40 200)")
@@ -140,9 +103,6 @@ def main() -> None:
     ap.add_argument("--no-default", action="store_true", help="skip the default `deqdiff pinn vdp` run")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/memory[_quick].json)")
     args = ap.parse_args()
-    if args.child:
-        print(json.dumps(child(*args.child)))
-        return
     adam = args.adam or ([40, 200] if args.quick else [40, 500])
     lbfgs = args.lbfgs or ([3, 8] if args.quick else [3, 20])
     speed = speed_reference()
@@ -158,17 +118,13 @@ def main() -> None:
         "lbfgs": round(cases[f"lbfgs_{lbfgs[1]}"]["peak_mib"] / cases[f"lbfgs_{lbfgs[0]}"]["peak_mib"], 3),
     }
     print(f"peak ratio long/short: Adam {ratios['adam']:.3f}, L-BFGS {ratios['lbfgs']:.3f} (target ≤ 1.15)")
-    result = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
-              "machine": platform.machine(), "cpus": os.cpu_count(), "speed_reference": speed,
-              "cases": cases, "peak_ratio_long_over_short": ratios}
-    import torch
-    result["torch"] = torch.__version__
+    result = {"date": datetime.date.today().isoformat(), **harness.machine_info("python", "machine", "cpus", "torch"),
+              "speed_reference": speed, "cases": cases, "peak_ratio_long_over_short": ratios}
     if not (args.quick or args.no_default):
         d = result["default_run"] = measure_default()
         print(f"default `deqdiff pinn vdp`: peak {d['peak_mib']:.0f} MiB, {d['wall_s']:.0f} s", flush=True)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"memory{'_quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    harness.write_json(out, result, indent=2, newline=True)
     print(f"wrote {out}")
 
 

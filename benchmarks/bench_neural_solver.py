@@ -26,12 +26,12 @@ import copy
 import datetime
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+import harness
 from deqdiff.solvers.neural import NeuralSolverConfig
 from deqdiff.solvers.neural_fit import FitConfig
 from deqdiff.training.fit_solver import compare_solvers, default_gt_tol, fit_run, load_run, plot_comparison, summary
@@ -76,8 +76,7 @@ def main() -> None:
     base = {k: getattr(args, k) for k in KEYS if hasattr(args, k)}
     out = {"command": "python benchmarks/bench_neural_solver.py " + " ".join(f"--run {n}={d}" for n, d, _ in args.run),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "load_before": os.getloadavg()},
+           "machine": harness.machine_info("platform", "cpus", "torch", "threads", load_before="load_average"),
            "runs": {}}
     for name, run_dir, over in args.run:
         s = {**base, **over}
@@ -104,10 +103,9 @@ def main() -> None:
                              "wall_s": time.perf_counter() - t0}
         print(json.dumps({name: head}, indent=1))
         plot_comparison(results, run, Path(args.out).with_name(f"neural_solver_{name}.png"))
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))  # after each run: partial results survive
+        harness.write_json(args.out, out)  # after each run: partial results survive
     out["machine"]["load_after"] = os.getloadavg()
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    harness.write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -30,16 +30,15 @@ one 2000 × 128 tanh layer) is measured in every process.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+import harness
 
 REGIMES = {"hard": (2000, 128), "narrow": (20000, 32)}
 
@@ -98,24 +97,6 @@ def step(mode: str, params, K: int, tol: float, warm=None):
     return loss, torch.autograd.grad(loss, [A, Bt, b, C])
 
 
-def machine_ms() -> float:
-    x, W = torch.ones(2000, 128), torch.randn(128, 128)
-    times = []
-    for _ in range(30):
-        t0 = time.perf_counter()
-        torch.tanh(x @ W)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def train(mode: str, params, K: int, spec: dict, warm) -> tuple[float, float]:
     """``spec["train_steps"]`` Adam steps on the fixed collocation points: (seconds, final loss)."""
     train_params = [p.detach().clone().requires_grad_() for p in params]
@@ -138,19 +119,17 @@ def worker(spec: dict) -> dict:
     tiny = [p.detach().clone().requires_grad_() for p in params]
     tiny[4] = tiny[4][:16].detach().requires_grad_()
     step(mode, tiny, 5, spec["tol"])  # warm-up: imports, lazy inits, the allocator's first pools
-    gc.collect()
-    base = rss_mib()
-    _, grads = step(mode, params, K, spec["tol"])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step(mode, params, K, spec["tol"])
-        times.append(time.perf_counter() - t0)
+    first: dict = {}
+
+    def first_step() -> None:
+        first["grads"] = step(mode, params, K, spec["tol"])[1]
+
+    peak = harness.peak_rss_growth(first_step).peak_mib
+    times = harness.repeat_times(lambda: step(mode, params, K, spec["tol"]), repeats)
     train_s, loss = train(mode, params, K, spec, None)
     out = dict(regime=regime, mode=mode, K=K, step_median_s=statistics.median(times), step_times_s=times,
-               peak_mib=peak, train_s=train_s, train_final_loss=loss, machine_ms=machine_ms(),
-               grads=[gi.double().flatten().tolist() for gi in grads])
+               peak_mib=peak, train_s=train_s, train_final_loss=loss, machine_ms=harness.tanh_layer_ms(30, warmup=0),
+               grads=[gi.double().flatten().tolist() for gi in first["grads"]])
     if mode == "deqdiff":  # the same training with warm-started solves (deqdiff.WarmStart)
         import deqdiff
 
@@ -178,23 +157,22 @@ def rel(a: list, ref: list) -> float:
 
 def table(paths: list[Path]) -> str:
     """Markdown rows of the summaries in ``paths`` (one results file per denormal setting)."""
-    head = ("| regime | subnormals | K | unrolled s | deqdiff s | speed-up | unrolled MiB | deqdiff MiB | memory ratio "
-            "| 20 Adam steps: unrolled / cold / warm s | training speed-up cold / warm | grad rel. vs unrolled "
-            "| vs float64: deqdiff / unrolled | tanh-layer ms |")
-    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    columns = ["regime", "subnormals", "K", "unrolled s", "deqdiff s", "speed-up", "unrolled MiB", "deqdiff MiB",
+               "memory ratio", "20 Adam steps: unrolled / cold / warm s", "training speed-up cold / warm",
+               "grad rel. vs unrolled", "vs float64: deqdiff / unrolled", "tanh-layer ms"]
+    rows = []
     for path in paths:
         data = json.loads(path.read_text())
         mode = "flushed" if data["flush_denormal"] else "kept (default)"
         for regime, r in data["regimes"].items():
             s = r["summary"]
-            rows.append(
-                f"| {regime} | {mode} | {s['K']} | {s['unrolled_s']:.2f} | {s['deqdiff_s']:.2f} | {s['speedup']:.2f}× "
-                f"| {s['unrolled_peak_mib']:.0f} | {s['deqdiff_peak_mib']:.0f} | {s['memory_ratio']:.1f}× "
-                f"| {s['train20_unrolled_s']:.1f} / {s['train20_deqdiff_s']:.1f} / {s['train20_deqdiff_warm_s']:.1f} "
-                f"| {s['train_speedup']:.2f}× / {s['train_speedup_warm']:.2f}× | {s['grad_rel_deqdiff_vs_unrolled']:.1e} "
-                f"| {s['grad_rel_deqdiff_vs_f64']:.1e} / {s['grad_rel_unrolled_vs_f64']:.1e} "
-                f"| {s['machine_ms'][0]:.2f} |")
-    return "\n".join(rows)
+            rows.append([
+                regime, mode, s["K"], f"{s['unrolled_s']:.2f}", f"{s['deqdiff_s']:.2f}", f"{s['speedup']:.2f}×",
+                f"{s['unrolled_peak_mib']:.0f}", f"{s['deqdiff_peak_mib']:.0f}", f"{s['memory_ratio']:.1f}×",
+                f"{s['train20_unrolled_s']:.1f} / {s['train20_deqdiff_s']:.1f} / {s['train20_deqdiff_warm_s']:.1f}",
+                f"{s['train_speedup']:.2f}× / {s['train_speedup_warm']:.2f}×", f"{s['grad_rel_deqdiff_vs_unrolled']:.1e}",
+                f"{s['grad_rel_deqdiff_vs_f64']:.1e} / {s['grad_rel_unrolled_vs_f64']:.1e}", f"{s['machine_ms'][0]:.2f}"])
+    return harness.markdown_table(columns, rows)
 
 
 def main() -> None:
@@ -205,14 +183,10 @@ def main() -> None:
     ap.add_argument("--flush-denormal", action="store_true",
                     help="torch.set_flush_denormal(True) in both modes (off is PyTorch's default on CPU)")
     ap.add_argument("--table", action="store_true", help="print the markdown table of the saved results")
-    ap.add_argument("--worker")
     args = ap.parse_args()
     if args.table:
         res = Path(__file__).parent / "results"
         print(table([p for p in (res / "pattern.json", res / "pattern_flush.json") if p.exists()]))
-        return
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
         return
     regimes = ["hard"] if args.quick else list(REGIMES)
     out: dict = {"command": " ".join(["python", *sys.argv]), "flush_denormal": args.flush_denormal, "regimes": {}}
@@ -221,9 +195,7 @@ def main() -> None:
         for mode in ("unrolled", "deqdiff"):
             spec = dict(regime=regime, mode=mode, repeats=2 if args.quick else args.repeats, tol=args.tol,
                         train_steps=3 if args.quick else 20, flush_denormal=args.flush_denormal)
-            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                                  text=True, check=True)
-            rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows[mode] = harness.call_isolated(worker, spec).data  # each mode in a fresh process
         ref = reference_grads(regime)
         u, d = rows["unrolled"], rows["deqdiff"]
         summary = dict(
@@ -243,8 +215,7 @@ def main() -> None:
         out["regimes"][regime] = dict(summary=summary, runs=rows)
         print(regime, json.dumps(summary, indent=1), flush=True)
     name = "pattern" + ("_flush" if args.flush_denormal else "") + ("_quick" if args.quick else "")
-    path = Path(__file__).parent / "results" / f"{name}.json"
-    path.write_text(json.dumps(out, indent=1))
+    path = harness.write_json(Path(__file__).parent / "results" / f"{name}.json", out)
     print("wrote", path)
 
 
