@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+import harness
 from deqdiff.physics.pde_jobs import JobConfig, run_job
 from deqdiff.physics.pde_runner import epoch_time, evaluate_pde, train_pde
 
@@ -78,14 +78,13 @@ def main() -> None:
             folder = folder / "+".join(cfg.models)
             folder.mkdir(parents=True, exist_ok=True)
             entry = run_job(cfg, folder, progress=False)
-        entry["meta"] = {"started": started, "load_average_at_start": load, "torch": torch.__version__,
-                         "python": platform.python_version(), "threads": 1,
+        entry["meta"] = {"started": started, "load_average_at_start": load, **harness.machine_info("torch", "python"),
+                         "threads": 1,
                          "command": f"OMP_NUM_THREADS=1 python benchmarks/bench_pde.py --problems {name} "
                                     f"--models {args.models}" + (f" --kdv-T {args.kdv_T}" if extra_T(args, name) else "")}
         data = json.loads(out.read_text()) if out.is_file() else {}  # other processes may have written meanwhile
         data[name if name in TODAY else f"{name}:{args.models}"] = entry
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(data, indent=1))
+        harness.write_json(out, data)
         print(json.dumps({name: {k: v for k, v in entry.items() if k in ("models", "interface")}}, indent=1, default=str)[:3000])
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
 import statistics
 import time
 import warnings
@@ -34,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+import harness
 from deqdiff.models import MonotoneConvDEQ, MonotoneDEQ
 
 ROOT = Path(__file__).resolve().parent
@@ -125,14 +124,12 @@ def main(argv=None):
                       f"(median {res['median_iterations']:6.1f}) conv {res['converged']:.2f} "
                       f"cpu {res['cpu_s'] * 1e3:8.1f} ms (wall {res['time_s'] * 1e3:8.1f})", flush=True)
     meta = dict(
-        date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
-        platform=platform.platform(), threads=args.threads, dtype=args.dtype, max_iter=max_iter,
+        date=datetime.datetime.now().isoformat(timespec="seconds"), **harness.machine_info("torch", "platform"),
+        threads=args.threads, dtype=args.dtype, max_iter=max_iter,
         command="PYTHONPATH=src python benchmarks/bench_splitting.py" + (" --quick" if args.quick else ""),
     )
     suffix = "_quick" if args.quick else ""
-    out = ROOT / "results" / f"splitting{suffix}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    out = harness.write_json(ROOT / "results" / f"splitting{suffix}.json", dict(meta=meta, rows=rows))
     (ROOT / "results" / f"splitting_table{suffix}.md").write_text(table(rows, meta))
     print(f"wrote {out}")
 
@@ -145,8 +142,7 @@ def table(rows, meta) -> str:
                   "(iterations shown are the cap: 2000 fc, 500 conv in the full run)", ""]
         probs = list(dict.fromkeys(r["problem"] for r in rows))
         solvers = list(dict.fromkeys(r["solver"] for r in rows))
-        lines.append("| problem (L) | " + " | ".join(solvers) + " |")
-        lines.append("|---" * (len(solvers) + 1) + "|")
+        table = []
         for p in probs:
             cells = []
             for s in solvers:
@@ -154,8 +150,8 @@ def table(rows, meta) -> str:
                 mark = "" if r["converged"] == 1.0 else " —"
                 cells.append(f"{r['batch_iterations']} / {r['cpu_s'] * 1e3:.0f}{mark}")
             L = next(r["L"] for r in rows if r["problem"] == p)
-            lines.append(f"| {p} ({L:.2f}) | " + " | ".join(cells) + " |")
-        lines.append("")
+            table.append([f"{p} ({L:.2f})", *cells])
+        lines += [harness.markdown_table(["problem (L)", *solvers], table), ""]
     return "\n".join(lines)
 
 

@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import harness
 from deqdiff.training import Meter, TrainConfig, build_model
 from deqdiff.training.trainer import make_optimizer, make_scheduler
 
@@ -109,20 +108,19 @@ def main(argv=None) -> int:
             row = measure(cfg, batch, steps, warmup)
             rows.append(row)
             print(json.dumps(row))
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    machine = harness.machine_info("torch", "threads", "processor")
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else machine["processor"]
     result = {
         "benchmark": "bench_train", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "torch": torch.__version__, "device": args.device, "device_name": device_name,
-        "threads": torch.get_num_threads(), "quick": q,
+        "torch": machine["torch"], "device": args.device, "device_name": device_name,
+        "threads": machine["threads"], "quick": q,
         "settings": {"batch": batch, "channels": channels, "hidden": hidden, "image": [3, 32, 32],
                      "tol": args.tol, "max_iter": args.max_iter, "solver": "anderson", "backward": "auto (gmres)",
                      "optimizer": "adam 1e-3, cosine"},
         "rows": rows,
     }
     dev = args.device.replace(":", "")
-    out = Path(args.out or f"benchmarks/results/train_{dev}{'_quick' if q else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = harness.write_json(args.out or f"benchmarks/results/train_{dev}{'_quick' if q else ''}.json", result)
     print(f"wrote {out}")
     return 0
 

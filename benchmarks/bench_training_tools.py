@@ -27,11 +27,13 @@ import os
 import statistics
 import subprocess
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import harness
 from deqdiff.data import load_dataset
 from deqdiff.training import TrainConfig, build_model, train
 from deqdiff.training.correction import outputs_at_iterates
@@ -92,7 +94,7 @@ class _Stepper:
     def step(self, x, y) -> tuple[float, float]:
         cfg, model = self.config, self.model
         model.zero_grad(set_to_none=True)
-        amp = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.amp == "bf16" else _null()
+        amp = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext()
         t0 = time.perf_counter()
         with amp:
             logits = model(x, store_trajectory=True) if cfg.correction else model(x)
@@ -106,14 +108,6 @@ class _Stepper:
         loss.backward()
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def run_steps(model_name: str, limit: int | None, names: list[str], rounds: int, warmup: int, batch: int) -> list[dict]:
@@ -130,10 +124,7 @@ def run_steps(model_name: str, limit: int | None, names: list[str], rounds: int,
         for _ in range(warmup):
             s.step(x, y)
         compile_s[s.name] = time.perf_counter() - t0
-    times: dict[str, list[tuple[float, float]]] = {s.name: [] for s in steppers}
-    for _ in range(rounds):
-        for s in steppers:
-            times[s.name].append(s.step(x, y))
+    times = harness.round_robin({s.name: (lambda i, s=s: s.step(x, y)) for s in steppers}, rounds)
     ref = None
     rows = []
     for s in steppers:
@@ -152,18 +143,17 @@ def run_steps(model_name: str, limit: int | None, names: list[str], rounds: int,
 
 def tables(results: dict) -> str:
     """Markdown tables of a results file (``--tables``)."""
-    lines = ["| model | variant | epochs | test acc | test loss | epoch time (median, s) | fwd iters | bwd iters |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results["training"]:
-        bwd = "—" if r["bwd_iter_mean"] is None else f"{r['bwd_iter_mean']:.1f}"
-        lines.append(f"| {r['model']} | {r['variant']} | {r['epochs']} | {100 * r['test_acc']:.2f} % | "
-                     f"{r['test_loss']:.4f} | {r['epoch_time_median_s']:.1f} | {r['fwd_iter_mean']:.1f} | {bwd} |")
-    lines += ["", "| model | variant | forward (ms) | backward (ms) | step (ms) | forward × | backward × | step × |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in results["steps"]:
-        lines.append(f"| {r['model']} | {r['variant']} | {1e3 * r['fwd_median_s']:.0f} | {1e3 * r['bwd_median_s']:.0f} | "
-                     f"{1e3 * r['step_median_s']:.0f} | {r['fwd_ratio']:.2f} | {r['bwd_ratio']:.2f} | {r['step_ratio']:.2f} |")
-    return "\n".join(lines)
+    training = [[r["model"], r["variant"], r["epochs"], f"{100 * r['test_acc']:.2f} %", f"{r['test_loss']:.4f}",
+                 f"{r['epoch_time_median_s']:.1f}", f"{r['fwd_iter_mean']:.1f}",
+                 "—" if r["bwd_iter_mean"] is None else f"{r['bwd_iter_mean']:.1f}"] for r in results["training"]]
+    steps = [[r["model"], r["variant"], f"{1e3 * r['fwd_median_s']:.0f}", f"{1e3 * r['bwd_median_s']:.0f}",
+              f"{1e3 * r['step_median_s']:.0f}", f"{r['fwd_ratio']:.2f}", f"{r['bwd_ratio']:.2f}", f"{r['step_ratio']:.2f}"]
+             for r in results["steps"]]
+    return "\n".join([
+        harness.markdown_table(["model", "variant", "epochs", "test acc", "test loss", "epoch time (median, s)",
+                                "fwd iters", "bwd iters"], training), "",
+        harness.markdown_table(["model", "variant", "forward (ms)", "backward (ms)", "step (ms)", "forward ×",
+                                "backward ×", "step ×"], steps)])
 
 
 def main() -> None:
@@ -193,7 +183,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_training_tools.py "
                    + " ".join(a for a in os.sys.argv[1:]),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        **harness.machine_info("torch", "threads"),
         "uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
     }
     results = {"meta": meta, "training": [], "steps": []}
@@ -203,8 +193,7 @@ def main() -> None:
         if not args.skip_training:
             results["training"] += run_training(model, args.epochs, limit, args.variants.split(","))
         meta["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+        harness.write_json(out, results)
     print(f"wrote {out}")
 
 
