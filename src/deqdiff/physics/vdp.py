@@ -386,6 +386,8 @@ def resume_state(cfg: VdPConfig, path: str | Path) -> dict:
     now = asdict(cfg)
     changed = [k for k, v in now.items() if k not in _EVALUATION_ONLY | {"epochs", "lbfgs_steps"}
                and json.dumps(saved.get(k)) != json.dumps(v)]
+    if "mu_range" in changed and "box" in changed:  # the box follows from the range: name the flag only
+        changed.remove("box")
     if changed:
         what = ", ".join(f"{_flag(k)} {now[k]} (checkpoint: {saved.get(k)})" for k in changed)
         raise ValueError(f"--resume: {what} differ from the checkpoint's run; resume with its settings")
