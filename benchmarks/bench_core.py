@@ -28,11 +28,11 @@ Quantities: ``fwd`` (forward solve alone, no grad), ``grad`` (a: ∇_θ mean((y�
 θ = A, U, a, b), ``hvp`` (b: ∇_θ⟨∇_θ L, v⟩, first grad with create_graph), ``pinn`` (c:
 dy/dt with create_graph, loss mean((dy/dt − g)²) + mean(y²), ∇_θ of that).
 
-Measurement: every (regime, method, quantity) runs in a fresh subprocess: a warm-up step on a
-tiny problem (8 samples; it also triggers the lazy sympy import of the first
-``autograd.grad`` with ``grad_outputs``), then the full problem is built, ``ru_maxrss`` is
-read, one step runs, ``ru_maxrss`` is read again: the difference is the step's extra peak
-resident memory (on CUDA: ``max_memory_allocated`` − ``memory_allocated`` before). Then
+Measurement (``benchmarks/harness.py``): every (regime, method, quantity) runs in a fresh
+subprocess: a warm-up step on a tiny problem (8 samples; it also triggers the lazy sympy import
+of the first ``autograd.grad`` with ``grad_outputs``), then the full problem is built, the
+resident high-water mark (``VmHWM``) is reset and read, one step runs, ``VmHWM`` is read again:
+the difference is the step's extra peak resident memory (on CUDA: ``max_memory_allocated`` − ``memory_allocated`` before). Then
 ``--repeats`` more steps are timed (wall clock, ``perf_counter``); the median is reported.
 Timing runs in ``--dtype`` (float32 by default, as in training); accuracy is checked in
 float64 (plus the timed dtype) against a tight reference. See benchmarks/RESULTS.md.
@@ -43,15 +43,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import gc
 import importlib
-import json
 import math
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -66,14 +61,13 @@ try:
 except ImportError:  # run without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
     import deqdiff
+import harness  # noqa: E402  (benchmarks/harness.py: timing, peak memory, fresh processes)
 
 TOL = 1e-5
 REF_TOL = 1e-12
 MAX_ITER = 3000
-MARK = "@@RESULT@@"
-# glibc settings of the "live" memory runs: every block >= 64 KiB is its own mmap, unmapped
-# on free, and freed heap is trimmed at once, so RSS follows the bytes of live tensors
-LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+# glibc settings of the "live" memory runs: RSS follows the bytes of live tensors
+LIVE_ENV = harness.LIVE_RSS_ENV
 REGIMES = {
     "hard": dict(n=128, batch=2000, kind="orthogonal", rho=0.95),
     "narrow": dict(n=32, batch=20000, kind="gaussian", rho=0.9),
@@ -267,73 +261,6 @@ def summarize_stats(st: dict) -> dict:
 # --------------------------------------------------------------------------- worker: time + memory
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _run_once(step, device):
-    st: dict = {}
-    _sync(device)
-    t0 = time.perf_counter()
-    out = step(st)
-    _sync(device)
-    dt = time.perf_counter() - t0
-    del out
-    return dt, st
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's resident high-water mark (hence ru_maxrss) to the current RSS,
-    so that a later peak is the step's own even if an earlier phase peaked higher."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def measure_memory(step, device) -> tuple[dict, dict]:
-    """Extra peak memory of one step (MiB): ru_maxrss after − ru_maxrss before (the high-water
-    mark reset to the current RSS first where the kernel allows); CUDA: peak allocated."""
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        dt, st = _run_once(step, device)
-        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-        return {"peak_mib": peak, "method": "cuda.max_memory_allocated", "first_step_s": dt}, st
-    reset = _reset_peak()
-    rss0, max0 = _rss_mib(), _maxrss_mib()
-    dt, st = _run_once(step, device)
-    max1 = _maxrss_mib()
-    return {"peak_mib": max1 - max0, "maxrss_before_mib": max0, "rss_before_mib": rss0,
-            "maxrss_after_mib": max1, "hiwater_reset": reset,
-            "method": "ru_maxrss difference", "first_step_s": dt}, st
-
-
-def time_repeats(step, device, repeats: int, budget_s: float) -> list[float]:
-    """Wall-clock times of up to ``repeats`` steps (at least 3 once ``budget_s`` is spent)."""
-    times: list[float] = []
-    for _ in range(repeats):
-        gc.collect()
-        times.append(_run_once(step, device)[0])
-        if sum(times) > budget_s and len(times) >= 3:
-            break
-    return times
-
-
 def worker_measure(spec: dict) -> dict:
     """Warm up on a tiny problem, then: extra peak memory of one step, then timed repeats
     (or, with ``memory_only``, just the memory of one step)."""
@@ -343,13 +270,15 @@ def worker_measure(spec: dict) -> dict:
     del tiny
     P = Problem(spec["regime"], spec["batch"], dtype, device)
     step = make_step(spec, P)
+    st: dict = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mem, st = measure_memory(step, device)
+        mem = harness.peak_memory_growth(lambda: step(st), device).to_json()
         if spec.get("memory_only"):
             return {"peak_mib": mem["peak_mib"], "step_s": mem["first_step_s"],
-                    "method": f"ru_maxrss difference under {LIVE_ENV}"}
-        times = time_repeats(step, device, spec["repeats"], spec["budget_s"])
+                    "method": f"{mem['method']} under {LIVE_ENV}"}
+        times = harness.repeat_times(lambda: step({}), spec["repeats"], budget_s=spec["budget_s"], device=device,
+                                     collect=True)
     return {**spec, "times_s": times, "median_s": statistics.median(times), "memory": mem,
             "iterations": summarize_stats(st), "loadavg_1min_after": os.getloadavg()[0],
             "warnings": sorted({str(w.message)[:200] for w in caught})}
@@ -509,13 +438,13 @@ class SectionTimer:
 
         @functools.wraps(orig)
         def wrapper(*args, **kwargs):
-            _sync(timer.device)
+            harness.sync(timer.device)
             timer.stack.append(0.0)
             t0 = time.perf_counter()
             try:
                 return orig(*args, **kwargs)
             finally:
-                _sync(timer.device)
+                harness.sync(timer.device)
                 el, child = time.perf_counter() - t0, timer.stack.pop()
                 timer.excl[label] += el - child
                 timer.calls[label] += 1
@@ -554,7 +483,8 @@ def breakdown_one(spec: dict, P: Problem, T: SectionTimer, repeats: int) -> dict
     totals, parts = [], defaultdict(list)
     for _ in range(repeats):
         T.reset()
-        dt, st = _run_once(step, spec["device"])
+        st: dict = {}
+        dt = harness.timed(lambda: step(st), spec["device"])
         totals.append(dt)
         for k, v in T.excl.items():
             parts[k].append(v)
@@ -567,12 +497,12 @@ def breakdown_one(spec: dict, P: Problem, T: SectionTimer, repeats: int) -> dict
 
 def _time_fn(fn, device, reps: int = 20) -> float:
     fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / reps
+
+    def calls() -> None:
+        for _ in range(reps):
+            fn()
+
+    return harness.timed(calls, device) / reps
 
 
 def micro_costs(P: Problem, device) -> dict:
@@ -636,19 +566,17 @@ WORKERS = {"measure": worker_measure, "accuracy": worker_accuracy, "peers": work
 
 
 def run_worker(spec: dict, log, env_extra: dict | None = None) -> dict:
-    """Run one worker in a fresh interpreter; its last marked stdout line is the result."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
-    env.update(env_extra or {})
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        log(f"  !! worker failed ({spec.get('kind')}): {proc.stderr.strip()[-800:]}")
-        return {**spec, "error": proc.stderr.strip()[-800:]}
-    out = json.loads(lines[-1][len(MARK):])
+    """Run the worker ``WORKERS[spec["kind"]]`` in a fresh interpreter; a failure is returned as
+    ``{**spec, "error": <stderr tail>}``."""
+    try:
+        run = harness.call_isolated(WORKERS[spec["kind"]], spec, env=env_extra)
+    except harness.IsolatedRunError as e:
+        err = (e.stderr.strip() or str(e))[-800:]
+        log(f"  !! worker failed ({spec.get('kind')}): {err}")
+        return {**spec, "error": err}
+    out = run.data
     if not spec.get("memory_only"):
-        log(f"  {describe(spec)}: {_brief(out)} [{time.perf_counter() - t0:.1f}s]")
+        log(f"  {describe(spec)}: {_brief(out)} [{run.wall_s:.1f}s]")
     return out
 
 
@@ -792,9 +720,10 @@ def _mem_text(m: dict) -> str:
 
 def table_main(res: dict) -> str:
     ms = res["measurements"]
-    rows = ["| method (fwd/bwd solver) | fwd solve s | (a) grad s (×fwd, +MiB rss/live) | (b) HVP s (×fwd, +MiB rss/live) "
-            "| (c) PINN s (×fwd, +MiB rss/live) | iterations fwd max/mean ; derivative solves max |",
-            "|---|---|---|---|---|---|"]
+    columns = ["method (fwd/bwd solver)", "fwd solve s", "(a) grad s (×fwd, +MiB rss/live)",
+               "(b) HVP s (×fwd, +MiB rss/live)", "(c) PINN s (×fwd, +MiB rss/live)",
+               "iterations fwd max/mean ; derivative solves max"]
+    rows = []
     configs = []
     for m in ms:
         if m.get("method") and "median_s" in m:
@@ -818,8 +747,8 @@ def table_main(res: dict) -> str:
         if bs == "auto":
             name += f" (→{res['auto_backward']})"
         its = its or ([f"fwd: {_iter_text(fwd)}"] if fwd else [])
-        rows.append(f"| {name} | " + " | ".join(cells) + " | " + "<br>".join(its) + " |")
-    return "\n".join(rows)
+        rows.append([name, *cells, "<br>".join(its)])
+    return harness.markdown_table(columns, rows)
 
 
 def table_targets(res: dict) -> str:
@@ -830,7 +759,7 @@ def table_targets(res: dict) -> str:
     need_speed = 3.0 if res["regime"] == "narrow" else 2.0
     deqs = [m for m in ms if m.get("method") == "deqdiff" and m.get("quantity") == "pinn" and "median_s" in m]
     leanest = min(deqs, key=lambda m: (m.get("live_memory") or m["memory"])["peak_mib"]) if deqs else None
-    rows = ["| target | deqdiff config | measured | target | met? |", "|---|---|---|---|---|"]
+    rows = []
     seen = []
     for m in (best, default, leanest):
         if m is None or un is None or any(m is x for x in seen):
@@ -843,26 +772,26 @@ def table_targets(res: dict) -> str:
                 continue
             a, b = get(un)["peak_mib"], get(m)["peak_mib"]
             mem = a / max(b, 1e-9)
-            rows.append(f"| (c) peak memory ({kind}), unrolled ÷ deqdiff | {cfg} | {a:.0f} / {b:.1f} MiB = "
-                        f"{mem:.1f}× | ≥ 20× | {'yes' if mem >= 20 else 'NO'} |")
-        rows.append(f"| (c) speed, unrolled ÷ deqdiff | {cfg} | {un['median_s']:.3f} / {m['median_s']:.3f} s "
-                    f"= {spd:.2f}× | ≥ {need_speed:g}× | {'yes' if spd >= need_speed else 'NO'} |")
+            rows.append([f"(c) peak memory ({kind}), unrolled ÷ deqdiff", cfg, f"{a:.0f} / {b:.1f} MiB = {mem:.1f}×",
+                         "≥ 20×", "yes" if mem >= 20 else "NO"])
+        rows.append(["(c) speed, unrolled ÷ deqdiff", cfg, f"{un['median_s']:.3f} / {m['median_s']:.3f} s = {spd:.2f}×",
+                     f"≥ {need_speed:g}×", "yes" if spd >= need_speed else "NO"])
         fwd = _fwd_of(ms, m)
         if fwd:
-            rows.append(f"| (c) step ÷ own forward solve | {cfg} | {m['median_s'] / fwd['median_s']:.2f}× "
-                        f"(unrolled: {un['median_s'] / _fwd_of(ms, un)['median_s']:.2f}×) | report | – |")
+            rows.append(["(c) step ÷ own forward solve", cfg, f"{m['median_s'] / fwd['median_s']:.2f}× "
+                         f"(unrolled: {un['median_s'] / _fwd_of(ms, un)['median_s']:.2f}×)", "report", "–"])
     g_best = best_config(ms, "grad")
     for fs in FWD_SOLVERS:
         tq = _lookup(ms, method="torchdeq", fsolver=fs, quantity="grad")
         if tq and g_best:
             r = tq["median_s"] / g_best["median_s"]
-            rows.append(f"| (a) grad, torchdeq {fs} ÷ deqdiff best | {label(g_best)} | {tq['median_s']:.3f} / "
-                        f"{g_best['median_s']:.3f} s = {r:.2f}× | ≥ 1× | {'yes' if r >= 1 else 'NO'} |")
+            rows.append([f"(a) grad, torchdeq {fs} ÷ deqdiff best", label(g_best),
+                         f"{tq['median_s']:.3f} / {g_best['median_s']:.3f} s = {r:.2f}×", "≥ 1×", "yes" if r >= 1 else "NO"])
         same = _lookup(ms, method="deqdiff", fsolver=fs, bsolver="auto", quantity="grad")
         if tq and same:
             r = tq["median_s"] / same["median_s"]
-            rows.append(f"| (a) grad, torchdeq {fs} ÷ deqdiff same forward | {label(same)} | {tq['median_s']:.3f} / "
-                        f"{same['median_s']:.3f} s = {r:.2f}× | ≥ 1× | {'yes' if r >= 1 else 'NO'} |")
+            rows.append([f"(a) grad, torchdeq {fs} ÷ deqdiff same forward", label(same),
+                         f"{tq['median_s']:.3f} / {same['median_s']:.3f} s = {r:.2f}×", "≥ 1×", "yes" if r >= 1 else "NO"])
     acc = res.get("accuracy", {})
     if "rows" in acc:
         f64 = [r for r in acc["rows"] if r["dtype"] == "float64"]
@@ -872,9 +801,9 @@ def table_targets(res: dict) -> str:
                 continue
             for q in ("grad", "pinn"):
                 w, u = r["rel_err"][q], row_u["rel_err"][q]
-                rows.append(f"| ({'a' if q == 'grad' else 'c'}) rel. error vs reference, float64 | {label(r)} | "
-                            f"{w:.1e} (unrolled {u:.1e}; ratio {w / u:.2f}) | ≤ unrolled's | {'yes' if w <= u else 'NO'} |")
-    return "\n".join(rows)
+                rows.append([f"({'a' if q == 'grad' else 'c'}) rel. error vs reference, float64", label(r),
+                             f"{w:.1e} (unrolled {u:.1e}; ratio {w / u:.2f})", "≤ unrolled's", "yes" if w <= u else "NO"])
+    return harness.markdown_table(["target", "deqdiff config", "measured", "target", "met?"], rows)
 
 
 def table_accuracy(acc: dict) -> str:
@@ -883,24 +812,18 @@ def table_accuracy(acc: dict) -> str:
     head = (f"Reference: {acc['reference']}; it agrees with unrolled-to-1e-12 (K={acc['K_ref']}) to "
             + ", ".join(f"{q} {v:.1e}" for q, v in acc["reference_vs_unrolled_1e-12"].items())
             + f". Batch {acc['batch']}.\n\n")
-    rows = ["| method | dtype | (a) grad rel err | (b) HVP rel err | (c) PINN rel err |", "|---|---|---|---|---|"]
-    for r in acc["rows"]:
-        name = label(r) + (f" (K={r['K']})" if r["method"] == "unrolled" else "")
-        e = r["rel_err"]
-        rows.append(f"| {name} | {r['dtype']} | {e['grad']:.1e} | {e['hvp']:.1e} | {e['pinn']:.1e} |")
-    return head + "\n".join(rows)
+    rows = [[label(r) + (f" (K={r['K']})" if r["method"] == "unrolled" else ""), r["dtype"],
+             *(f"{r['rel_err'][q]:.1e}" for q in ("grad", "hvp", "pinn"))] for r in acc["rows"]]
+    return head + harness.markdown_table(["method", "dtype", "(a) grad rel err", "(b) HVP rel err", "(c) PINN rel err"],
+                                         rows)
 
 
 def table_peers(peers: dict) -> str:
-    rows = [f"Problem: {peers.get('problem')}; every solver at tol {peers.get('tol')}.\n",
-            "| implementation | (a) grad rel err | (b) HVP rel err | (c) PINN rel err |", "|---|---|---|---|"]
-    for r in peers.get("rows", []):
-        if "error" in r:
-            rows.append(f"| {r['name']} | {r['error']} | | |")
-            continue
-        fmt = lambda v: f"{v:.1e}" if isinstance(v, float) else v  # noqa: E731
-        rows.append(f"| {r['name']} | " + " | ".join(fmt(r["rel_err"][q]) for q in ("grad", "hvp", "pinn")) + " |")
-    return "\n".join(rows)
+    fmt = lambda v: f"{v:.1e}" if isinstance(v, float) else v  # noqa: E731
+    rows = [[r["name"], r["error"], "", ""] if "error" in r else
+            [r["name"], *(fmt(r["rel_err"][q]) for q in ("grad", "hvp", "pinn"))] for r in peers.get("rows", [])]
+    return (f"Problem: {peers.get('problem')}; every solver at tol {peers.get('tol')}.\n\n"
+            + harness.markdown_table(["implementation", "(a) grad rel err", "(b) HVP rel err", "(c) PINN rel err"], rows))
 
 
 def table_breakdown(bd: dict) -> str:
@@ -911,14 +834,12 @@ def table_breakdown(bd: dict) -> str:
              "other (autograd glue)"]
     present = {k for r in bd["rows"] for k in r["parts_s"]}
     labels = [k for k in order if k in present] + sorted(present - set(order))
-    rows = ["| config | quantity | total s | " + " | ".join(labels) + " |",
-            "|---|---|---|" + "---|" * len(labels)]
-    for r in bd["rows"]:
-        cells = [f"{r['parts_s'][k]:.3f} ({r['calls'].get(k, '')})" if k in r["parts_s"] else "–" for k in labels]
-        rows.append(f"| {r['config']} | {r['quantity']} | {r['total_s']:.3f} | " + " | ".join(cells) + " |")
-    micro = ["| operation at z* | ms per call |", "|---|---|"]
-    micro += [f"| {k} | {v:.3f} |" for k, v in bd["micro_ms"].items()]
-    return "\n".join(rows) + "\n\n" + "\n".join(micro)
+    rows = [[r["config"], r["quantity"], f"{r['total_s']:.3f}",
+             *(f"{r['parts_s'][k]:.3f} ({r['calls'].get(k, '')})" if k in r["parts_s"] else "–" for k in labels)]
+            for r in bd["rows"]]
+    micro = [[k, f"{v:.3f}"] for k, v in bd["micro_ms"].items()]
+    return (harness.markdown_table(["config", "quantity", "total s", *labels], rows) + "\n\n"
+            + harness.markdown_table(["operation at z*", "ms per call"], micro))
 
 
 def render(all_res: dict) -> str:
@@ -962,16 +883,11 @@ def parse_args(argv=None):
     p.add_argument("--skip-breakdown", action="store_true")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.worker:
-        spec = json.loads(args.worker)
-        print(MARK + json.dumps(WORKERS[spec["kind"]](spec)), flush=True)
-        return
     if args.quick:
         args.repeats, args.acc_batch = min(args.repeats, 2), min(args.acc_batch, 50)
     args.batch = {r: (QUICK_BATCH[r] if args.quick else REGIMES[r]["batch"]) for r in REGIMES}
@@ -980,8 +896,7 @@ def main(argv=None) -> None:
     if not args.torchdeq:
         log("torchdeq is not importable: its rows are skipped (pip install --no-deps torchdeq)")
     meta = {"command": " ".join(["PYTHONPATH=src python", "benchmarks/bench_core.py", *sys.argv[1:]]),
-            "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "threads": torch.get_num_threads(),
+            "date": datetime.date.today().isoformat(), **harness.machine_info("torch", "threads", machine="summary"),
             "dtype": args.dtype, "device": args.device, "repeats": args.repeats, "budget_s": args.budget,
             "quick": args.quick, "tol": TOL}
     all_res = {"meta": meta, "regimes": {}}
@@ -992,10 +907,10 @@ def main(argv=None) -> None:
     for regime in args.regimes.split(","):
         res = run_regime(regime, args, log)
         all_res["regimes"][regime] = res
-        (out_dir / f"core_{regime}{suffix}.json").write_text(json.dumps({"meta": meta, **res}, indent=1))
+        harness.write_json(out_dir / f"core_{regime}{suffix}.json", {"meta": meta, **res})
     if not args.skip_peers:
         all_res["peers"] = run_worker({"kind": "peers"}, log)
-        (out_dir / f"core_peers{suffix}.json").write_text(json.dumps({"meta": meta, **all_res["peers"]}, indent=1))
+        harness.write_json(out_dir / f"core_peers{suffix}.json", {"meta": meta, **all_res["peers"]})
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     text = render(all_res)
     (out_dir / f"core_tables{suffix}.md").write_text(text)

@@ -25,9 +25,9 @@ widths n = 64, 128, 256, float64, every method at the same tolerance ``TOL`` (fo
   needs to meet TOL, found once in the parent, not charged), then the same double backward.
 
 Backward solver ``auto`` (dense batched LU for n ≤ 64; above, Richardson with a GMRES
-fallback) for split and double backward. Memory as in ``bench_core.py`` (its helpers are imported): each (width, method) runs
+fallback) for split and double backward. Memory as in ``bench_core.py`` (``benchmarks/harness.py``): each (width, method) runs
 in a fresh subprocess — warm-up on a 4-sample problem, then the extra peak resident memory of
-one step (``ru_maxrss`` after − before, high-water mark reset first). Time: one subprocess per
+one step (``VmHWM`` after − before, high-water mark reset first). Time: one subprocess per
 width runs every method once untimed, then ``--repeats`` rounds that time each method once
 (interleaved, so that the load of a shared machine hits all methods alike); medians. Agreement (in the parent process): all methods
 on the same data (float64, 64 samples) compared with a tight reference (split at tol 1e-13).
@@ -47,9 +47,7 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -64,7 +62,7 @@ except ImportError:  # run without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
     import deqdiff
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import measure_memory, time_repeats  # noqa: E402  (fresh-process memory/time helpers)
+import harness  # noqa: E402  (benchmarks/harness.py: timing, peak memory, fresh processes)
 
 from deqdiff.derivatives import LossHessian, hessian_eigenvalues, lanczos  # noqa: E402
 
@@ -72,7 +70,6 @@ TOL = 1e-8
 REF_TOL = 1e-13
 D_IN = 16
 RHO = 0.8
-MARK = "@@RESULT@@"
 METHODS = ("split", "split/dense", "split/product", "split/gauss_newton", "double_backward", "unrolled")
 QUICK_METHODS = ("split", "double_backward", "unrolled")
 DT = torch.float64
@@ -182,7 +179,8 @@ def worker_measure(spec: dict) -> dict:
     step = make_step(spec, P)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mem, st = measure_memory(step, "cpu")
+        st: dict = {}
+        mem = harness.peak_rss_growth(lambda: step(st)).to_json()
     return {**spec, "peak_mib": mem["peak_mib"], "memory": mem, "stats": st,
             "warnings": sorted({str(w.message)[:200] for w in caught})}
 
@@ -192,15 +190,9 @@ def worker_timing(spec: dict) -> dict:
     that the load of a shared machine hits all methods alike; one untimed step each first."""
     P = Problem(spec["n"], spec["batch"])
     steps = {m: make_step(dict(spec, method=m), P) for m in spec["methods"]}
-    for step in steps.values():
-        step({})
-    times: dict = {m: [] for m in steps}
-    t_start = time.perf_counter()
-    for r in range(spec["repeats"]):
-        for m, step in steps.items():
-            times[m].append(time_repeats(step, "cpu", 1, 0.0)[0])
-        if r >= 2 and time.perf_counter() - t_start > spec["budget_s"] * len(steps):
-            break
+    calls = {m: (lambda i, step=step: step({})) for m, step in steps.items()}
+    times = harness.interleaved_times(calls, spec["repeats"], warmup=1, collect=True,
+                                      budget_s=spec["budget_s"] * len(steps), min_rounds=3)
     return {"n": spec["n"], "times_s": times, "loadavg_1min_after": os.getloadavg()[0]}
 
 
@@ -375,20 +367,20 @@ def run_in_process(spec: dict, log) -> dict:
 
 
 def run_worker(spec: dict, log) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        log(f"  !! worker failed ({spec}): {proc.stderr.strip()[-800:]}")
-        return {**spec, "error": proc.stderr.strip()[-800:]}
-    out = json.loads(lines[-1][len(MARK):])
+    """Run the worker ``WORKERS[spec["kind"]]`` in a fresh interpreter (one thread unless
+    OMP_NUM_THREADS says otherwise); a failure is returned as ``{**spec, "error": <stderr tail>}``."""
+    try:
+        run = harness.call_isolated(WORKERS[spec["kind"]], spec,
+                                    env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    except harness.IsolatedRunError as e:
+        err = (e.stderr.strip() or str(e))[-800:]
+        log(f"  !! worker failed ({spec}): {err}")
+        return {**spec, "error": err}
+    out = run.data
     brief = {"measure": lambda: f"+{out['peak_mib']:.0f} MiB",
              "timing": lambda: ", ".join(f"{m} {statistics.median(t) * 1e3:.0f} ms" for m, t in out["times_s"].items())}
     log(f"  {spec['kind']} {spec.get('n', spec.get('width', ''))} {spec.get('method', '')}: "
-        + brief.get(spec["kind"], lambda: "done")() + f" [{time.perf_counter() - t0:.1f}s]")
+        + brief.get(spec["kind"], lambda: "done")() + f" [{run.wall_s:.1f}s]")
     return out
 
 
@@ -411,9 +403,7 @@ def render(res: dict) -> str:
            "`split` = forward solve + λ + product; `split/product` and `split/gauss_newton` = one more "
            "product with λ cached (the Lanczos step).\n"]
     widths = sorted({m["n"] for m in res["measure"]})
-    out.append("| method | " + " | ".join(f"n={n}: ms" for n in widths) + " | "
-               + " | ".join(f"n={n}: MiB" for n in widths) + " |")
-    out.append("|---|" + "---|" * (2 * len(widths)))
+    table = []
     for meth in METHODS:
         rows = {m["n"]: m for m in res["measure"] if m.get("method") == meth and "error" not in m}
         if not rows:
@@ -421,8 +411,9 @@ def render(res: dict) -> str:
         t = [fmt_ms(rows[n]["median_s"]) if n in rows else "–" for n in widths]
         mem = [("<1" if rows[n]["peak_mib"] < 1 else f"{rows[n]['peak_mib']:.0f}") if n in rows else "–" for n in widths]
         label = meth + (f" (K={rows[widths[0]]['K']}..{rows[widths[-1]]['K']} iters)" if meth == "unrolled" else "")
-        out.append(f"| {label} | " + " | ".join(t) + " | " + " | ".join(mem) + " |")
-    out.append("")
+        table.append([label, *t, *mem])
+    out += [harness.markdown_table(["method", *(f"n={n}: ms" for n in widths), *(f"n={n}: MiB" for n in widths)], table),
+            ""]
     for n in widths:
         r = {m["method"]: m for m in res["measure"] if m["n"] == n and "error" not in m}
         if {"split", "split/product", "double_backward", "unrolled"} <= set(r):
@@ -441,25 +432,21 @@ def render(res: dict) -> str:
                    "order of the unrolled one (ratios above), the implicit methods' memory does not grow with K, and "
                    "with λ cached every further product (a Lanczos step) is cheaper than a double backward.")
     out.append("\nAgreement (float64; relative L2 error vs. split at tol 1e-13):\n")
-    out.append("| n | split | double backward | unrolled | split vs double backward | A + B vs total |")
-    out.append("|---|---|---|---|---|---|")
-    for a in res["accuracy"]:
-        if "error" in a:
-            continue
-        e = a["rel_err_vs_tight"]
-        out.append(f"| {a['n']} | {e['split']:.1e} | {e['double_backward']:.1e} | {e['unrolled']:.1e} | "
-                   f"{a['pairwise']['split vs double_backward']:.1e} | {a['gauss_newton_plus_dynamics_vs_total']:.1e} |")
+    agreement = [[a["n"], *(f"{a['rel_err_vs_tight'][k]:.1e}" for k in ("split", "double_backward", "unrolled")),
+                  f"{a['pairwise']['split vs double_backward']:.1e}", f"{a['gauss_newton_plus_dynamics_vs_total']:.1e}"]
+                 for a in res["accuracy"] if "error" not in a]
+    out.append(harness.markdown_table(["n", "split", "double backward", "unrolled", "split vs double backward",
+                                       "A + B vs total"], agreement))
     lz = res.get("lanczos")
     if lz and "error" not in lz:
         out.append(f"\n### Lanczos top-5 eigenvalues of a trained DEQ (digits, width {lz['width']}, "
                    f"{lz['n_train']} samples, {lz['steps']} Adam steps, train accuracy {lz['train_accuracy']:.3f}, "
                    f"loss {lz['train_loss']:.3f}; ‖W‖₂ ≤ 0.8 by projection; θ = cell + head, {lz['dim']} parameters; "
                    f"{lz['num_iters']} Lanczos iterations)\n")
-        out.append("| term | top-5 eigenvalues | 2 smallest | Lanczos time (s) |")
-        out.append("|---|---|---|---|")  # "head": the linear head's own curvature (see docs/derivatives.md)
-        for term, r in lz["terms"].items():
-            out.append(f"| {term} | " + ", ".join(f"{x:.4g}" for x in r["top5"]) + " | "
-                       + ", ".join(f"{x:.3g}" for x in r["bottom2"]) + f" | {r.get('lanczos_s', r.get('top5_s', 0)):.1f} |")
+        # "head": the linear head's own curvature (see docs/derivatives.md)
+        out.append(harness.markdown_table(["term", "top-5 eigenvalues", "2 smallest", "Lanczos time (s)"], [
+            [term, ", ".join(f"{x:.4g}" for x in r["top5"]), ", ".join(f"{x:.3g}" for x in r["bottom2"]),
+             f"{r.get('lanczos_s', r.get('top5_s', 0)):.1f}"] for term, r in lz["terms"].items()]))
         out.append("\nConvergence certificate: the largest Ritz residual ‖Hq − θq‖/|θ| of the top-5 pairs is "
                    + ", ".join(f"{t} {max(r['ritz_rel_residual']):.1e}" for t, r in lz["terms"].items()) + ".")
     ck = res.get("check")
@@ -470,12 +457,9 @@ def render(res: dict) -> str:
                    f"{ck['dense_total_vs_unrolled_rel']:.1e} relative; GN + dynamics + head vs. total: "
                    f"{ck['sum_of_terms_vs_total_rel']:.1e}. Lanczos top-5 vs. `eigvalsh` of the dense term "
                    "(max |difference| / spectral radius):\n")
-        out.append("| term | Lanczos top-5 | dense top-5 | max rel. diff | smallest eigenvalue |")
-        out.append("|---|---|---|---|---|")
-        for term, r in ck["terms"].items():
-            out.append(f"| {term} | " + ", ".join(f"{x:.4g}" for x in r["lanczos_top5"]) + " | "
-                       + ", ".join(f"{x:.4g}" for x in r["dense_top5"]) + f" | {r['max_rel_diff']:.1e} | "
-                       f"{r['min_eig']:.3g} |")
+        out.append(harness.markdown_table(["term", "Lanczos top-5", "dense top-5", "max rel. diff", "smallest eigenvalue"], [
+            [term, ", ".join(f"{x:.4g}" for x in r["lanczos_top5"]), ", ".join(f"{x:.4g}" for x in r["dense_top5"]),
+             f"{r['max_rel_diff']:.1e}", f"{r['min_eig']:.3g}"] for term, r in ck["terms"].items()]))
     return "\n".join(out) + "\n"
 
 
@@ -488,17 +472,11 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=5.0, help="per method: stop timing rounds after this many seconds (min 3 rounds)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--render", metavar="JSON", help="only re-render the markdown of a results JSON")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.worker:
-        spec = json.loads(args.worker)
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        print(MARK + json.dumps(WORKERS[spec["kind"]](spec)), flush=True)
-        return
     if args.render:
         print(render(json.loads(Path(args.render).read_text())))
         return
@@ -512,13 +490,13 @@ def main(argv=None) -> None:
     if quick:
         widths = widths[:1]
     meta = {"command": " ".join(["PYTHONPATH=src python", "benchmarks/bench_derivatives.py", *sys.argv[1:]]),
-            "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "tol": TOL, "batch": batch,
+            "date": datetime.date.today().isoformat(), **harness.machine_info("torch", machine="summary"),
+            "tol": TOL, "batch": batch,
             "repeats": repeats, "quick": quick, "loadavg_1min_start": os.getloadavg()[0]}
     res = {"meta": meta, "measure": [], "accuracy": []}
     t0 = time.perf_counter()
     Ks = {}
-    for n in widths:  # the parent stays small here: its RSS is a floor of every child's ru_maxrss
+    for n in widths:  # the workers read their own VmHWM: the parent's size does not enter
         K = Ks[n] = plain_iterations(Problem(n, batch), TOL)
         log(f"width {n}: plain iterations to tol = {K}")
         meths = [m for m in methods if not (m == "split/dense" and n <= 64)]  # auto is already dense there
@@ -545,7 +523,7 @@ def main(argv=None) -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if quick else ""
-    (out_dir / f"derivatives{suffix}.json").write_text(json.dumps(res, indent=1))
+    harness.write_json(out_dir / f"derivatives{suffix}.json", res)
     text = render(res)
     if not quick:
         (ROOT / "benchmarks" / "results" / "derivatives.md").write_text(text)

@@ -43,9 +43,9 @@ and ``hard`` (A = 0.95·orthogonal: spectrum on a circle, ~40 iterations). A thi
 the Burgers step of ``deqdiff pinn burgers`` (third order: the loss holds u_xx), implicit vs
 unrolled vs MLP PINNs.
 
-Measurement (shared with benchmarks/bench_core.py, whose helpers are imported): each (regime,
-method, quantity) runs in a fresh subprocess: warm-up step on a tiny problem, then the extra
-peak RSS of one step (``ru_maxrss`` difference, high-water mark reset first; CUDA:
+Measurement (``benchmarks/harness.py``, as in bench_core.py): each (regime, method, quantity)
+runs in a fresh subprocess: warm-up step on a tiny problem, then the extra peak RSS of one
+step (``VmHWM`` difference, high-water mark reset first; CUDA:
 ``max_memory_allocated``), then ``--repeats`` timed steps (median). ``fwd`` is the forward
 solve alone at the collocation points (no graph). Accuracy: float64 gradients at tol 1e-4
 against a tight float64 reference (deqdiff at tol 1e-12, dense backward; cross-checked with
@@ -60,9 +60,7 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -78,14 +76,13 @@ except ImportError:  # run without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
     import deqdiff
 
-import bench_core as core  # noqa: E402  (measurement helpers: fresh-process memory, repeats)
+import harness  # noqa: E402  (benchmarks/harness.py: timing, peak memory, fresh processes)
 from deqdiff.physics import MLP, PIDEQ, PhysicsLoss  # noqa: E402
 from deqdiff.physics.problems import van_der_pol  # noqa: E402
 
 TOL, REF_TOL = 1e-4, 1e-12
 WIDTH, LAM, KAPPA, MU, T_END, Y0 = 80, 0.1, 1.0, 1.0, 2.0, (0.0, 0.1)
 MAX_ITER = 500
-MARK = "@@RESULT@@"
 #: ‖A‖₂ and the kind of A: PIDEQ's initialization (Gaussian, spectral radius ≈ ‖A‖₂/2: fast
 #: contraction), and a stress regime with the spectrum on a circle of radius 0.95 (slow)
 REGIMES = {"init": (0.5, "gaussian"), "hard": (0.95, "orthogonal")}
@@ -321,13 +318,15 @@ def worker_measure(spec: dict) -> dict:
     else:
         make_step(method, q, regime, 8, dtype, device)({})  # warm-up: kernels, lazy imports (sympy)
         step = make_step(method, q, regime, spec["batch"], dtype, device)
+    st: dict = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mem, st = core.measure_memory(step, device)
+        mem = harness.peak_memory_growth(lambda: step(st), device).to_json()
         if spec.get("memory_only"):
             return {"peak_mib": mem["peak_mib"], "step_s": mem["first_step_s"],
-                    "method": f"ru_maxrss difference under {core.LIVE_ENV}"}
-        times = core.time_repeats(step, device, spec["repeats"], spec["budget_s"])
+                    "method": f"{mem['method']} under {harness.LIVE_RSS_ENV}"}
+        times = harness.repeat_times(lambda: step({}), spec["repeats"], budget_s=spec["budget_s"], device=device,
+                                     collect=True)
     return {**spec, "times_s": times, "median_s": statistics.median(times), "memory": mem,
             "iterations": _summ(st.get("iterations")), "loadavg_1min_after": os.getloadavg()[0],
             "warnings": sorted({str(w.message)[:160] for w in caught})}
@@ -490,24 +489,22 @@ WORKERS = {"measure": worker_measure, "accuracy": worker_accuracy, "jax_accuracy
 
 
 def run_worker(spec: dict, log, timeout: float = 300, env_extra: dict | None = None) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
-    env.update(env_extra or {})
-    t0 = time.perf_counter()
+    """Run the worker ``WORKERS[spec["kind"]]`` in a fresh interpreter; a failure or a timeout is
+    returned as ``{**spec, "error": ...}``."""
     try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                              text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        log(f"  !! worker timed out after {timeout}s: {spec}")
-        return {**spec, "error": f"timed out after {timeout}s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        log(f"  !! worker failed ({spec.get('kind')} {spec.get('method', '')}): {proc.stderr.strip()[-600:]}")
-        return {**spec, "error": proc.stderr.strip()[-600:]}
-    out = json.loads(lines[-1][len(MARK):])
+        run = harness.call_isolated(WORKERS[spec["kind"]], spec, env=env_extra, timeout=timeout)
+    except harness.IsolatedRunError as e:
+        if e.returncode is None:
+            log(f"  !! worker timed out after {timeout}s: {spec}")
+            return {**spec, "error": f"timed out after {timeout}s"}
+        err = (e.stderr.strip() or str(e))[-600:]
+        log(f"  !! worker failed ({spec.get('kind')} {spec.get('method', '')}): {err}")
+        return {**spec, "error": err}
+    out = run.data
     brief = (f"median {out['median_s']:.3f}s, +{out['memory']['peak_mib']:.0f} MiB, it {out.get('iterations')}"
              if "median_s" in out else (f"live peak +{out['peak_mib']:.1f} MiB" if "peak_mib" in out else "done"))
     log(f"  {spec.get('kind')} {spec.get('regime', '')} {spec.get('method', spec.get('model', ''))} "
-        f"{spec.get('quantity', '')}: {brief} [{time.perf_counter() - t0:.1f}s]")
+        f"{spec.get('quantity', '')}: {brief} [{run.wall_s:.1f}s]")
     return out
 
 
@@ -533,7 +530,7 @@ def run_pde(args, log) -> dict:
                 continue
             r = run_worker(dict(base, method=m, quantity=q), log)
             if q == "step" and "error" not in r and torch.device(args.device).type == "cpu" and not args.quick:
-                live = run_worker(dict(base, method=m, quantity=q, memory_only=True), log, env_extra=core.LIVE_ENV)
+                live = run_worker(dict(base, method=m, quantity=q, memory_only=True), log, env_extra=harness.LIVE_RSS_ENV)
                 r["live_memory"] = None if "error" in live else live
             ms.append(r)
     out = {"regime": "burgers", "points": args.pde_points, "measurements": ms}
@@ -559,8 +556,8 @@ def run_regime(regime: str, args, log) -> dict:
             r = run_worker(dict(base, method=m, quantity=q), log)
             if (q == "step" and "error" not in r and torch.device(args.device).type == "cpu" and not args.quick
                     and m.startswith(("deqdiff", "unrolled"))):
-                # memory once more in a process whose RSS follows live tensors (bench_core.LIVE_ENV)
-                live = run_worker(dict(base, method=m, quantity=q, memory_only=True), log, env_extra=core.LIVE_ENV)
+                # memory once more in a process whose RSS follows live tensors (harness.LIVE_RSS_ENV)
+                live = run_worker(dict(base, method=m, quantity=q, memory_only=True), log, env_extra=harness.LIVE_RSS_ENV)
                 r["live_memory"] = None if "error" in live else live
             ms.append(r)
     for m, src in SHARED_FWD.items():  # same forward solver and model: one measurement serves both
@@ -600,22 +597,22 @@ def _get(ms, method, quantity):
 
 def _step_table(ms: list, ref_method: str, iters_header: str, ref_label: str) -> list[str]:
     """Rows of a time/memory table: one per method, ratios against ``ref_method``."""
-    rows = ["| method | fwd solve s | step s | step ÷ own fwd | extra peak MiB of a step: live (plain rss) | "
-            f"{iters_header} | vs {ref_label}: time, memory |", "|---|---|---|---|---|---|---|"]
+    columns = ["method", "fwd solve s", "step s", "step ÷ own fwd", "extra peak MiB of a step: live (plain rss)",
+               iters_header, f"vs {ref_label}: time, memory"]
+    rows = []
     ref = _get(ms, ref_method, "step")
     for m in dict.fromkeys(x["method"] for x in ms if "method" in x):
         s, f = _get(ms, m, "step"), _get(ms, m, "fwd")
         if s is None:
             err = next((x.get("error", "") for x in ms if x.get("method") == m and "error" in x), "")
-            rows.append(f"| {m} | – | failed: {err[-120:].replace(chr(10), ' ')} | | | | |")
+            rows.append([m, "–", f"failed: {err[-120:].replace(chr(10), ' ')}", "", "", "", ""])
             continue
         it = s.get("iterations") or (f or {}).get("iterations")
         its = f"{it['max']}/{it['mean']}" if it else "–"
         fs, ratio = (f"{f['median_s']:.4f}", f"{s['median_s'] / f['median_s']:.1f}×") if f else ("–", "–")
         vs = f"{s['median_s'] / ref['median_s']:.2f}×, {_mem(s) / max(_mem(ref), 1e-9):.2f}×" if ref else "–"
-        rows.append(f"| {m} | {fs} | {s['median_s']:.4f} | {ratio} | {_mem(s):.1f} ({s['memory']['peak_mib']:.0f}) | "
-                    f"{its} | {vs} |")
-    return rows
+        rows.append([m, fs, f"{s['median_s']:.4f}", ratio, f"{_mem(s):.1f} ({s['memory']['peak_mib']:.0f})", its, vs])
+    return [harness.markdown_table(columns, rows)]
 
 
 def table_main(res: dict) -> str:
@@ -624,7 +621,7 @@ def table_main(res: dict) -> str:
 
 def table_targets(res: dict) -> str:
     ms = res["measurements"]
-    rows = ["| target | measured | target | met? |", "|---|---|---|---|"]
+    rows = []
     deqs = [m for m in METHODS if m.startswith("deqdiff") and _get(ms, m, "step")]
     best = min(deqs, key=lambda m: _get(ms, m, "step")["median_s"]) if deqs else None
     lean = min(deqs, key=lambda m: _mem(_get(ms, m, "step"))) if deqs else None
@@ -635,36 +632,37 @@ def table_targets(res: dict) -> str:
         b, l_ = _get(ms, best, "step"), _get(ms, lean, "step")
         spd = u["median_s"] / b["median_s"]
         mem = _mem(u) / max(_mem(l_), 1e-9)
-        rows.append(f"| speed: {un} ÷ {best} | {u['median_s']:.3f} / {b['median_s']:.3f} s = {spd:.2f}× | ≥ 3× | "
-                    f"{'yes' if spd >= 3 else 'NO'} |")
-        rows.append(f"| peak step memory: {un} ÷ {lean} | {_mem(u):.0f} / {_mem(l_):.1f} MiB "
-                    f"= {mem:.1f}× | ≥ 20× | {'yes' if mem >= 20 else 'NO'} |")
+        rows.append([f"speed: {un} ÷ {best}", f"{u['median_s']:.3f} / {b['median_s']:.3f} s = {spd:.2f}×", "≥ 3×",
+                     "yes" if spd >= 3 else "NO"])
+        rows.append([f"peak step memory: {un} ÷ {lean}", f"{_mem(u):.0f} / {_mem(l_):.1f} MiB = {mem:.1f}×", "≥ 20×",
+                     "yes" if mem >= 20 else "NO"])
     u, d = _get(ms, "unrolled-anderson", "step"), _get(ms, "deqdiff", "step")
     if u and d:  # the same forward solver on both sides: PIDEQ's Anderson loop vs the library default
         spd, mem = u["median_s"] / d["median_s"], _mem(u) / max(_mem(d), 1e-9)
-        rows.append(f"| speed, same Anderson forward: unrolled-anderson ÷ deqdiff | {u['median_s']:.3f} / "
-                    f"{d['median_s']:.3f} s = {spd:.2f}× | ≥ 3× | {'yes' if spd >= 3 else 'NO'} |")
-        rows.append(f"| peak step memory, same Anderson forward: unrolled-anderson ÷ deqdiff | {_mem(u):.0f} / "
-                    f"{_mem(d):.1f} MiB = {mem:.1f}× | ≥ 20× | {'yes' if mem >= 20 else 'NO'} |")
+        rows.append(["speed, same Anderson forward: unrolled-anderson ÷ deqdiff",
+                     f"{u['median_s']:.3f} / {d['median_s']:.3f} s = {spd:.2f}×", "≥ 3×", "yes" if spd >= 3 else "NO"])
+        rows.append(["peak step memory, same Anderson forward: unrolled-anderson ÷ deqdiff",
+                     f"{_mem(u):.0f} / {_mem(d):.1f} MiB = {mem:.1f}×", "≥ 20×", "yes" if mem >= 20 else "NO"])
     for mlp in ("mlp-4x20", "mlp-4x46"):
         p = _get(ms, mlp, "step")
         if p and best:
             r = _get(ms, best, "step")["median_s"] / p["median_s"]
-            rows.append(f"| epoch time: {best} ÷ {mlp} | {r:.2f}× | ≤ 3× (founding work: 19×) | {'yes' if r <= 3 else 'NO'} |")
+            rows.append([f"epoch time: {best} ÷ {mlp}", f"{r:.2f}×", "≤ 3× (founding work: 19×)", "yes" if r <= 3 else "NO"])
     j = _get(ms, "jax", "step")
     if j and best:
         r = j["median_s"] / _get(ms, best, "step")["median_s"]
-        rows.append(f"| time: JAX optimistix ÷ {best} | {j['median_s']:.3f} / {_get(ms, best, 'step')['median_s']:.3f} s = "
-                    f"{r:.2f}× | ≥ 1× (no slower) | {'yes' if r >= 1 else 'NO'} |")
+        rows.append([f"time: JAX optimistix ÷ {best}", f"{j['median_s']:.3f} / {_get(ms, best, 'step')['median_s']:.3f} s = "
+                     f"{r:.2f}×", "≥ 1× (no slower)", "yes" if r >= 1 else "NO"])
     acc = res.get("accuracy", {})
     if "rows" in acc:
         er = {r["method"]: r.get("rel_err") for r in acc["rows"]}
         if er.get("unrolled") is not None:
             for m in (m for m in METHODS if m.startswith("deqdiff")):
                 if er.get(m) is not None:
-                    rows.append(f"| gradient rel. error (float64, tol 1e-4): {m} vs unrolled | {er[m]:.1e} vs "
-                                f"{er['unrolled']:.1e} | ≤ unrolled's | {'yes' if er[m] <= er['unrolled'] else 'NO'} |")
-    return "\n".join(rows)
+                    rows.append([f"gradient rel. error (float64, tol 1e-4): {m} vs unrolled",
+                                 f"{er[m]:.1e} vs {er['unrolled']:.1e}", "≤ unrolled's",
+                                 "yes" if er[m] <= er["unrolled"] else "NO"])
+    return harness.markdown_table(["target", "measured", "target", "met?"], rows)
 
 
 def table_accuracy(acc: dict) -> str:
@@ -672,48 +670,40 @@ def table_accuracy(acc: dict) -> str:
         return f"accuracy run failed: {acc.get('error', '?')[-300:]}"
     head = (f"Reference: {acc['reference']} (agrees with unrolled iteration to 1e-12 to "
             f"{acc['reference_vs_unrolled_1e-12']:.1e}); {acc['batch']} collocation points.\n\n")
-    rows = ["| method (tol 1e-4, float64) | gradient rel. error | fwd iterations max/mean |", "|---|---|---|"]
+    rows = []
     for r in acc["rows"]:
         e = f"{r['rel_err']:.1e}" if isinstance(r.get("rel_err"), float) else f"failed: {str(r.get('error'))[-100:]}"
         it = r.get("iterations")
-        its = f"{it['max']}/{it['mean']}" if it else "–"
-        rows.append(f"| {r['method']} | {e} | {its} |")
-    return head + "\n".join(rows)
+        rows.append([r["method"], e, f"{it['max']}/{it['mean']}" if it else "–"])
+    return head + harness.markdown_table(["method (tol 1e-4, float64)", "gradient rel. error", "fwd iterations max/mean"],
+                                         rows)
 
 
 def table_peers(p: dict) -> str:
-    rows = [f"Problem: {p.get('problem')}; every solver at tol {p.get('tol')}.\n",
-            "| implementation | PINN gradient rel. error | warned? |", "|---|---|---|"]
-    for r in p.get("rows", []):
-        if "error" in r:
-            rows.append(f"| {r['name']} | {r['error']} | |")
-        else:
-            rows.append(f"| {r['name']} | {r['rel_err']:.1e} | {'yes' if r['warned'] else 'no'} |")
-    return "\n".join(rows)
+    rows = [[r["name"], r["error"], ""] if "error" in r else [r["name"], f"{r['rel_err']:.1e}", "yes" if r["warned"] else "no"]
+            for r in p.get("rows", [])]
+    return (f"Problem: {p.get('problem')}; every solver at tol {p.get('tol')}.\n\n"
+            + harness.markdown_table(["implementation", "PINN gradient rel. error", "warned?"], rows))
 
 
 def table_train(rows: list[dict]) -> str:
-    out = ["| model | parameters | epochs × points | s/epoch | final metrics |", "|---|---|---|---|---|"]
+    out = []
     for r in rows:
         if "error" in r:
-            out.append(f"| {r.get('model')} {r.get('width')} | failed: {r['error'][-150:]} | | | |")
+            out.append([f"{r.get('model')} {r.get('width')}", f"failed: {r['error'][-150:]}", "", "", ""])
             continue
         ev = ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in r["eval"].items())
-        out.append(f"| {r['model']} (width {r['width']}) | {r['parameters']} | {r['epochs']} × {r['batch']} | "
-                   f"{r['s_per_epoch']:.4f} | {ev} |")
-    return "\n".join(out)
+        out.append([f"{r['model']} (width {r['width']})", r["parameters"], f"{r['epochs']} × {r['batch']}",
+                    f"{r['s_per_epoch']:.4f}", ev])
+    return harness.markdown_table(["model", "parameters", "epochs × points", "s/epoch", "final metrics"], out)
 
 
 def table_pde_train(rows: list[dict]) -> str:
-    out = ["| model | parameters | epochs | s/epoch | rel. L2 error vs Cole–Hopf | max abs error | "
-           "fwd iterations (last epoch) |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            out.append(f"| {r.get('method')} | failed: {r['error'][-150:]} | | | | | |")
-            continue
-        out.append(f"| {r['method']} | {r['parameters']} | {r['epochs']} | {r['s_per_epoch']:.4f} | {r['rel_l2']:.2e} | "
-                   f"{r['max_abs']:.2e} | {r.get('fwd_iters_last') if r.get('fwd_iters_last') is not None else '–'} |")
-    return "\n".join(out)
+    out = [[r.get("method"), f"failed: {r['error'][-150:]}", "", "", "", "", ""] if "error" in r else
+           [r["method"], r["parameters"], r["epochs"], f"{r['s_per_epoch']:.4f}", f"{r['rel_l2']:.2e}", f"{r['max_abs']:.2e}",
+            r.get("fwd_iters_last") if r.get("fwd_iters_last") is not None else "–"] for r in rows]
+    return harness.markdown_table(["model", "parameters", "epochs", "s/epoch", "rel. L2 error vs Cole–Hopf", "max abs error",
+                                   "fwd iterations (last epoch)"], out)
 
 
 def table_pde(res: dict) -> str:
@@ -831,13 +821,13 @@ def render(res: dict) -> str:
         if path.exists():
             r = json.loads(path.read_text())
             c = r["config"]
-            cli_rows.append(f"| `deqdiff pinn {prob}` | ν = {c['nu']:.4g}, T = {c['T']:g}, {c['n_states']} states, "
-                            f"{c['epochs']} epochs × {c['n_collocation']} points | {r['parameters']} | "
-                            f"{r['rel_l2']:.2e} | {r['max_abs_error']:.2e} | {r['s_per_epoch']:.3f} | {r['reference']} |")
+            cli_rows.append([f"`deqdiff pinn {prob}`", f"ν = {c['nu']:.4g}, T = {c['T']:g}, {c['n_states']} states, "
+                             f"{c['epochs']} epochs × {c['n_collocation']} points", r["parameters"], f"{r['rel_l2']:.2e}",
+                             f"{r['max_abs_error']:.2e}", f"{r['s_per_epoch']:.3f}", r["reference"]])
     if cli_rows:
         out.append("### PDE problems trained with the CLI defaults (`benchmarks/results/pinn_{burgers,heat}.json`)\n")
-        out.append("| command | setup | parameters | rel. L2 error | max abs error | s/epoch | reference |\n"
-                   "|---|---|---|---|---|---|---|\n" + "\n".join(cli_rows))
+        out.append(harness.markdown_table(["command", "setup", "parameters", "rel. L2 error", "max abs error", "s/epoch",
+                                           "reference"], cli_rows))
         out.append("\nFigures: `docs/figures/burgers_solution.png` (prediction, reference, error), "
                    "`docs/figures/burgers_slices.png`, `docs/figures/burgers_loss.png`.\n")
     train_path = ROOT / "benchmarks" / "results" / "pinn_burgers_train.json"
@@ -887,7 +877,6 @@ def parse_args(argv=None):
     p.add_argument("--with-jax", action="store_true", help="include JAX in --quick (compiling takes ~20 s)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--md", default=str(ROOT / "benchmarks" / "results" / "pinn.md"))
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -895,10 +884,7 @@ def _save(res: dict, args, t0: float) -> Path:
     """Write the JSON (and, for full runs, the markdown section) after every section, so an
     interrupted run keeps what it measured."""
     res["meta"]["wall_s"] = round(res["meta"].get("wall_s_before", 0.0) + time.perf_counter() - t0, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / args.json_name
-    path.write_text(json.dumps(res, indent=1))
+    path = harness.write_json(Path(args.out) / args.json_name, res)
     if not args.quick:
         Path(args.md).write_text(render(res))
     return path
@@ -906,18 +892,14 @@ def _save(res: dict, args, t0: float) -> Path:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.worker:
-        spec = json.loads(args.worker)
-        print(MARK + json.dumps(WORKERS[spec["kind"]](spec)), flush=True)
-        return
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     threads_env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ)
     command = " ".join(filter(None, [threads_env, "PYTHONPATH=src python", "benchmarks/bench_pinn.py", *sys.argv[1:]]))
     if args.pde_train_epochs:
         rows = [run_worker(dict(kind="pde_train", method=m, epochs=args.pde_train_epochs), log, timeout=1800)
                 for m in PDE_METHODS]
-        path = Path(args.out) / "pinn_burgers_train.json"
-        path.write_text(json.dumps({"command": command, "date": datetime.date.today().isoformat(), "rows": rows}, indent=1))
+        harness.write_json(Path(args.out) / "pinn_burgers_train.json",
+                           {"command": command, "date": datetime.date.today().isoformat(), "rows": rows})
         print(table_pde_train(rows))
         return
     if args.render_only:
@@ -937,7 +919,7 @@ def main(argv=None) -> None:
         "pinn.json" if args.device == "cpu" else f"pinn_{args.device.split(':')[0]}.json")
     meta = {"command": command, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "jax": __import__("jax").__version__ if args.jax else None,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "threads": torch.get_num_threads(),
+            **harness.machine_info(machine="summary", threads="threads"),
             "dtype": args.dtype, "device": args.device, "repeats": args.repeats, "points": args.points,
             "quick": args.quick, "tol": TOL, "loadavg_1min_start": os.getloadavg()[0]}
     res = {"meta": meta, "regimes": {}}
