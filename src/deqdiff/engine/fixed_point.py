@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Callable
 
 import torch
@@ -133,6 +134,8 @@ class _FixedPoint(torch.autograd.Function):
         z, *params = ctx.saved_tensors
         op = _operator(ctx, z, params)
         w = solve_with_operator(op.T, z_bar, (z, *params))  # (I − J)ᵀ w = z̄
+        if not torch.is_grad_enabled():  # first order (no create_graph): f's vjp graph at z* is
+            op.release()  # freed before the parameters' vjp records another, never both held at once
         idx = [i for i, n in enumerate(ctx.needs_input_grad[2:]) if n]
         grads: list[Tensor | None] = [None] * len(params)
         if idx:
@@ -254,7 +257,13 @@ def fixed_point(
     if batch_ndim is None and row_params is not None:
         batch_ndim = 1  # naming per-sample params says the rows are samples
     if batch_ndim is None or (batch_ndim == 1 and probe_rows):
-        batch_ndim, found = infer_rows(f, z0, params, first_eval, want_batch=batch_ndim is None)
+        want = batch_ndim is None
+        probe = partial(infer_rows, f, z0, params, first_eval, want_batch=want)
+        if warm_start is None:
+            batch_ndim, found = probe()
+        else:  # the same problem again: its structure was probed at the first call
+            key = (f, want, *((t.shape, t.dtype, t.device) for t in (z0, *params)))
+            batch_ndim, found = warm_start.structure(key, probe)
         row_params = found if probe_rows else None
     row_params = check_row_params(row_params, z0, params, batch_ndim)
     derivative = dict(

@@ -67,6 +67,12 @@ DENSE_FALLBACK_NUMBERS = 1 << 24
 #: or at least ``TAIL_MIN_NUMBERS`` (4 M numbers: below that, chunking only adds overhead)
 TAIL_STATES = 2
 TAIL_MIN_NUMBERS = 1 << 22
+#: Richardson iterations after which the rows still running go to the dense tail (when their
+#: blocks hold at most ``DENSE_FALLBACK_NUMBERS`` numbers): a row's block costs about 4N/3
+#: products with ``A`` to build and factor, it is factored once for every derivative solve at
+#: the same point, and each iteration of a loop carries fixed bookkeeping that a slow tail of few
+#: rows pays for many iterations (ρ(J) ≈ 0.95 needs ~200)
+TAIL_PROBE = 32
 
 
 def _pick_solver(name, op: BoundOperator):
@@ -101,13 +107,25 @@ def _iterative_auto(op: BoundOperator, b: Tensor, x0: Tensor | None = None, *, b
     budget = RICHARDSON_BUDGET if budget is None else budget
     steps = max(1, min(int(budget), max_iter))
     dense_tail = op.can_restrict and N <= DENSE_TAIL_MAX_ROW_SIZE
+    richardson = get_solver("richardson", "linear")
     if dense_tail:
         steps = min(max_iter, max(16, N))
         x0 = _start_from_factored_rows(op, b, x0, tol=tol, atol=atol)
-    x, info = get_solver("richardson", "linear")(op, b, x0, tol=tol, atol=atol, max_iter=steps)
+        probe = min(steps, TAIL_PROBE)
+    else:
+        probe = steps
+    x, info = richardson(op, b, x0, tol=tol, atol=atol, max_iter=probe)
     if info.all_converged:
         return x, info
     rows = (~info.converged).nonzero().flatten()
+    if dense_tail and probe < steps and rows.numel() * N * N > DENSE_FALLBACK_NUMBERS:
+        # too many slow rows to keep their blocks: iterate them on, up to the cap
+        x_rows, sub = richardson(op.restrict(rows), b.index_select(0, rows), x.index_select(0, rows), tol=tol,
+                                 atol=_rows_of(atol, rows), max_iter=steps - probe)
+        x, info = x.index_copy(0, rows, x_rows), merge_rows(info, rows, sub, "richardson")
+        if info.all_converged:
+            return x, info
+        rows = (~info.converged).nonzero().flatten()
     if dense_tail:
         x_rows, sub = _dense_tail(op, b, rows, tol=tol, atol=atol)
     elif steps < max_iter:

@@ -10,6 +10,8 @@ derivative of the iterations it ran.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import Tensor
 
 __all__ = ["WarmStart"]
@@ -22,16 +24,26 @@ class WarmStart:
     warm_start=ws)``) at every step. The k-th derivative solve of a call starts from the
     k-th solution of the previous call when its shape, dtype, device and orientation (A or
     Aᵀ) match; anything else starts cold, so a changed batch or pattern only costs
-    iterations. ``reset()`` forgets everything (e.g. when the samples change). Memory: one
-    state per stored solve, detached."""
+    iterations. The batch structure that ``fixed_point`` finds by probing ``f`` (which dims
+    are samples, which params are per sample) is kept too, and probed again only when ``f``
+    or a shape or dtype changes. ``reset()`` forgets everything (e.g. when the samples
+    change). Memory: one state per stored solve, detached."""
 
     def __init__(self) -> None:
         self.z: Tensor | None = None
         self.solutions: dict[tuple, Tensor] = {}
         self.cold_iterations: int | None = None  # forward iterations of the first (cold) solve
+        self._structure: tuple | None = None  # (key, (batch_ndim, row_params))
 
     def reset(self) -> None:
-        self.z, self.solutions, self.cold_iterations = None, {}, None
+        self.z, self.solutions, self.cold_iterations, self._structure = None, {}, None, None
+
+    def structure(self, key: tuple, probe: Callable[[], tuple]) -> tuple:
+        """``probe()`` (the batch structure of ``f``), computed once per ``key`` (``f``, the
+        shapes, dtypes and device of ``z0`` and the params)."""
+        if self._structure is None or self._structure[0] != key:
+            self._structure = (key, probe())
+        return self._structure[1]
 
     def initial_state(self, z0: Tensor) -> Tensor:
         """``z0``, or the previous z* when it fits ``z0``'s shape, dtype and device."""
