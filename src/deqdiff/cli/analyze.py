@@ -5,7 +5,11 @@ Figs. 4.2/4.3), ``ntk`` (empirical NTK over training, λ₀ = σ_min(Z), the lin
 Theorems 3.3.1/3.3.5), ``hessian`` (top eigenvalues of the loss Hessian and its Gauss–Newton
 and dynamics parts), ``landscape`` (filter-normalized 1D/2D loss landscapes of a DEQ and
 repeat-k, §4.2.1). Each writes PNG figures and a JSON file to ``--out``; the models are trained
-with ``deqdiff.training`` and cached in ``--out/models`` (shared by the tools).
+with ``deqdiff.training`` and cached in ``--out/models`` (shared by the tools). Every snapshot is
+an epoch of one run of ``deqdiff train``'s length (15 epochs, cosine schedule over all of them), so
+"trained" means trained to that run's end and "epoch 2" is epoch 2 of that run. ``--quick``
+swaps every default for tiny settings (a few images, a coarse grid, one epoch): a smoke run whose
+numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +23,16 @@ from ._common import (UsageError, check_solver, finite_float, float_list, int_li
                       out_dir, positive_float, positive_int, seed, str_list, user_errors)
 
 TOOLS = ("residuals", "trajectories", "ntk", "hessian", "landscape")
+
+#: the defaults ``--quick`` replaces (only those the command line did not set), per tool
+QUICK = {
+    "_all": {"train_limit": 64, "batch_size": 32},
+    "residuals": {"epochs": [1], "samples": 8, "max_iter": 10},
+    "trajectories": {"epochs": [0, 1], "samples": 20, "max_iter": 8},
+    "ntk": {"epochs": [0, 1], "samples": 8, "width": 16, "rate_samples": 6, "rate_width": 12, "rate_steps": 5},
+    "hessian": {"epochs": [0, 1], "samples": 8, "k": 2, "num_iters": 3},
+    "landscape": {"epochs": [1], "samples": 8, "steps": 5},
+}
 
 _ints = int_list(nonneg_int)  # training epochs (0 = the initialization)
 _floats = float_list(positive_float)
@@ -44,13 +58,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         g.add_argument("--data-dir", default=None)
         g.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N images only")
         g.add_argument("--epochs", type=_ints, default=_ints(epochs) if epochs else None,
-                       help="training checkpoints (epochs, comma-separated; 0 = init)" + (
-                           "" if epochs else "; default 2, with --model the epochs of 'deqdiff train' (15)"))
+                       help="training checkpoints (epochs, comma-separated; 0 = init), all taken from one run "
+                       "of max(15, last epoch) epochs" + ("" if epochs else "; default: the epochs of "
+                                                          "'deqdiff train' (15), i.e. trained to convergence"))
         g.add_argument("--batch-size", type=positive_int, default=64)
         g.add_argument("--lr", type=positive_float, default=1e-3)
         g.add_argument("--seed", type=seed, default=0)
+        g.add_argument("--threads", type=nonneg_int, default=1,
+                       help="torch CPU threads (0: torch's default); 1 makes the numbers repeatable across machines")
+        g.add_argument("--quick", action="store_true",
+                       help="smoke run: tiny defaults (" + ", ".join(
+                           f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                           for k, v in {**QUICK["_all"], **QUICK[q.prog.split()[-1]]}.items()) +
+                       "); flags given explicitly win")
         g.add_argument("--no-progress", action="store_true")
-        q.set_defaults(func=_run)
+        q.set_defaults(func=_run, _parser=q)
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     q = tools.add_parser("residuals", help="relative residual curves (eq. 4.2, Fig. 4.1)", formatter_class=fmt)
@@ -58,17 +80,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--samples", type=positive_int, default=64)
     q.add_argument("--solvers", type=_strs, default=_strs("anderson,fixed_point"))
     q.add_argument("--stds", type=_floats, default=_floats("1.0,0.1,0.01"),
-                   help="stds of the re-drawn cell weights: N(0,1), N(0,0.01) (variance), N(0,1e-4)")
+                   help="standard deviations σ of the re-drawn cell weights, drawn from N(0, σ²): the thesis's N(0, 1), "
+                   "N(0, 0.01) (read as variance 0.01) and N(0, 1e-4)")
     q.add_argument("--max-iter", type=positive_int, default=40)
     q.add_argument("--tol", type=nonneg_float, default=0.0, help="0: run every input for max-iter iterations")
-    common(q, "2")
+    common(q, "15")
 
     q = tools.add_parser("trajectories", help="PCA of solver trajectories over training (Figs. 4.2/4.3)", formatter_class=fmt)
     q.add_argument("--model", default="conv")
     q.add_argument("--samples", type=positive_int, default=150)
     q.add_argument("--max-iter", type=positive_int, default=30)
     q.add_argument("--solver", default="anderson")
-    common(q, "0,1,2")
+    common(q, "0,1,2,15")
 
     q = tools.add_parser("ntk", help="empirical NTK over training and the linear-rate check (ch. 3)", formatter_class=fmt)
     q.add_argument("--model", default="mon", help="model whose NTK is tracked (mon, conv, …)")
@@ -80,14 +103,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--rate-steps", type=positive_int, default=200)
     q.add_argument("--rate-m", type=positive_float, default=1.0, help="monotonicity margin m")
     q.add_argument("--rate-lr", type=positive_float, default=None, help="GD step η (default 1/λ_max(Θ(0)))")
-    common(q, "0,1,2")
+    common(q, "0,1,2,15")
 
     q = tools.add_parser("hessian", help="top Hessian eigenvalues (total, Gauss–Newton, dynamics) over training", formatter_class=fmt)
     q.add_argument("--model", default="conv")
     q.add_argument("--samples", type=positive_int, default=64)
     q.add_argument("--k", type=positive_int, default=3)
     q.add_argument("--num-iters", type=positive_int, default=12, help="Lanczos steps per term")
-    common(q, "0,1,2")
+    common(q, "0,1,2,15")
 
     q = tools.add_parser("landscape", help="filter-normalized loss landscapes of a DEQ and repeat-k (§4.2.1), or of "
                          "one model such as the MDEQ (§4.2.2)", formatter_class=fmt)
@@ -117,16 +140,25 @@ def _bar(args):
 
 def _snapshots(args, model: str, epochs=None):
     from ..analysis.runs import trained_snapshots
+    from ..training import TrainConfig
 
     settings = dict(data=args.data, data_dir=args.data_dir, train_limit=args.train_limit, batch_size=args.batch_size,
                     lr=args.lr, seed=args.seed)
     if model.startswith("mon"):
         settings["width"] = getattr(args, "width", 64)
-    return trained_snapshots(model, epochs or args.epochs, Path(args.out) / "models", progress=not args.no_progress,
-                             **settings)
+    epochs = epochs or args.epochs
+    horizon = max(TrainConfig().epochs, *epochs)  # every snapshot is an epoch of one standard-length run
+    return trained_snapshots(model, epochs, Path(args.out) / "models", horizon=horizon,
+                             progress=not args.no_progress, **settings)
 
 
-def _write(out: Path, name: str, data: dict) -> Path:
+def _write(out: Path, name: str, data: dict, args: argparse.Namespace | None = None) -> Path:
+    """``data`` as ``<out>/<name>.json``, with the command's settings under "settings"."""
+    if args is not None:
+        import torch
+
+        data = {"settings": {**{k: v for k, v in vars(args).items() if k not in ("func", "_parser")},
+                             "torch_threads": torch.get_num_threads()}, **data}
     path = out / f"{name}.json"
     path.write_text(json.dumps(data, indent=1, default=float))
     return path
@@ -155,9 +187,21 @@ def _check(args: argparse.Namespace) -> Path:
     return out_dir(args.out)
 
 
+def _apply_quick(args: argparse.Namespace) -> None:
+    """``--quick``: every default of QUICK that the command line left alone takes its tiny value."""
+    parser = args._parser
+    for name, value in {**QUICK["_all"], **QUICK[args.tool]}.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    if args.quick:
+        _apply_quick(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = _check(args)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -182,10 +226,9 @@ def _residuals(args, out: Path) -> list:
     snaps = _snapshots(args, args.model, [0, max(args.epochs)])
     curves = {}
     for std in args.stds:
-        init = f"N(0,{std**2:g})"
         model = reinit_normal_(copy.deepcopy(snaps[0]), std, seed=args.seed)
         for solver in args.solvers:
-            key = f"{init} init / {solver}"
+            key = f"init N(0, σ²), σ = {std:g} (variance {std**2:g}) / {solver}"
             curves[key] = residual_curves(model, X, solver=solver, tol=args.tol, max_iter=args.max_iter, label=key)
     trained = snaps[max(args.epochs)]
     for solver in args.solvers:
@@ -193,10 +236,10 @@ def _residuals(args, out: Path) -> list:
         curves[key] = residual_curves(trained, X, solver=solver, tol=args.tol, max_iter=args.max_iter, label=key)
     fig = plotting.plot_residual_curves(curves, out / "residuals.png", ncols=len(args.solvers))
     js = _write(out, "residuals", {"model": args.model, "samples": args.samples, "max_iter": args.max_iter,
-                                   "curves": {k: c.to_dict(max_curves=16) for k, c in curves.items()}})
+                                   "curves": {k: c.to_dict(max_curves=16) for k, c in curves.items()}}, args)
     for k, c in curves.items():
         final = c.held[-1]
-        print(f"  {k:38s} final residual: median {float(final.median()):.2e}, "
+        print(f"  {k:50s} final residual: median {float(final.median()):.2e}, "
               f"below 1e-3 for {float((final <= 1e-3).double().mean()):.0%} of inputs")
     return [fig, js]
 
@@ -214,7 +257,7 @@ def _trajectories(args, out: Path) -> list:
     js = _write(out, "trajectories", {
         "model": args.model, "samples": args.samples, "labels": Y.tolist(),
         "checkpoints": {k: {"explained": r["explained"].tolist(), "mean_step": r["mean_step"].tolist(),
-                            "coords": r["coords"][:, :32].tolist()} for k, r in res.items()}})
+                            "coords": r["coords"][:, :32].tolist()} for k, r in res.items()}}, args)
     return [fig, js]
 
 
@@ -247,7 +290,7 @@ def _ntk(args, out: Path) -> list:
     fig1 = plotting.plot_ntk(spectra, track, out / "ntk.png")
     rate = _rate_check(args)
     fig2 = plotting.plot_linear_rate(rate, out / "ntk_linear_rate.png")
-    js = _write(out, "ntk", {"model": args.model, "samples": args.samples, "track": track, "linear_rate": rate})
+    js = _write(out, "ntk", {"model": args.model, "samples": args.samples, "track": track, "linear_rate": rate}, args)
     print(f"  linear-rate check: λ₀ {rate['lambda_0']:.3e}, η {rate['lr']:.3e}, loss {rate['loss'][0]:.3e} → "
           f"{rate['loss'][-1]:.3e}; bound (1-ηλ₀²/4)^k holds: {rate['bound_holds']}; "
           f"theorem conditions hold: {rate['theorem']['all_hold']}")
@@ -311,7 +354,7 @@ def _hessian(args, out: Path) -> list:
               f"GN {['%.3g' % v for v in r['gauss_newton']]}, dynamics {['%.3g' % v for v in r['dynamics']]}")
     fig = plotting.plot_hessian(track, out / "hessian.png")
     js = _write(out, "hessian", {"model": args.model, "samples": args.samples, "k": args.k,
-                                 "num_iters": args.num_iters, "track": track})
+                                 "num_iters": args.num_iters, "track": track}, args)
     return [fig, js]
 
 
@@ -330,10 +373,10 @@ def _landscape(args, out: Path) -> list:
         print(f"  {args.data} {split} split has {X.shape[0]} images: the landscape averages over all of them "
               f"(asked for {samples})")
     models = [args.model] if single else args.models
-    if args.epochs is None:
+    if args.epochs is None:  # the thesis compares minimizers trained to convergence: 'deqdiff train''s epochs
         from ..training import TrainConfig
 
-        args.epochs = [TrainConfig().epochs] if single else [2]  # with --model: trained as 'deqdiff train' does
+        args.epochs = [TrainConfig().epochs]
     e = max(args.epochs)
     lands2, lands1, summary = {}, {}, {}
     for name in models:
@@ -360,5 +403,5 @@ def _landscape(args, out: Path) -> list:
         "span": list(args.span),
         "ignore": args.ignore, "summary": summary,
         "landscapes_2d": {k: l.to_dict() for k, l in lands2.items()},
-        "landscapes_1d": {k: l.to_dict() for k, l in lands1.items()}}))
+        "landscapes_1d": {k: l.to_dict() for k, l in lands1.items()}}, args))
     return files
