@@ -61,7 +61,10 @@ class NeuralSolverConfig:
     ``state_shape``/``input_shape``: per-sample shapes of the DEQ state z and of the injection x.
     ``m``: Anderson memory (history columns the mixer sees). ``hidden``: width of the mixer's
     MLP; ``compress``: dimension of the learned residual compression; ``init_hidden``: width
-    (vector states; default 1024) or channels (image states; default 32) of the initializer. ``beta_max``: β ∈ (0, beta_max)
+    (vector states; default 1024) or channels (image states; default 32) of the initializer;
+    ``init_rank``: rank of the image initializer's global linear correction (0: none);
+    ``state_layout``: ``(C_i, H_i, W_i)`` branch shapes of a flat multiscale state (MDEQ), which
+    then gets the image initializer too. ``beta_max``: β ∈ (0, beta_max)
     (1 at initialization). ``mixer_steps``: the mixer proposes the first this many steps (the
     unrolled steps it was fitted on; later steps are plain Anderson, where the network would
     extrapolate beyond its training); None: every step. ``patience``: steps in a row that fail to lower a sample's best
@@ -76,6 +79,8 @@ class NeuralSolverConfig:
     beta_max: float = 2.0
     patience: int = 3
     mixer_steps: int | None = None  # steps the mixer acts on (those it was fitted on); None: all
+    state_layout: tuple[tuple[int, int, int], ...] | None = None  # branches of a flat multiscale state
+    init_rank: int = 32  # rank of the convolutional initializer's global linear correction (0: none)
     meta: dict = field(default_factory=dict)  # provenance (model kind, fit settings), JSON-able
 
     def __post_init__(self):
@@ -86,6 +91,14 @@ class NeuralSolverConfig:
                 continue
             if isinstance(v, bool) or int(v) != v or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if isinstance(self.init_rank, bool) or int(self.init_rank) != self.init_rank or self.init_rank < 0:
+            raise ValueError(f"init_rank must be an integer >= 0, got {self.init_rank!r}")
+        if self.state_layout is not None:
+            self.state_layout = tuple(tuple(int(n) for n in b) for b in self.state_layout)
+            if (not self.state_layout or any(len(b) != 3 or min(b) < 1 for b in self.state_layout)
+                    or sum(math.prod(b) for b in self.state_layout) != math.prod(self.state_shape)):
+                raise ValueError(f"state_layout must be (C, H, W) branch shapes whose sizes add up to the state's "
+                                 f"{math.prod(self.state_shape)} unknowns, got {self.state_layout!r}")
         if not (math.isfinite(self.beta_max) and self.beta_max > 1):
             raise ValueError(f"beta_max must be a finite number > 1, got {self.beta_max!r}")
         if not self.state_shape or not self.input_shape or min(self.state_shape + self.input_shape) < 1:
@@ -100,26 +113,43 @@ class NeuralSolverConfig:
 class Initializer(nn.Module):
     """``z⁰ = g_φ(x)``: per-sample injection ``(B, *input_shape)`` → state ``(B, *state_shape)``.
 
-    Image states whose injection has the same spatial size (``(C_in, H, W)`` → ``(C, H, W)``) get a
-    small convolutional network (3×3 convolutions with dilations 1, 2, 4 and ReLUs, then a 1×1
-    convolution), as the paper's initializer for vision DEQs; other shapes one wide tanh layer on the standardized flattened
-    input. The last layer is linear in the output: :meth:`refit_output` sets it by least squares."""
+    Image injections ``(C_in, H, W)`` whose state is an image of the same spatial size, or a flat
+    multiscale state with branches ``layout`` ``[(C_i, H/s_i, W/s_i)]`` (MDEQ), get the paper's kind of
+    initializer for vision DEQs (Bai, Koltun & Kolter 2022: a small network on the injection with
+    the state's spatial structure): a convolutional trunk (3×3 convolutions with dilations 1, 2, 4
+    and ReLUs, ``hidden`` channels), per branch an average pooling by s_i and a 1×1 convolution,
+    plus a global linear correction of rank ``rank`` (flattened injection → r → flattened state:
+    every pixel of z* depends on the whole image through the DEQ's repeated convolutions). Other
+    shapes get one wide tanh layer on the standardized flattened input. The heads are linear in
+    the output: :meth:`refit_output` sets them by least squares."""
 
-    def __init__(self, input_shape: tuple[int, ...], state_shape: tuple[int, ...], hidden: int | None = None):
+    def __init__(self, input_shape: tuple[int, ...], state_shape: tuple[int, ...], hidden: int | None = None,
+                 layout: tuple[tuple[int, int, int], ...] | None = None, rank: int = 0):
         super().__init__()
         self.input_shape, self.state_shape = tuple(input_shape), tuple(state_shape)
-        self.conv = len(input_shape) == 3 and len(state_shape) == 3 and input_shape[1:] == state_shape[1:]
+        if layout is None and len(state_shape) == 3:
+            layout = (tuple(state_shape),)
+        self.layout = tuple(tuple(b) for b in layout) if layout is not None else None
+        self.conv = (len(input_shape) == 3 and self.layout is not None
+                     and all(input_shape[1] % b[1] == 0 and input_shape[2] % b[2] == 0
+                             and input_shape[1] // b[1] == input_shape[2] // b[2] for b in self.layout))
         hidden = hidden or (32 if self.conv else 1024)
+        n_in, n = math.prod(input_shape), math.prod(state_shape)
         if self.conv:
-            c_in, c = input_shape[0], state_shape[0]
-            # dilations 1, 2, 4: a 15×15 receptive field, since z* at a pixel depends on the whole
-            # image through the DEQ's repeated 3×3 convolutions
+            c_in = input_shape[0]
+            # dilations 1, 2, 4: a 15×15 receptive field
             self.net = nn.Sequential(nn.Conv2d(c_in, hidden, 3, padding=1), nn.ReLU(),
                                      nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2), nn.ReLU(),
-                                     nn.Conv2d(hidden, hidden, 3, padding=4, dilation=4), nn.ReLU(),
-                                     nn.Conv2d(hidden, c, 1))
+                                     nn.Conv2d(hidden, hidden, 3, padding=4, dilation=4), nn.ReLU())
+            self.pools = [input_shape[1] // b[1] for b in self.layout]
+            self.heads = nn.ModuleList(nn.Conv2d(hidden, b[0], 1) for b in self.layout)
+            self.rank = int(rank)
+            if self.rank:
+                self.down = nn.Linear(n_in, self.rank, bias=False)
+                self.up = nn.Linear(self.rank, n, bias=False)
+                nn.init.zeros_(self.up.weight)  # starts as the convolutional part alone
         else:
-            n_in, n = math.prod(input_shape), math.prod(state_shape)
+            self.rank = 0
             self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, n))
             # standardized inputs times N(0, 1) weights: random tanh features that are nonlinear from
             # the start (PyTorch's default keeps them nearly linear), whose least-squares output layer
@@ -145,37 +175,55 @@ class Initializer(nn.Module):
             return (h - self.x_mean[:, None, None]) / self.x_std[:, None, None]
         return (h.reshape(h.shape[0], -1) - self.x_mean) / self.x_std
 
+    def _branch_features(self, h: Tensor) -> list[Tensor]:
+        return [h if s == 1 else nn.functional.avg_pool2d(h, s) for s in self.pools]
+
+    def _global(self, xs: Tensor) -> Tensor:
+        return self.up(self.down(xs.flatten(1)))
+
     def forward(self, x: Tensor) -> Tensor:
-        out = self.net(self._standardized(x))
+        xs = self._standardized(x)
+        if not self.conv:
+            out = self.net(xs)
+        else:
+            h = self.net(xs)
+            out = torch.cat([head(f).flatten(1) for head, f in zip(self.heads, self._branch_features(h))], 1)
+            if self.rank:
+                out = out + self._global(xs)
         return out.reshape(x.shape[0], *self.state_shape).to(x.dtype)
 
     @torch.no_grad()
     def refit_output(self, x: Tensor, z: Tensor, ridge: float = 1e-6, chunk: int = 1024) -> None:
-        """Set the last (linear, or 1×1 convolutional) layer to the ridge least-squares fit of the
-        targets ``z`` on the hidden features of ``x`` — the output weights are linear in the
-        output, so their best value has a closed form (variable projection); the gradient steps
-        then only have to move the hidden layers. ``ridge`` is relative to the mean feature
-        energy."""
-        last = self.net[-1]
-        p = last.weight
-        gram, cross, n = None, None, 0
+        """Set the output layer (the last linear layer, or each branch's 1×1 convolution, fitted to
+        ``z`` minus the global correction) to the ridge least-squares fit of the targets ``z`` on
+        the hidden features of ``x`` — the output weights are linear in the output, so their best
+        value has a closed form (variable projection); the gradient steps then only have to move
+        the hidden layers. ``ridge`` is relative to the mean feature energy."""
+        lasts = list(self.heads) if self.conv else [self.net[-1]]
+        grams: list = [None] * len(lasts)
+        crosses: list = [None] * len(lasts)
         for i in range(0, x.shape[0], chunk):
-            xs, zs = x[i:i + chunk], z[i:i + chunk]
-            h = self.net[:-1](self._standardized(xs))
+            xs, zs = self._standardized(x[i:i + chunk]), z[i:i + chunk].reshape(min(chunk, x.shape[0] - i), -1)
             if self.conv:  # a 1×1 convolution is one linear map per pixel
-                h, t = h.movedim(1, -1).reshape(-1, h.shape[1]), zs.movedim(1, -1).reshape(-1, zs.shape[1])
+                if self.rank:
+                    zs = zs - self._global(xs).to(zs.dtype)
+                feats = self._branch_features(self.net(xs))
+                parts = zs.split([math.prod(b) for b in self.layout], 1)
+                pairs = [(f.movedim(1, -1).reshape(-1, f.shape[1]),
+                          t.reshape(t.shape[0], *b).movedim(1, -1).reshape(-1, b[0]))
+                         for f, t, b in zip(feats, parts, self.layout)]
             else:
-                t = zs.reshape(zs.shape[0], -1)
-            h = torch.cat([h, torch.ones_like(h[:, :1])], 1).double()
-            t = t.double()
-            gram = h.T @ h if gram is None else gram + h.T @ h
-            cross = h.T @ t if cross is None else cross + h.T @ t
-            n += h.shape[0]
-        lam = ridge * float(gram.diagonal().mean())
-        w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), cross)
-        weight, bias = w[:-1].T, w[-1]
-        last.weight.copy_(weight.reshape(last.weight.shape).to(p.dtype))
-        last.bias.copy_(bias.to(p.dtype))
+                pairs = [(self.net[:-1](xs), zs)]
+            for j, (h, t) in enumerate(pairs):
+                h = torch.cat([h, torch.ones_like(h[:, :1])], 1).double()
+                t = t.double()
+                grams[j] = h.T @ h if grams[j] is None else grams[j] + h.T @ h
+                crosses[j] = h.T @ t if crosses[j] is None else crosses[j] + h.T @ t
+        for last, gram, cross in zip(lasts, grams, crosses):
+            lam = ridge * float(gram.diagonal().mean())
+            w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), cross)
+            last.weight.copy_(w[:-1].T.reshape(last.weight.shape).to(last.weight.dtype))
+            last.bias.copy_(w[-1].to(last.bias.dtype))
 
 
 def _slog(v: Tensor) -> Tensor:
@@ -302,7 +350,8 @@ class NeuralSolver(nn.Module):
     def __init__(self, config: NeuralSolverConfig):
         super().__init__()
         self.config = config
-        self.initializer = Initializer(config.input_shape, config.state_shape, config.init_hidden)
+        self.initializer = Initializer(config.input_shape, config.state_shape, config.init_hidden,
+                                       config.state_layout, config.init_rank)
         self.mixer = HyperAnderson(config.state_size, config.m, config.hidden, config.compress, config.beta_max)
 
     @property
@@ -380,7 +429,9 @@ class NeuralSolver(nn.Module):
             state = read_checkpoint(path, map_location, format=FORMAT)
         except struct.error as err:  # a truncated or foreign file torch.load cannot frame
             raise ValueError(f"{path} is not a readable deqdiff neural solver ({err})") from err
-        config = NeuralSolverConfig(**state["config"])
+        cfg = dict(state["config"])
+        cfg.setdefault("init_rank", 0)  # solvers saved before the global correction existed have none
+        config = NeuralSolverConfig(**cfg)
         net = cls(config)
         dtype = next(iter(state["state"].values())).dtype
         net.to(dtype=dtype).load_state_dict(state["state"])

@@ -39,7 +39,14 @@ __all__ = ["FitConfig", "FitResult", "ground_truth", "fit_neural_solver"]
 
 @dataclass
 class FitConfig:
-    """Settings of :func:`fit_neural_solver` (sizes of the networks: :class:`NeuralSolverConfig`)."""
+    """Settings of :func:`fit_neural_solver` (sizes of the networks: :class:`NeuralSolverConfig`).
+
+    ``steps``/``batch``/``unroll``/``lr``: Adam steps through ``unroll`` unrolled solver steps;
+    ``init_steps``/``init_batch``: Adam steps before those that fit the initializer alone to z*
+    (no f-evaluations: cheap); ``gt_tol``/``gt_max_iter``: the ground-truth solves;
+    ``time_budget_s``: wall-clock limit of the whole fit (ground truth included) — the
+    initializer-only steps stop at half of it, the unrolled steps at all of it (the steps done are
+    recorded); None: no limit."""
 
     steps: int = 300
     batch: int = 64
@@ -51,10 +58,17 @@ class FitConfig:
     alpha_fraction: float = 0.5
     gt_tol: float = 1e-5
     gt_max_iter: int = 300
+    init_steps: int = 0
+    init_batch: int = 128
+    time_budget_s: float | None = None
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "batch", "unroll", "gt_max_iter"):
+        if isinstance(self.init_steps, bool) or int(self.init_steps) != self.init_steps or self.init_steps < 0:
+            raise ValueError(f"init_steps must be an integer >= 0, got {self.init_steps!r}")
+        if self.time_budget_s is not None and not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
+            raise ValueError(f"time_budget_s must be None or a finite number > 0, got {self.time_budget_s!r}")
+        for name in ("steps", "batch", "unroll", "gt_max_iter", "init_batch"):
             v = getattr(self, name)
             if isinstance(v, bool) or int(v) != v or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -80,6 +94,9 @@ class FitResult:
     samples: int = 0  # training samples used
     left_out: int = 0  # training samples whose ground truth missed gt_tol
     init_error: float = math.nan  # mean ‖g_φ(x) − z*‖/‖z*‖ on a held-out fifth of the samples, at the end
+    init_steps_done: int = 0  # initializer-only steps taken (fewer than asked when the time budget ran out)
+    steps_done: int = 0  # unrolled steps taken
+    ground_truth_f_evals: float = math.nan  # mean f-evaluations per sample of the ground-truth solves
 
 
 def _flat_map(cell: Callable[[Tensor, Tensor], Tensor], x: Tensor, state_shape: tuple[int, ...]):
@@ -92,18 +109,21 @@ def _flat_map(cell: Callable[[Tensor, Tensor], Tensor], x: Tensor, state_shape: 
 
 
 def ground_truth(cell: Callable[[Tensor, Tensor], Tensor], x: Tensor, z0: Tensor, *, tol: float = 1e-5,
-                 max_iter: int = 300, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+                 max_iter: int = 300, chunk: int = 1024, return_evals: bool = False):
     """Fixed points ``z* = cell(z*, x)`` ``(B, *state_shape)`` by Anderson from ``z0`` to relative
-    residual ``tol``, in chunks of ``chunk`` samples; returns ``(z*, converged (B,))``."""
+    residual ``tol``, in chunks of ``chunk`` samples; returns ``(z*, converged (B,))``, and the
+    f-evaluations per sample ``(B,)`` as a third element with ``return_evals``."""
     shape = tuple(z0.shape[1:])
-    outs, oks = [], []
+    outs, oks, evals = [], [], []
     with torch.no_grad():
         for i in range(0, x.shape[0], chunk):
             xs, zs = x[i:i + chunk], z0[i:i + chunk]
             z, info = anderson(_flat_map(cell, xs, shape), zs.reshape(zs.shape[0], -1), tol=tol, max_iter=max_iter)
             outs.append(z.reshape(zs.shape))
             oks.append(info.converged)
-    return torch.cat(outs), torch.cat(oks)
+            evals.append(info.iterations + 1)
+    out = (torch.cat(outs), torch.cat(oks))
+    return (*out, torch.cat(evals)) if return_evals else out
 
 
 def _rel(a: Tensor, b: Tensor) -> Tensor:
@@ -143,19 +163,27 @@ def _choose_ridge(net: NeuralSolver, x: Tensor, z: Tensor, gen: torch.Generator)
 
 def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, init_state: Callable[[Tensor], Tensor],
                       *, config: NeuralSolverConfig | None = None, fit: FitConfig | None = None,
+                      state_layout: tuple[tuple[int, int, int], ...] | None = None,
                       progress: bool = False, desc: str = "fit solver") -> FitResult:
     """Fit a :class:`NeuralSolver` to the frozen map ``cell(z, x)`` on the injections ``inputs``
     ``(B, *input_shape)``; ``init_state(x)`` is the DEQ's default start (for the ground truth).
 
     ``config`` sets the networks' sizes (its shapes are taken from the data); ``fit`` the
-    optimization (:class:`FitConfig`). The networks get ``inputs``' dtype and device. Raises
-    ``ValueError`` when no training sample reaches the ground-truth tolerance."""
+    optimization (:class:`FitConfig`); ``state_layout`` the ``(C, H, W)`` branches of a flat
+    multiscale state (MDEQ; :class:`NeuralSolverConfig`). The networks get ``inputs``' dtype and
+    device. Raises ``ValueError`` when no training sample reaches the ground-truth tolerance."""
     fit = fit or FitConfig()
     t0, c0 = time.perf_counter(), time.process_time()
+    budget = math.inf if fit.time_budget_s is None else fit.time_budget_s
+
+    def elapsed() -> float:
+        return time.perf_counter() - t0
+
     x_all = inputs.detach()
     z_default = init_state(x_all).detach()
-    z_star, ok = ground_truth(cell, x_all, z_default, tol=fit.gt_tol, max_iter=fit.gt_max_iter)
-    t_gt = time.perf_counter() - t0
+    z_star, ok, gt_evals = ground_truth(cell, x_all, z_default, tol=fit.gt_tol, max_iter=fit.gt_max_iter,
+                                        return_evals=True)
+    t_gt = elapsed()
     if not bool(ok.any()):
         raise ValueError(f"no training sample reached the ground-truth tolerance {fit.gt_tol:g} in "
                          f"{fit.gt_max_iter} Anderson iterations; the frozen DEQ does not converge")
@@ -163,29 +191,54 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     state_shape, input_shape = tuple(z_star.shape[1:]), tuple(x_all.shape[1:])
     base = config or NeuralSolverConfig(state_shape, input_shape)
     cfg = NeuralSolverConfig(**{**base.__dict__, "state_shape": state_shape, "input_shape": input_shape,
+                                "state_layout": state_layout if state_layout is not None else base.state_layout,
                                 "mixer_steps": fit.unroll if base.mixer_steps is None else base.mixer_steps})
     gen = torch.Generator().manual_seed(fit.seed)
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(fit.seed)
         net = NeuralSolver(cfg).to(device=x_all.device, dtype=x_all.dtype)
-    net.initializer.set_input_stats(x_all)
+    ini = net.initializer
+    ini.set_input_stats(x_all)
     ridge = _choose_ridge(net, x_all, z_star, gen)
-    net.initializer.refit_output(x_all, z_star, ridge)  # a closed-form start for the output layer
-    opt = torch.optim.Adam(net.parameters(), lr=fit.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fit.steps)
+    ini.refit_output(x_all, z_star, ridge)  # a closed-form start for the output layer
     n = x_all.shape[0]
-    weights = torch.arange(1, fit.unroll + 1, dtype=x_all.dtype, device=x_all.device)
-    weights = weights / weights.sum()
     history: list[dict] = []
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=fit.steps, desc=desc, dynamic_ncols=True, leave=False)
+        bar = tqdm(total=fit.init_steps + fit.steps, desc=desc, dynamic_ncols=True, leave=False)
     net.train()
+    # initializer-only steps: the initializer loss alone, no f-evaluations
+    init_done = 0
+    if fit.init_steps:
+        opt = torch.optim.Adam(ini.parameters(), lr=fit.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fit.init_steps)
+        for step in range(fit.init_steps):
+            if elapsed() > 0.5 * budget:
+                break
+            idx = torch.randperm(n, generator=gen)[:fit.init_batch].to(x_all.device)
+            l_init = _rel(ini(x_all[idx]), z_star[idx]).mean()
+            opt.zero_grad(set_to_none=True)
+            l_init.backward()
+            torch.nn.utils.clip_grad_norm_(ini.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            init_done += 1
+            if bar is not None:
+                bar.set_postfix(init=f"{float(l_init.detach()):.2e}", refresh=False)
+                bar.update(1)
+        ini.refit_output(x_all, z_star, ridge)
+    opt = torch.optim.Adam(net.parameters(), lr=fit.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fit.steps)
+    weights = torch.arange(1, fit.unroll + 1, dtype=x_all.dtype, device=x_all.device)
+    weights = weights / weights.sum()
+    done = 0
     for step in range(fit.steps):
+        if elapsed() > budget:
+            break
         idx = torch.randperm(n, generator=gen)[:fit.batch].to(x_all.device)
         x, zs = x_all[idx], z_star[idx]
-        z0 = net.initializer(x)
+        z0 = ini(x)
         _, info = neural_solver(_flat_map(cell, x, state_shape), z0.reshape(z0.shape[0], -1), tol=0.0,
                                 max_iter=fit.unroll, store_trajectory=True, network=net, patience=0,
                                 record_alpha=True)
@@ -201,6 +254,7 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         sched.step()
+        done += 1
         rec = {"step": step + 1, "loss": float(loss.detach()), "conv": float(l_conv.detach()),
                "init": float(l_init.detach()), "alpha": float(l_alpha.detach()),
                "last": float(_rel(traj[-1].detach(), zs).mean())}
@@ -213,6 +267,6 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     net.eval()
     ridge = _choose_ridge(net, x_all, z_star, gen)
     init_error = _validation_error(net, x_all, z_star, gen, ridge)
-    net.initializer.refit_output(x_all, z_star, ridge)  # the best output layer for the final hidden layers
+    ini.refit_output(x_all, z_star, ridge)  # the best output layer for the final hidden layers
     return FitResult(net, history, time.perf_counter() - t0, time.process_time() - c0, t_gt, n, int((~ok).sum()),
-                     init_error)
+                     init_error, init_done, done, float(gt_evals.double().mean()))

@@ -197,9 +197,17 @@ def fit_run(run: Run, *, config: NeuralSolverConfig | None = None, fit: FitConfi
     """Fit a neural solver to the run's frozen DEQ on its fitting inputs."""
     deq = run.deq
     x = injections(run, run.train_inputs)
+    layout = state_layout(deq.cell, x)
     with _frozen(run.model):
         return fit_neural_solver(lambda z, xx: deq.cell(z, xx), x, deq.init_state, config=config, fit=fit,
-                                 progress=progress, desc=f"fit solver ({run.kind})")
+                                 state_layout=layout, progress=progress, desc=f"fit solver ({run.kind})")
+
+
+def state_layout(cell: nn.Module, x: Tensor) -> tuple[tuple[int, int, int], ...] | None:
+    """The ``(C, H, W)`` branches of a flat multiscale state (a cell with ``branch_shapes``, as
+    the MDEQ's), for the neural solver's convolutional initializer; None for other cells."""
+    shapes = getattr(cell, "branch_shapes", None)
+    return tuple(tuple(int(n) for n in b) for b in shapes(x)) if callable(shapes) else None
 
 
 def _solve(run: Run, options: dict, network: NeuralSolver | None, **overrides) -> tuple[Tensor, dict, float]:
