@@ -83,6 +83,7 @@ def _fmt(v, spec=".2e"):
 def render(res: dict) -> str:
     lo, hi = res["mu_range"]
     m = res["models"]
+    cfg0 = next(iter(m.values()))["config"]
     lines = [f"# Van der Pol family μ ∈ [{lo:g}, {hi:g}]: implicit PIDEQ vs MLP PINN vs unrolled PIDEQ", "",
              f"Measured {res['date']} on {res['machine']['summary']} (torch {res['machine']['torch']}, "
              f"1 thread per process; load average before/after {res['load_before'][0]:.1f} / "
@@ -90,8 +91,8 @@ def render(res: dict) -> str:
              "Each model trained in its own process by:", ""]
     lines += [f"    {m[k]['command']}" for k in m] + [""]
     lines += ["Errors: relative L2 vs `solve_ivp` (DOP853, rtol 1e-11). *Held-out flows*: "
-              f"{res['n_test']} held-out initial states × 21 offsets Δ ∈ [0, h] at each μ; *rollout*: "
-              f"y_(k+1) = y(h; y_k, μ) from y(0) = (0, 0.1) to t = {res['rollout_t_end']:g}. "
+              f"{cfg0['n_test']} held-out initial states × 21 offsets Δ ∈ [0, h] at each μ; *rollout*: "
+              f"y_(k+1) = y(h; y_k, μ) from y(0) = (0, 0.1) to t = {cfg0['rollout_t_end']:g}. "
               "Interpolation: five held-out μ inside the range (pooled / mean / max over them); "
               "extrapolation: the two μ just outside, reported apart.", ""]
     cols = ["model", "params", "held-out (interp.)", "rollout mean (interp.)", "rollout max (interp.)",
@@ -124,7 +125,7 @@ def render(res: dict) -> str:
     e = m[k0]["metrics"]
     lines += [f"Van der Pol family μ ∈ [{lo:g}, {hi:g}] (`deqdiff pinn vdp --mu-range {lo:g} {hi:g}`, one flow map for "
               f"all μ): implicit PIDEQ held-out relative L2 {e['held_out_rel_l2']:.1e} on five held-out μ inside the "
-              f"range, rollout to t = {res['rollout_t_end']:g} mean {e['rollout_rel_l2_mean']:.1e} (max "
+              f"range, rollout to t = {cfg0['rollout_t_end']:g} mean {e['rollout_rel_l2_mean']:.1e} (max "
               f"{e['rollout_rel_l2_max']:.1e}); extrapolation (μ = "
               f"{', '.join(f'{v:g}' for v in e.get('extrapolation_mus', []))}) held-out "
               f"{_fmt(e.get('extrapolation_held_out_rel_l2'), '.1e')}. Baselines in the same run: "
