@@ -270,18 +270,14 @@ def worker_measure(spec: dict) -> dict:
     del tiny
     P = Problem(spec["regime"], spec["batch"], dtype, device)
     step = make_step(spec, P)
-    st: dict = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mem = harness.peak_memory_growth(lambda: step(st), device).to_json()
-        if spec.get("memory_only"):
-            return {"peak_mib": mem["peak_mib"], "step_s": mem["first_step_s"],
-                    "method": f"{mem['method']} under {LIVE_ENV}"}
-        times = harness.repeat_times(lambda: step({}), spec["repeats"], budget_s=spec["budget_s"], device=device,
-                                     collect=True)
-    return {**spec, "times_s": times, "median_s": statistics.median(times), "memory": mem,
-            "iterations": summarize_stats(st), "loadavg_1min_after": os.getloadavg()[0],
-            "warnings": sorted({str(w.message)[:200] for w in caught})}
+    m = harness.measure_step(step, spec["repeats"], device=device, budget_s=spec["budget_s"],
+                             memory_only=spec.get("memory_only", False))
+    mem = m["memory"]
+    if spec.get("memory_only"):
+        return {"peak_mib": mem["peak_mib"], "step_s": mem["first_step_s"], "method": f"{mem['method']} under {LIVE_ENV}"}
+    return {**spec, "times_s": m["times_s"], "median_s": m["median_s"], "memory": mem,
+            "iterations": summarize_stats(m["stats"]), "loadavg_1min_after": os.getloadavg()[0],
+            "warnings": sorted({w[:200] for w in m["warnings"]})}
 
 
 # --------------------------------------------------------------------------- worker: accuracy

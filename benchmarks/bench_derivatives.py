@@ -50,7 +50,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -177,12 +176,9 @@ def worker_measure(spec: dict) -> dict:
     del tiny
     P = Problem(spec["n"], spec["batch"])
     step = make_step(spec, P)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        st: dict = {}
-        mem = harness.peak_rss_growth(lambda: step(st)).to_json()
-    return {**spec, "peak_mib": mem["peak_mib"], "memory": mem, "stats": st,
-            "warnings": sorted({str(w.message)[:200] for w in caught})}
+    m = harness.measure_step(step, 1, memory_only=True)
+    return {**spec, "peak_mib": m["memory"]["peak_mib"], "memory": m["memory"], "stats": m["stats"],
+            "warnings": sorted({w[:200] for w in m["warnings"]})}
 
 
 def worker_timing(spec: dict) -> dict:

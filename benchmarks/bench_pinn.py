@@ -60,7 +60,6 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -318,18 +317,15 @@ def worker_measure(spec: dict) -> dict:
     else:
         make_step(method, q, regime, 8, dtype, device)({})  # warm-up: kernels, lazy imports (sympy)
         step = make_step(method, q, regime, spec["batch"], dtype, device)
-    st: dict = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mem = harness.peak_memory_growth(lambda: step(st), device).to_json()
-        if spec.get("memory_only"):
-            return {"peak_mib": mem["peak_mib"], "step_s": mem["first_step_s"],
-                    "method": f"{mem['method']} under {harness.LIVE_RSS_ENV}"}
-        times = harness.repeat_times(lambda: step({}), spec["repeats"], budget_s=spec["budget_s"], device=device,
-                                     collect=True)
-    return {**spec, "times_s": times, "median_s": statistics.median(times), "memory": mem,
-            "iterations": _summ(st.get("iterations")), "loadavg_1min_after": os.getloadavg()[0],
-            "warnings": sorted({str(w.message)[:160] for w in caught})}
+    m = harness.measure_step(step, spec["repeats"], device=device, budget_s=spec["budget_s"],
+                             memory_only=spec.get("memory_only", False))
+    mem = m["memory"]
+    if spec.get("memory_only"):
+        return {"peak_mib": mem["peak_mib"], "step_s": mem["first_step_s"],
+                "method": f"{mem['method']} under {harness.LIVE_RSS_ENV}"}
+    return {**spec, "times_s": m["times_s"], "median_s": m["median_s"], "memory": mem,
+            "iterations": _summ(m["stats"].get("iterations")), "loadavg_1min_after": os.getloadavg()[0],
+            "warnings": sorted({w[:160] for w in m["warnings"]})}
 
 
 def _flat(grads) -> torch.Tensor:
@@ -790,6 +786,15 @@ count alone. The founding work's 19× was measured on a GPU at 10⁵ points (not
 """
 
 
+def _memory_method(res: dict) -> str:
+    """How the run measured a step's memory (results from before the shared harness: ``ru_maxrss``)."""
+    for r in res.get("regimes", {}).values():
+        for m in r.get("measurements", []):
+            if "memory" in m:
+                return m["memory"].get("method", "ru_maxrss difference")
+    return "VmHWM difference"
+
+
 def render(res: dict) -> str:
     meta = res["meta"]
     out = ["## Physics-informed step (PIDEQ setup, Van der Pol): implicit vs unrolled vs MLP vs JAX\n",
@@ -797,7 +802,7 @@ def render(res: dict) -> str:
            f"{'; jax ' + meta['jax'] if meta.get('jax') else ''}; {meta['dtype']} on {meta['device']}, "
            f"{meta['threads']} thread(s) per process; {meta['points']} collocation points; 80 states; tol {TOL:g} (Anderson "
            f"forward); loss IC + {LAM}·physics + {KAPPA}·‖∂f/∂z‖_F; medians of ≤{meta['repeats']} repeats; "
-           f"extra peak memory of one step in a fresh process (ru_maxrss difference). The machine is shared: "
+           f"extra peak memory of one step in a fresh process ({_memory_method(res)}). The machine is shared: "
            f"ratios within one run are what count. Wall time {meta.get('wall_s', '?')} s.\n",
            summary(res), READING]
     for regime, r in res["regimes"].items():

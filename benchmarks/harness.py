@@ -51,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ from typing import Any, TypeVar
 __all__ = [
     "ROOT", "RESULTS", "MARK", "LIVE_RSS_ENV", "sync", "timed", "repeat_times", "median_time", "round_robin",
     "interleaved_times", "tanh_layer_ms", "current_rss_mib", "peak_rss_mib", "reset_peak_rss", "PeakGrowth",
-    "peak_rss_growth", "peak_memory_growth", "IsolatedRun", "IsolatedRunError", "child_env", "run_isolated",
+    "peak_rss_growth", "peak_memory_growth", "measure_step", "IsolatedRun", "IsolatedRunError", "child_env", "run_isolated",
     "call_isolated", "run_cli", "emit", "machine_info", "write_json", "markdown_row", "markdown_table",
 ]
 
@@ -285,6 +286,27 @@ def peak_memory_growth(fn: Callable[[], Any], device: Any = "cpu") -> PeakGrowth
     before = torch.cuda.memory_allocated()
     dt = timed(fn, device)
     return PeakGrowth((torch.cuda.max_memory_allocated() - before) / 2**20, dt, "cuda.max_memory_allocated")
+
+
+def measure_step(step: Callable[[dict], Any], repeats: int, *, device: Any = "cpu", budget_s: float | None = None,
+                 memory_only: bool = False) -> dict:
+    """What a fresh-process worker measures of one training/derivative step ``step(stats)``
+    (``stats``: a dict the step may fill, e.g. with solver iterations), after its warm-up:
+
+    ``memory``: :func:`peak_memory_growth` of the first call (:meth:`PeakGrowth.to_json`);
+    ``stats``: what that call put in its dict; ``times_s``/``median_s``: :func:`repeat_times` of
+    up to ``repeats`` more calls (``budget_s``, ``gc.collect()`` before each; left out with
+    ``memory_only``); ``warnings``: the distinct messages of the warnings raised meanwhile.
+    """
+    stats: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out: dict = {"memory": peak_memory_growth(lambda: step(stats), device).to_json(), "stats": stats}
+        if not memory_only:
+            times = repeat_times(lambda: step({}), repeats, budget_s=budget_s, device=device, collect=True)
+            out.update(times_s=times, median_s=statistics.median(times))
+    out["warnings"] = sorted({str(w.message) for w in caught})
+    return out
 
 
 # --------------------------------------------------------------------------- fresh processes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -238,3 +239,23 @@ def test_peak_rss_is_not_inherited_from_the_parent():
 def test_peak_memory_growth_on_cpu_is_rss_growth():
     growth = harness.peak_memory_growth(lambda: None, "cpu")
     assert growth.method in ("VmHWM difference", "ru_maxrss difference") and growth.seconds >= 0
+
+
+def test_measure_step_record():
+    import warnings
+
+    calls = []
+
+    def step(stats: dict) -> None:
+        calls.append(1)
+        stats["iterations"] = len(calls)
+        warnings.warn("solver did not converge")
+
+    rec = harness.measure_step(step, 4)
+    assert rec["stats"] == {"iterations": 1}  # the first (memory) call's stats
+    assert len(rec["times_s"]) == 4
+    assert rec["median_s"] == pytest.approx(statistics.median(rec["times_s"]))
+    assert rec["warnings"] == ["solver did not converge"] and len(calls) == 5
+    assert {"peak_mib", "method", "first_step_s"} <= set(rec["memory"])
+    only = harness.measure_step(step, 4, memory_only=True)
+    assert "times_s" not in only and only["stats"] == {"iterations": 6} and len(calls) == 6
