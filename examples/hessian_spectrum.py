@@ -1,13 +1,12 @@
 """The Hessian spectrum of a small trained DEQ's loss, split into its two curvature sources.
 
-A DEQ z* = tanh(W z* + U x + b) with a linear head y = C z* + c is trained on scikit-learn digits;
-then ``deqdiff.derivatives.LossHessian`` gives Hessian-vector products of the cross-entropy
-w.r.t. all weights, each by 2 implicit solves with (I − ∂f/∂z) at z* (Pacheco 2023, "Second
-derivative (and further) of deep equilibrium/implicit models"), split as
-H = Gauss–Newton (loss curvature) + dynamics curvature (+ head curvature), and Lanczos finds
-the top eigenvalues of each term (the spectra studied by Nguyen 2022, "An analysis of applying
-neural tangent kernels for deep equilibrium models"). One product is checked against
-``torch.autograd.functional.hvp`` through unrolled iterations of the (contractive) map.
+A DEQ z* = tanh(W z* + U x + b) with a head y = C z* + c is trained on scikit-learn digits; then
+``deqdiff.derivatives.LossHessian`` gives Hessian-vector products of the cross-entropy w.r.t. all
+weights, each by 2 implicit solves with (I − ∂f/∂z) at z* (Pacheco 2023, "Second derivative (and
+further) of deep equilibrium/implicit models"), split as H = Gauss–Newton (loss curvature) +
+dynamics curvature (+ head curvature); Lanczos finds both ends of each term's spectrum (cf.
+Nguyen 2022, "An analysis of applying neural tangent kernels for deep equilibrium models").
+One product is checked against ``torch.autograd.functional.hvp`` through unrolled iterations.
 
 Run:  python examples/hessian_spectrum.py           (width 16, 400 digits, under a minute)
       python examples/hessian_spectrum.py --quick   (a smoke run in seconds)
@@ -37,12 +36,8 @@ def cell(z, W, U, b, x):  # the DEQ's map; z* = cell(z*, W, U, b, x)
     return torch.tanh(z @ W.T + x @ U.T + b)
 
 
-def head(z, C, c):
-    return z @ C.T + c
-
-
-def loss(logits):
-    return F.cross_entropy(logits, y)
+head = lambda z, C, c: z @ C.T + c  # noqa: E731  (the linear classifier on z*)
+loss = lambda logits: F.cross_entropy(logits, y)  # noqa: E731
 
 
 W = 0.5 * torch.linalg.qr(torch.randn(width, width))[0]
@@ -61,29 +56,25 @@ for step in range(steps):
 print(f"trained {steps} steps: loss {train_loss.item():.3f}, ‖W‖₂ = {torch.linalg.matrix_norm(W, 2).item():.2f}")
 
 # the Hessian of θ = (W, U, b) and the head's φ = (C, c) at the converged z*
-with torch.no_grad():
-    z = deqdiff.fixed_point(cell, z0, W, U, b, X, tol=1e-12, max_iter=500)
+z = deqdiff.fixed_point(cell, z0, W, U, b, X, tol=1e-12, max_iter=500).detach()
 H = LossHessian(cell, z, (W, U, b, X), loss, argnums=(0, 1, 2), head=head, head_params=(C, c))
 print(f"{H.dim} parameters; Lanczos with {lanczos_iters} products (2 implicit solves each) per term")
-for term in ("total", "gauss_newton", "dynamics", "head"):  # the terms add up to "total"
+for term in ("total", "gauss_newton", "dynamics", "head"):  # matrices: total = the other three
     T, _ = lanczos(lambda v: H.flat_vp(v, term), H.dim, lanczos_iters)  # tridiagonal Q H Qᵀ
     ritz = torch.linalg.eigvalsh(T)  # its eigenvalues approximate both ends of the spectrum
     print(f"  {term:13s} top-3 {[round(v, 4) for v in ritz.flip(0)[:3].tolist()]}, smallest {ritz[0].item():+.4f}")
 
-# check one product against autograd through K unrolled iterations (contraction ≤ 0.8: 0.8^K → 0)
-K = 150
 
-
-def unrolled_loss(W, U, b, C, c):
+def unrolled_loss(W, U, b, C, c, K=150):  # K plain iterations: a contraction ≤ 0.8, so 0.8^K → 0
     z = torch.zeros(n_train, width)
     for _ in range(K):
         z = cell(z, W, U, b, X)
     return loss(head(z, C, c))
 
 
-v = [torch.randn_like(p) for p in params]
+v = [torch.randn_like(p) for p in params]  # check one product against the unrolled reference
 ours = H.flatten(H.hvp(((v[0], v[1], v[2]), (v[3], v[4]))))
 _, ref = torch.autograd.functional.hvp(unrolled_loss, tuple(p.detach() for p in params), tuple(v))
 ref = torch.cat([r.reshape(-1) for r in ref])
-print(f"H v vs torch.autograd.functional.hvp through {K} unrolled iterations: "
+print(f"H v vs torch.autograd.functional.hvp through 150 unrolled iterations: "
       f"relative difference {((ours - ref).norm() / ref.norm()).item():.1e}")
