@@ -40,7 +40,7 @@ def test_stale_cached_snapshots_are_retrained(out, capsys):
     assert main(["analyze", "trajectories", "--out", str(out), "--epochs", "0,1", "--samples", "6", "--max-iter", "4",
                  *TINY]) == 0
     printed = capsys.readouterr().out
-    assert "do not fit this model" in printed and "training to epoch 1" in printed
+    assert "does not fit this model" in printed and "training to epoch 1" in printed
     assert set(torch.load(out / "models" / "conv" / "epoch1.pt")) != {"cell.U.weight"}
 
 
@@ -64,3 +64,26 @@ def test_landscape(out):
     d = json.loads((out / "landscape.json").read_text())
     assert set(d["summary"]) == {"conv", "repeat-2"}
     assert len(d["landscapes_2d"]["conv"]["loss"]) == 3
+
+
+def test_quick_swaps_defaults_but_explicit_flags_win(out):
+    """``--quick`` is a smoke run: tiny defaults, recorded in the JSON's settings; a flag given on
+    the command line keeps its value."""
+    assert main(["analyze", "ntk", "--quick", "--samples", "4", "--out", str(out / "quick"), "--no-progress"]) == 0
+    d = json.loads((out / "quick" / "ntk.json").read_text())
+    s = d["settings"]
+    assert s["quick"] and s["samples"] == 4 and s["width"] == 16 and s["epochs"] == [0, 1]
+    assert s["train_limit"] == 64 and s["rate_steps"] == 5 and s["torch_threads"] == 1
+    assert [t["epoch"] for t in d["track"]] == [0, 1] and d["track"][0]["size"] == 40
+
+
+def test_defaults_train_to_the_train_commands_epochs():
+    """Without --quick the analyses compare models trained as 'deqdiff train' does (15 epochs)."""
+    from deqdiff.cli import build_parser
+    from deqdiff.training import TrainConfig
+
+    parse = build_parser().parse_args
+    assert parse(["analyze", "residuals"]).epochs == [TrainConfig().epochs]
+    for tool in ("trajectories", "ntk", "hessian"):
+        assert max(parse(["analyze", tool]).epochs) == TrainConfig().epochs
+    assert parse(["analyze", "landscape"]).epochs is None  # resolved to TrainConfig().epochs at run time

@@ -508,11 +508,11 @@ def save_figures(ev: dict, history: dict, cfg: PDEConfig, out: Path, prefix: str
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), constrained_layout=True)
     for ax, key, title in ((axes[0], "pred", "PIDEQ prediction"), (axes[1], "ref", "reference")):
         im = ax.imshow(ev[key], origin="lower", extent=ext, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
-        ax.set(title=title, xlabel="x", ylabel="t")
-        fig.colorbar(im, ax=ax)
+        ax.set(title=title, xlabel="$x$", ylabel="$t$")
+        fig.colorbar(im, ax=ax).set_label("$u(x, t)$")
     im = axes[2].imshow(np.abs(ev["pred"] - ev["ref"]), origin="lower", extent=ext, aspect="auto", cmap="magma")
-    axes[2].set(title=f"|error| (rel. L2 {ev['rel_l2']:.2e})", xlabel="x", ylabel="t")
-    fig.colorbar(im, ax=axes[2])
+    axes[2].set(title=f"|error| (rel. L2 {ev['rel_l2']:.2e})", xlabel="$x$", ylabel="$t$")
+    fig.colorbar(im, ax=axes[2]).set_label("$|u_{pred} - u_{ref}|$")
     fig.suptitle(f"{cfg.problem}: ν = {cfg.nu:.4g}, {cfg.n_states} states")
     paths.append(out / f"{prefix}_solution.png")
     fig.savefig(paths[-1], dpi=110)
@@ -523,17 +523,24 @@ def save_figures(ev: dict, history: dict, cfg: PDEConfig, out: Path, prefix: str
         i = int(round(frac * (len(ev["t"]) - 1)))
         ax.plot(ev["x"], ev["ref"][i], color=color, lw=2.5, alpha=0.45)
         ax.plot(ev["x"], ev["pred"][i], "--", color=color, lw=1.3, label=f"t = {ev['t'][i]:.2f}")
-    ax.set(xlabel="x", ylabel="u", title="slices: reference (thick) vs PIDEQ (dashed)")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="$x$", ylabel="$u(x, t)$", title="slices: reference (thick, pale) vs PIDEQ (dashed)")
+    ax.grid(alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", fontsize=8)
     paths.append(out / f"{prefix}_slices.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
-    for k in ("loss", "ic", "bc", "pde"):
-        ax.semilogy(history["epoch"], history[k], label=k)
-    ax.set(xlabel="epoch", ylabel="loss", title="training losses")
-    ax.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    styles = {"loss": dict(color="0.55", lw=3.5, alpha=0.5, zorder=1), "ic": dict(color="C1", ls=":", lw=1.5),
+              "bc": dict(color="C2", ls="-.", lw=1.2), "pde": dict(color="C0", ls="--", lw=1.3)}
+    for k in ("loss", "ic", "bc", "pde"):  # the total wide and pale beneath the terms, which it can equal
+        ax.semilogy(history["epoch"], history[k], label="total" if k == "loss" else k, **styles[k])
+    ax.set(xlabel="epoch", ylabel="loss term (mean square)", title=f"{cfg.problem}: training losses")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8)
     paths.append(out / f"{prefix}_loss.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)

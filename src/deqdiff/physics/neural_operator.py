@@ -457,9 +457,9 @@ def save_figures(cfg: OperatorConfig, out: Path, trained: dict, results: dict, a
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 4), constrained_layout=True)
-    for n in names:
+    for j, n in enumerate(names):
         rows = results["models"][n]["noise"]
-        ax.plot([r["noise"] for r in rows], [r["rel_l2"] for r in rows], "o-", label=n)
+        ax.plot([r["noise"] for r in rows], [r["rel_l2"] for r in rows], ("o-", "s--", "^:", "D-.")[j % 4], label=n)
     ax.set(xlabel="relative noise ε on a", ylabel="held-out relative L2", yscale="log", title="robustness to noisy inputs")
     ax.legend()
     paths.append(out / "darcy_noise.png")
@@ -471,8 +471,11 @@ def save_figures(cfg: OperatorConfig, out: Path, trained: dict, results: dict, a
         h = results["models"][n]["history"]
         ax.plot(h["epoch"], h["test_rel_l2"], color=f"C{j}", label=f"{n} held-out")
         ax.plot(h["epoch"], h["train_loss"], "--", color=f"C{j}", label=f"{n} train")
-    ax.axhline(5e-2, color="gray", lw=0.8, ls=":")
+    ax.axhline(5e-2, color="gray", lw=0.8, ls=":", label="5 % target")
     ax.set(xlabel="epoch", ylabel="relative L2", yscale="log", title="training")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     paths.append(out / "darcy_training.png")
     fig.savefig(paths[-1], dpi=100)

@@ -144,11 +144,12 @@ def plot_solution(problem: PDEProblem, ev: dict, path: Path, title: str) -> Path
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), constrained_layout=True)
     for ax, key, name in ((axes[0], "pred", "prediction"), (axes[1], "ref", "reference")):
         im = ax.imshow(ev[key], origin="lower", extent=ext, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
-        ax.set(title=name, xlabel=problem.coords[1], ylabel=problem.coords[0])
-        fig.colorbar(im, ax=ax)
+        ax.set(title=name, xlabel=f"${problem.coords[1]}$", ylabel=f"${problem.coords[0]}$")
+        fig.colorbar(im, ax=ax).set_label("$u$")
     im = axes[2].imshow(np.abs(ev["pred"] - ev["ref"]), origin="lower", extent=ext, aspect="auto", cmap="magma")
-    axes[2].set(title=f"|error| (rel. L2 {ev['rel_l2']:.2e})", xlabel=problem.coords[1], ylabel=problem.coords[0])
-    fig.colorbar(im, ax=axes[2])
+    axes[2].set(title=f"|error| (rel. L2 {ev['rel_l2']:.2e})", xlabel=f"${problem.coords[1]}$",
+                ylabel=f"${problem.coords[0]}$")
+    fig.colorbar(im, ax=axes[2]).set_label("$|u_{pred} - u_{ref}|$")
     fig.suptitle(title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -159,12 +160,15 @@ def plot_history(histories: dict[str, list[dict]], path: Path, title: str) -> Pa
     """PDE-residual loss per epoch of each model (one line per model)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
-    for name, hist in histories.items():
+    from matplotlib.ticker import MaxNLocator
+
+    for j, (name, hist) in enumerate(histories.items()):  # total wide and pale beneath its pde term
         steps = [h["step"] for h in hist]
-        ax.semilogy(steps, [h["total"] for h in hist], label=f"{name}: total")
-        ax.semilogy(steps, [h["pde"] for h in hist], "--", lw=0.8, label=f"{name}: pde")
-    ax.set(xlabel="epoch", ylabel="loss", title=title)
-    ax.legend(fontsize=7)
+        ax.semilogy(steps, [h["total"] for h in hist], color=f"C{j}", lw=3.5, alpha=0.35, label=f"{name}: total")
+        ax.semilogy(steps, [h["pde"] for h in hist], color=f"C{j}", ls="--", lw=1.2, label=f"{name}: pde")
+    ax.set(xlabel="epoch", ylabel="loss (mean square)", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100)
     plt.close(fig)
