@@ -176,6 +176,14 @@ class LinearOperator:
             self.cache["lin"] = lin
         return lin
 
+    def release(self) -> None:
+        """Drop the cached linearization (and the vjp graph of ``f`` it holds) unless it holds a
+        dense factorization, which costs more to rebuild than it holds; the next solve at this
+        point linearizes again (one vjp). Shared with ``A.T``."""
+        lin = self.cache.get("lin")
+        if lin is not None and lin._lu is None and lin._blocks is None and not lin.__dict__.get("factored_rows"):
+            del self.cache["lin"]
+
     def bind(self, params: Sequence[Tensor], like: Tensor) -> BoundOperator:
         return BoundOperator(self.linearize(params, like), self.transposed)
 
