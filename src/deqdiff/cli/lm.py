@@ -25,7 +25,7 @@ from ._common import (resume_checkpoint, UsageError, flag_of, check_solver, nonn
 _FIELDS = ("model", "d_model", "n_heads", "d_ff", "init_std", "text", "seq_len", "train_windows", "valid_windows",
            "epochs", "batch_size", "eval_batch_size", "lr", "weight_decay", "grad_clip", "scheduler", "solver", "tol",
            "max_iter", "backward_solver", "backward_tol", "backward_max_iter", "seed", "dtype", "checkpoint_every",
-           "max_steps")
+           "max_steps", "trace_memory")
 
 
 def _opt_int(s: str) -> int | None:
@@ -86,12 +86,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--out", default="runs/lm", help="output folder")
     g.add_argument("--resume", action="store_true", default=False,
                    help="continue from OUT/checkpoint.pt (with --compare: from the checkpoints in OUT/deq, OUT/unrolled-L) "
-                        "with its settings; only --max-steps, --checkpoint-every, --text and --no-progress may be given anew")
+                        "with its settings; only --max-steps, --checkpoint-every, --text, --trace-memory and --no-progress may be given anew")
     g.add_argument("--dtype", choices=("float32", "float64"), help="parameters and states")
     g.add_argument("--seed", type=seed, help="seeds the model and the data order")
     g.add_argument("--checkpoint-every", type=nonneg_int, help="steps (0: every epoch)")
     g.add_argument("--max-steps", type=_opt_int, help="stop after this many steps in total ('all': no limit)")
     g.add_argument("--threads", type=nonneg_int, default=1, help="torch CPU threads (0: torch's default)")
+    g.add_argument("--trace-memory", action="store_true",
+                   help="also count each step's tensor memory: peak live tensor bytes of forward + backward and the "
+                        "bytes saved for backward (deqdiff.training.memtrace), besides the resident set")
     g.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
     p.set_defaults(func=_run)
 
@@ -117,7 +120,7 @@ def _config(args: argparse.Namespace, out: Path, model: str | None = None, resum
     if changed:
         what = ", ".join(f"{flag_of(k)} {given[k]} (checkpoint: {saved[k]})" for k in changed)
         raise UsageError(f"--resume: {what} would not continue the run in {out}; a resumed run keeps its settings "
-                         "(only --max-steps, --checkpoint-every, --text and --no-progress may change)")
+                         "(only --max-steps, --checkpoint-every, --text, --trace-memory and --no-progress may change)")
     with user_errors("--resume"):
         return LMConfig.from_dict({**saved, "max_steps": None, **given, "out": str(out),
                                    "progress": not args.no_progress}), ckpt
@@ -270,11 +273,17 @@ def _compare(args: argparse.Namespace) -> int:
            "the DEQ's mean forward iterations over training, rounded up"}
     if deq["peak_rss_above_start_mib"] and unrolled["peak_rss_above_start_mib"]:
         cmp["memory_ratio_unrolled_over_deq"] = unrolled["peak_rss_above_start_mib"] / deq["peak_rss_above_start_mib"]
+    tensor = [(r.get("memory") or {}).get("tensor_peak_mib") for r in (deq, unrolled)]
+    if all(tensor):
+        cmp["tensor_memory_ratio_unrolled_over_deq"] = tensor[1] / tensor[0]
     if deq["test_bpc"] is not None and unrolled["test_bpc"] is not None:
         cmp["bpc_difference_deq_minus_unrolled"] = deq["test_bpc"] - unrolled["test_bpc"]
         ratio = cmp.get("memory_ratio_unrolled_over_deq")
         cmp["target"] = "equal or better test bpc at >= 3x less training memory"
         cmp["target_met"] = bool(cmp["bpc_difference_deq_minus_unrolled"] <= 0 and ratio is not None and ratio >= 3)
+        if "tensor_memory_ratio_unrolled_over_deq" in cmp:  # the same target on the tensor count
+            cmp["target_met_tensor_memory"] = bool(cmp["bpc_difference_deq_minus_unrolled"] <= 0
+                                                   and cmp["tensor_memory_ratio_unrolled_over_deq"] >= 3)
     if deq["time_per_epoch_s"] and unrolled["time_per_epoch_s"]:
         cmp["time_ratio_deq_over_unrolled"] = deq["time_per_epoch_s"] / unrolled["time_per_epoch_s"]
     _write(out, {"deq": deq, "unrolled": unrolled, "comparison": cmp}, [deq, unrolled])

@@ -45,12 +45,25 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Scaled dot-product attention (Vaswani et al. 2017, eq. 1) with a causal mask:
     ``out[..., t, :] = Σ_{s ≤ t} softmax_s(q_t·k_s/√d_h) v_s``. Shapes ``(..., T, d_h)``.
 
-    Written with plain operations (not ``scaled_dot_product_attention``) so that forward-mode
-    AD, double backward and ``vmap`` all have rules for it."""
+    Written with plain operations so that forward-mode AD, double backward and ``vmap`` all have
+    rules for it. Where nothing can differentiate the result (no input requires grad, none is a
+    ``torch.func`` or forward-mode dual tensor: the DEQ's forward iterations, evaluation) the fused
+    ``torch.nn.functional.scaled_dot_product_attention`` computes the same map to rounding
+    without materializing the ``(..., T, T)`` scores and weights: at T = 64 these temporaries
+    are a third of a forward iteration's memory, and they grow as T²."""
+    if not any(_differentiable(t) for t in (q, k, v)):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     T, dh = q.shape[-2], q.shape[-1]
     scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
     return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+
+
+def _differentiable(t: Tensor) -> bool:
+    """Whether a derivative may flow through ``t``: it requires grad, is a ``torch.func``
+    wrapper or a forward-mode dual tensor."""
+    return (t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t)
+            or torch.autograd.forward_ad.unpack_dual(t).tangent is not None)
 
 
 class TransformerCell(nn.Module):

@@ -13,7 +13,11 @@ Peak memory is the growth of the process's resident set during the training step
 from ``/proc/self/status``, its high-water mark reset through ``/proc/self/clear_refs`` before
 each epoch's steps, minus ``VmRSS`` after a one-window warm-up step): allocator and framework
 overheads included, measured the same way for both models; compare models in separate
-processes (the allocator keeps what a process once used).
+processes (the allocator keeps what a process once used). With ``trace_memory`` each step's
+forward and backward also run under :class:`~deqdiff.training.memtrace.TensorMemory` (peak live
+bytes of the tensors the step creates: the CPU counterpart of CUDA's ``max_memory_allocated``)
+and the forward under :class:`~deqdiff.training.memtrace.SavedTensors` (bytes autograd saves
+for backward while the forward records).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import random
 import re
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -39,6 +44,7 @@ from ..data.text import CharCorpus, load_corpus
 from ..solvers import ConvergenceWarning
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistContext
+from .memtrace import SavedTensors, TensorMemory
 
 __all__ = ["LMConfig", "LMResult", "LM_FORMAT", "build_lm", "parse_model", "train_lm", "evaluate_bpc",
            "resident_memory", "reset_peak_memory", "LM_RESUMABLE"]
@@ -46,7 +52,7 @@ __all__ = ["LMConfig", "LMResult", "LM_FORMAT", "build_lm", "parse_model", "trai
 LM_FORMAT = "deqdiff-lm-checkpoint/1"
 LN2 = math.log(2.0)
 #: settings a resumed run may change without breaking bit-exact continuation
-LM_RESUMABLE = frozenset({"max_steps", "progress", "out", "checkpoint_every", "text"})
+LM_RESUMABLE = frozenset({"max_steps", "progress", "out", "checkpoint_every", "text", "trace_memory"})
 
 
 @dataclass
@@ -87,6 +93,7 @@ class LMConfig:
     checkpoint_every: int = 0  # steps (0: at epoch ends only)
     max_steps: int | None = None
     progress: bool = True
+    trace_memory: bool = False  # count each step's tensor memory (memtrace): peak live bytes, saved bytes
 
     def __post_init__(self):
         parse_model(self.model)
@@ -383,11 +390,20 @@ class _Run:
     def train_step(self, global_size: int, idx: Tensor) -> _Sums:
         model, sums = self.model, _Sums()
         self.optimizer.zero_grad(set_to_none=True)
+        self.memory = None
         if idx.numel():
             w = self.train[idx]
-            logits = model(w[:, :-1])
-            nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum")
-            (nats / (global_size * self.config.seq_len)).backward()
+            trace = self.config.trace_memory
+            mem, saved = (TensorMemory(), SavedTensors()) if trace else (None, None)
+            with mem or nullcontext():
+                with saved or nullcontext():
+                    logits = model(w[:, :-1])
+                    nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
+                                           reduction="sum")
+                (nats / (global_size * self.config.seq_len)).backward()
+                del logits
+            if trace:
+                self.memory = {"tensor_peak_mib": mem.peak_mib, "saved_mib": saved.mib}
             sums.add("nats", float(nats.detach()))
             sums.add("chars", w[:, 1:].numel())
             sums.add("windows", w.shape[0])
@@ -476,7 +492,8 @@ def _train(run: "_Run", config: LMConfig, corpus: CharCorpus, ctx: DistContext) 
             run.step += 1
             run.step_in_epoch += 1
             s = step_sums.summary()
-            run.history["steps"].append({"step": run.step, "epoch": run.epoch + 1, "lr": lr, "time_s": dt, **s})
+            run.history["steps"].append({"step": run.step, "epoch": run.epoch + 1, "lr": lr, "time_s": dt, **s,
+                                         **(run.memory or {})})
             if bar is not None:
                 bar.set_postfix(_postfix(s), refresh=False)
                 bar.update(1)
@@ -507,6 +524,14 @@ def _train(run: "_Run", config: LMConfig, corpus: CharCorpus, ctx: DistContext) 
         "method": ("max over this process's epochs of VmHWM during the training steps (reset before each epoch, "
                    "so evaluation is excluded) minus VmRSS after a one-window warm-up (/proc/self/status)")
         if tracked else "unavailable (no /proc/self/clear_refs)"}
+    traced = [st for st in run.history["steps"] if "tensor_peak_mib" in st]
+    if traced:
+        run.history["memory"].update(
+            tensor_peak_mib=max(st["tensor_peak_mib"] for st in traced), saved_mib=max(st["saved_mib"] for st in traced),
+            traced_steps=len(traced),
+            tensor_method=("max over the traced steps of the peak live bytes of the tensors each step's forward and "
+                           "backward create (deqdiff.training.memtrace.TensorMemory); saved_mib: the storages autograd "
+                           "saved while the forward recorded (SavedTensors), max over the steps"))
     test = None
     if run.epoch >= config.epochs:
         test = evaluate_bpc(run.model, _valid_windows(corpus, config, "test"), batch_size=config.eval_batch_size, ctx=ctx)
