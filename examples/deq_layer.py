@@ -21,7 +21,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="tiny sizes: finishes in a few seconds")
 args = parser.parse_args()
 torch.manual_seed(0)
-width, epochs, n_train = (32, 1, 512) if args.quick else (64, 8, 1500)
+width, epochs, n_train = (32, 1, 256) if args.quick else (64, 8, 1500)
 
 
 class Cell(nn.Module):

@@ -25,7 +25,7 @@ parser.add_argument("--quick", action="store_true", help="tiny sizes: finishes i
 args = parser.parse_args()
 torch.manual_seed(0)
 torch.set_default_dtype(torch.float64)  # float64: eigenvalues and the check to many digits
-width, n_train, steps, lanczos_iters = (6, 50, 5, 8) if args.quick else (16, 400, 150, 40)
+width, n_train, steps, lanczos_iters = (6, 40, 5, 6) if args.quick else (16, 400, 150, 40)
 
 digits = load_digits()
 X = torch.tensor(digits.data[:n_train]) / 16.0

@@ -22,7 +22,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="tiny sizes: finishes in a few seconds")
 args = parser.parse_args()
 torch.manual_seed(0)
-width, epochs, n_train = (16, 1, 256) if args.quick else (64, 5, 1500)
+width, epochs, n_train = (16, 1, 128) if args.quick else (64, 5, 1500)
 
 digits = load_digits()
 X = torch.tensor(digits.data, dtype=torch.float32) / 16.0
