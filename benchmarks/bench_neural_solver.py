@@ -10,7 +10,7 @@ Train the base models first with the CLI defaults, e.g.::
 
 then::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_neural_solver.py \\
+    OMP_NUM_THREADS=1 python benchmarks/bench_neural_solver.py --ablation \\
         --run conv=/tmp/nsolver/conv --run vdp=/tmp/nsolver/vdp --run mon=/tmp/nsolver/mon
 
 Per run, the fit settings are ``--fit-samples``, ``--steps`` … (one set for every run) unless a
@@ -26,6 +26,8 @@ import copy
 import datetime
 import json
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +39,8 @@ from deqdiff.solvers.neural_fit import FitConfig
 from deqdiff.training.fit_solver import compare_solvers, default_gt_tol, fit_run, load_run, plot_comparison, summary
 
 KEYS = {"fit_samples": int, "steps": int, "batch": int, "unroll": int, "lr": float, "m": int, "hidden": int,
-        "init_hidden": int, "gt_tol": float}
+        "init_hidden": int, "gt_tol": float, "init_steps": int, "init_batch": int, "init_rank": int,
+        "budget_share": float}
 
 
 def _run_arg(text: str) -> tuple[str, str, dict]:
@@ -58,7 +61,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=_run_arg, action="append", required=True, help="NAME=RUN_DIR[:key=value,...]")
     p.add_argument("--fit-samples", type=int, default=512)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--init-steps", type=int, default=600)
+    p.add_argument("--init-batch", type=int, default=64)
+    p.add_argument("--init-rank", type=int, default=32)
+    p.add_argument("--budget-share", type=float, default=None,
+                   help="stop each fit once its wall time reaches this share of the run's training time")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--unroll", type=int, default=6)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -68,13 +76,14 @@ def main() -> None:
     p.add_argument("--budgets", default="2,3,4,5,6,8,10,12,16,24,32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablation", action="store_true",
-                   help="also solve with the fitted initializer and plain Anderson steps (mixer zeroed)")
+                   help="also solve with the fitted initializer and plain Anderson steps (mixer zeroed), and "
+                        "with the mixer acting on every step")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "neural_solver.json"))
     args = p.parse_args()
     torch.set_num_threads(1)
     budgets = [int(b) for b in args.budgets.split(",")]
     base = {k: getattr(args, k) for k in KEYS if hasattr(args, k)}
-    out = {"command": "python benchmarks/bench_neural_solver.py " + " ".join(f"--run {n}={d}" for n, d, _ in args.run),
+    out = {"command": "OMP_NUM_THREADS=1 python " + shlex.join(sys.argv),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": harness.machine_info("platform", "cpus", "torch", "threads", load_before="load_average"),
            "runs": {}}
@@ -82,9 +91,13 @@ def main() -> None:
         s = {**base, **over}
         t0 = time.perf_counter()
         run = load_run(run_dir, fit_samples=s["fit_samples"], seed=args.seed)
+        share = s.get("budget_share")
         fit = FitConfig(steps=s["steps"], batch=s["batch"], unroll=s["unroll"], lr=s["lr"], seed=args.seed,
-                        gt_tol=s.get("gt_tol") or default_gt_tol(run))
-        config = NeuralSolverConfig((1,), (1,), m=s["m"], hidden=s["hidden"], init_hidden=s["init_hidden"])
+                        init_steps=s["init_steps"], init_batch=s["init_batch"],
+                        gt_tol=s.get("gt_tol") or default_gt_tol(run),
+                        time_budget_s=share * run.training_time_s if share else None)
+        config = NeuralSolverConfig((1,), (1,), m=s["m"], hidden=s["hidden"], init_hidden=s["init_hidden"],
+                                    init_rank=s["init_rank"])
         load = os.getloadavg()
         fitted = fit_run(run, config=config, fit=fit, progress=True)
         results = compare_solvers(run, fitted.solver, budgets, progress=True)
@@ -97,6 +110,12 @@ def main() -> None:
             abl = compare_solvers(run, plain, budgets[:3])["neural"]
             head["f_evals_initializer_only"] = abl["at_tol"]["f_evals_mean"]
             head["metric_initializer_only"] = abl["at_tol"]["metric"]
+            every = copy.deepcopy(fitted.solver)  # the paper's use: the mixer on every step
+            every.config.mixer_steps = None
+            abl = compare_solvers(run, every, budgets[:3])["neural"]
+            head["f_evals_mixer_every_step"] = abl["at_tol"]["f_evals_mean"]
+            head["metric_mixer_every_step"] = abl["at_tol"]["metric"]
+            head["converged_mixer_every_step"] = abl["at_tol"]["converged"]
         out["runs"][name] = {"run_dir": run_dir, "settings": s, "fit": fit.__dict__, "load_during_fit": load,
                              "load_after": os.getloadavg(), "summary": head, "solvers": results,
                              "fit_samples_used": fitted.samples, "fit_samples_left_out": fitted.left_out,

@@ -33,7 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
       help="run directory of `deqdiff train` or `deqdiff pinn vdp` (checkpoint.pt and its metrics)")
     a("--out", default=None, help="folder for fit_solver.json and fit_solver.png (default: RUN_DIR/fit_solver)")
     a("--fit-samples", type=positive_int, default=512, help="training inputs the solver is fitted on")
-    a("--steps", type=positive_int, default=150, help="fitting steps (Adam)")
+    a("--init-steps", type=nonneg_int, default=600,
+      help="Adam steps fitting the initializer alone to the fixed points first (no f-evaluations)")
+    a("--init-batch", type=positive_int, default=64, help="samples per initializer-only step")
+    a("--steps", type=positive_int, default=60, help="fitting steps (Adam) through the unrolled solver")
     a("--batch", type=positive_int, default=32, help="samples per fitting step")
     a("--unroll", type=positive_int, default=6, help="solver steps unrolled per fitting step")
     a("--lr", type=positive_float, default=3e-3, help="Adam learning rate (cosine-annealed)")
@@ -42,8 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--init-hidden", type=positive_int, default=None,
       help="width of the initializer's random-feature layer (vector states; default 1024) or its channels "
            "(image states; default 32)")
+    a("--init-rank", type=nonneg_int, default=32,
+      help="rank of the image initializer's global linear correction (0: none)")
     a("--gt-tol", type=positive_float, default=None,
-      help="relative residual of the ground-truth fixed points (default: the model's tolerance / 100)")
+      help="relative residual of the ground-truth fixed points (default: the model's tolerance)")
+    a("--budget-share", type=positive_float, default=None,
+      help="stop fitting once its wall time reaches this share of the run's training time (e.g. 0.05); "
+           "default: no limit")
     a("--budgets", type=int_list(_budget), default=[2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32],
       help="f-evaluation budgets of the residual/metric comparison (comma-separated)")
     a("--seed", type=seed, default=0, help="seeds the fitting inputs and the networks")
@@ -72,10 +80,14 @@ def _run(args: argparse.Namespace) -> int:
     with user_errors("--from", kinds=(ValueError, TypeError, OSError, KeyError, ImportError)):
         run = load_run(run_dir, fit_samples=args.fit_samples, seed=args.seed)
     with user_errors():
+        if args.budget_share is not None and not run.training_time_s > 0:
+            raise ValueError(f"--budget-share: the run in {run_dir} records no training time")
         fit = FitConfig(steps=args.steps, batch=args.batch, unroll=args.unroll, lr=args.lr, seed=args.seed,
-                        gt_tol=args.gt_tol if args.gt_tol is not None else default_gt_tol(run))
+                        init_steps=args.init_steps, init_batch=args.init_batch,
+                        gt_tol=args.gt_tol if args.gt_tol is not None else default_gt_tol(run),
+                        time_budget_s=None if args.budget_share is None else args.budget_share * run.training_time_s)
         config = NeuralSolverConfig((1,), (1,), m=args.m, hidden=args.hidden, init_hidden=args.init_hidden,
-                                    meta={"run": str(run_dir), "kind": run.kind})
+                                    init_rank=args.init_rank, meta={"run": str(run_dir), "kind": run.kind})
     t0 = time.perf_counter()
     fitted = fit_run(run, config=config, fit=fit, progress=not args.no_progress)
     path = run_dir / "neural_solver.pt"
@@ -92,8 +104,9 @@ def _run(args: argparse.Namespace) -> int:
     with open(out / "fit_solver.json", "w") as fh:
         json.dump(report, fh, indent=1)
     plot_comparison(results, run, out / "fit_solver.png")
-    print(f"{run.kind}: neural solver fitted in {head['fit_time_s']:.1f} s "
-          f"({100 * head['fit_time_share']:.1f} % of the run's {head['training_time_s']:.0f} s of training)")
+    print(f"{run.kind}: neural solver fitted in {head['fit_time_s']:.1f} s wall, {head['fit_cpu_time_s']:.1f} s CPU "
+          f"({100 * head['fit_time_share']:.1f} % of the run's {head['training_time_s']:.0f} s of training; "
+          f"{head['init_steps_done']} initializer and {head['steps_done']} unrolled steps)")
     print(f"  f-evaluations to tol {run.tol:g} on {run.test_inputs.shape[0]} held-out inputs: neural "
           f"{head['f_evals_neural']:.2f}, anderson {head['f_evals_anderson']:.2f} (ratio {head['f_evals_ratio']:.2f}); "
           f"{run.metric_name}: {head['metric_neural']:.4g} vs {head['metric_anderson']:.4g}")

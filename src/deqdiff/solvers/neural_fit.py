@@ -97,6 +97,7 @@ class FitResult:
     init_steps_done: int = 0  # initializer-only steps taken (fewer than asked when the time budget ran out)
     steps_done: int = 0  # unrolled steps taken
     ground_truth_f_evals: float = math.nan  # mean f-evaluations per sample of the ground-truth solves
+    phases: dict = field(default_factory=dict)  # per phase: [wall s, CPU s] (ground truth, ridge, init, unrolled, final)
 
 
 def _flat_map(cell: Callable[[Tensor, Tensor], Tensor], x: Tensor, state_shape: tuple[int, ...]):
@@ -179,11 +180,20 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     def elapsed() -> float:
         return time.perf_counter() - t0
 
+    phases: dict[str, list[float]] = {}
+    mark = [t0, c0]
+
+    def phase(name: str) -> None:  # close the phase that ran since the last mark
+        now = [time.perf_counter(), time.process_time()]
+        phases[name] = [now[0] - mark[0], now[1] - mark[1]]
+        mark[:] = now
+
     x_all = inputs.detach()
     z_default = init_state(x_all).detach()
     z_star, ok, gt_evals = ground_truth(cell, x_all, z_default, tol=fit.gt_tol, max_iter=fit.gt_max_iter,
                                         return_evals=True)
     t_gt = elapsed()
+    phase("ground_truth")
     if not bool(ok.any()):
         raise ValueError(f"no training sample reached the ground-truth tolerance {fit.gt_tol:g} in "
                          f"{fit.gt_max_iter} Anderson iterations; the frozen DEQ does not converge")
@@ -201,6 +211,7 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     ini.set_input_stats(x_all)
     ridge = _choose_ridge(net, x_all, z_star, gen)
     ini.refit_output(x_all, z_star, ridge)  # a closed-form start for the output layer
+    phase("ridge")
     n = x_all.shape[0]
     history: list[dict] = []
     bar = None
@@ -228,6 +239,7 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
                 bar.set_postfix(init=f"{float(l_init.detach()):.2e}", refresh=False)
                 bar.update(1)
         ini.refit_output(x_all, z_star, ridge)
+    phase("init")
     opt = torch.optim.Adam(net.parameters(), lr=fit.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fit.steps)
     weights = torch.arange(1, fit.unroll + 1, dtype=x_all.dtype, device=x_all.device)
@@ -264,9 +276,11 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
             bar.update(1)
     if bar is not None:
         bar.close()
+    phase("unrolled")
     net.eval()
     ridge = _choose_ridge(net, x_all, z_star, gen)
     init_error = _validation_error(net, x_all, z_star, gen, ridge)
     ini.refit_output(x_all, z_star, ridge)  # the best output layer for the final hidden layers
+    phase("final")
     return FitResult(net, history, time.perf_counter() - t0, time.process_time() - c0, t_gt, n, int((~ok).sum()),
-                     init_error, init_done, done, float(gt_evals.double().mean()))
+                     init_error, init_done, done, float(gt_evals.double().mean()), phases)

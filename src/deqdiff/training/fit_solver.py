@@ -9,8 +9,10 @@ needs to reach the model's tolerance and the residual and downstream metric at f
 f-evaluations.
 
 f-evaluations: a solve that stops at iteration k evaluated f k + 1 times (k = 0 evaluates the
-start); the neural solver's initializer is one extra network call, reported as time, not as an f
-evaluation.
+start) — the same count for every solver compared (Anderson, Broyden, plain iteration and the
+neural solver evaluate f once per iteration, without line searches); the neural solver's
+initializer is one extra network call, reported as wall time (:func:`initializer_cost`), not as an
+f-evaluation.
 """
 
 from __future__ import annotations
@@ -292,9 +294,12 @@ def plot_comparison(results: dict, run: Run, path: Path) -> Path:
 
 
 def default_gt_tol(run: Run) -> float:
-    """Ground truth 100× tighter than the model's tolerance, within what its dtype resolves."""
+    """Ground truth at the model's own tolerance (the fixed points it computes at inference: the
+    initializer's held-out error is 0.2–0.4 of ‖z*‖ on the digit DEQs, far above the error of z*
+    at that tolerance, and a 100× tighter solve cost 3–5× the f-evaluations), within what its
+    dtype resolves."""
     eps = torch.finfo(run.train_inputs.dtype).eps
-    return max(run.tol / 100.0, 20 * eps)
+    return max(run.tol, 20 * eps)
 
 
 def initializer_cost(run: Run, network: NeuralSolver, repeats: int = 7) -> dict:
@@ -328,6 +333,8 @@ def summary(run: Run, fit: FitResult, results: dict) -> dict:
             "f_evals_ratio": ratio, "metric_name": run.metric_name, "metric_neural": n["metric"],
             "metric_anderson": a["metric"], "converged_neural": n["converged"], "converged_anderson": a["converged"],
             "fit_time_s": fit.time_s, "fit_cpu_time_s": fit.cpu_time_s, "ground_truth_time_s": fit.ground_truth_time_s,
+            "ground_truth_f_evals": fit.ground_truth_f_evals, "fit_phases_wall_cpu_s": fit.phases,
+            "fit_samples_used": fit.samples, "init_steps_done": fit.init_steps_done, "steps_done": fit.steps_done,
             "init_error": fit.init_error, **initializer_cost(run, fit.solver),
             "time_neural_s": n["time_s"], "time_anderson_s": a["time_s"],
             "training_time_s": run.training_time_s, "fit_time_share": share,
