@@ -83,6 +83,9 @@ def plot_residual_curves(curves: Mapping[str, "ResidualCurves"], path, *, ncols:
         ax.fill_between(k, q[1], q[3], color="tab:orange", alpha=0.35)
         ax.plot(k, q[2], color="tab:red", lw=2)
         ax.set_yscale("log")
+        from matplotlib.ticker import NullFormatter
+
+        ax.yaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels crowd short ranges
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(r"solver iteration $k$")
         ax.set_ylabel(r"$\|f(z^{[k]}) - z^{[k]}\| \,/\, \|f(z^{[k]})\|$")
@@ -237,7 +240,6 @@ def _vrange(lands, vmax):
 def plot_landscapes_2d(lands: Mapping[str, "Landscape"], path, *, levels: int = 30, vmax: float | None = None) -> Path:  # noqa: F821
     """Filled contour plots of Φ(α, β) side by side with shared levels and one colorbar
     (thesis Fig. 4.4)."""
-    plt = _plt()
     fig, axes = _grid(len(lands), size=(3.8, 3.6))
     vmin, vmax = _vrange(lands, vmax)
     lv = np.linspace(vmin, vmax, levels)

@@ -59,6 +59,7 @@ class ResidualCurves:
             "converged_fraction": float(self.converged.float().mean()),
             "iterations_median": float(self.iterations.double().median()),
             "final_rel_residual_median": float(self.held[-1].median()),
+            "final_fraction_below_1e-3": float((self.held[-1] <= 1e-3).double().mean()),
             "quantiles": {name: _clean(q[i]) for i, name in enumerate(("q10", "q25", "median", "q75", "q90"))},
             "curves": [_clean(rel[:, s]) for s in range(rel.shape[1])],
             **self.meta,

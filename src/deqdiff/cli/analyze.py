@@ -359,6 +359,7 @@ def _hessian(args, out: Path) -> list:
 
 
 def _landscape(args, out: Path) -> list:
+    import torch
     import torch.nn.functional as F
 
     from ..analysis import plotting
@@ -379,8 +380,12 @@ def _landscape(args, out: Path) -> list:
         args.epochs = [TrainConfig().epochs]
     e = max(args.epochs)
     lands2, lands1, summary = {}, {}, {}
+    Xt, Yt = digits_split(args.data, split="test", seed=args.seed, data_dir=args.data_dir)
     for name in models:
         model = _snapshots(args, name, [e])[e]
+        with torch.no_grad():  # how far training got: the held-out accuracy of the minimizer
+            acc = float(sum((model(Xt[i:i + 256]).argmax(1) == Yt[i:i + 256]).sum() for i in range(0, len(Yt), 256)))
+        acc /= len(Yt)
         bar = _bar(args)
         prog = (lambda it, name=name: bar(it, desc=f"{name} 2D")) if bar else None
         kw = dict(seed=args.seed, steps=args.steps, span=tuple(args.span), ignore=args.ignore,
@@ -389,9 +394,11 @@ def _landscape(args, out: Path) -> list:
         if not args.no_1d:
             lands1[name] = landscape_1d(model, F.cross_entropy, X, Y, **kw)
         f = flatness_summary(lands2[name])
-        summary[name] = {"flatness": f, "seconds_2d": lands2[name].meta["seconds"],
+        summary[name] = {"epochs": e, "test_accuracy": acc, "flatness": f,
+                         "seconds_2d": lands2[name].meta["seconds"],
                          "convergence_warnings": lands2[name].meta["convergence_warnings"]}
-        print(f"  {name:10s} L* {f['center_loss']:.4f}; area(Φ ≤ L*+0.1) {f['area_below']['0.1']:.3f}, "
+        print(f"  {name:10s} test accuracy {acc:.2%} (epoch {e}); L* {f['center_loss']:.4f}; "
+              f"area(Φ ≤ L*+0.1) {f['area_below']['0.1']:.3f}, "
               f"(≤ L*+1) {f['area_below']['1.0']:.3f}; sharpness r=0.5 {f['sharpness']['0.5']:.3f}; "
               f"curvature {['%.3g' % c for c in f['curvature']]}; {lands2[name].meta['seconds']:.0f} s")
     files = [plotting.plot_landscapes_2d(lands2, out / "landscape_contour.png"),
