@@ -11,12 +11,15 @@ What is measured:
    the DEQ trains first; the unrolled model (the same cell applied L times from z = 0,
    backpropagated through every layer) trains with L = the DEQ's mean forward iterations over
    training, rounded up. Each trains in its own fresh process. Reported: test bits per
-   character, forward/backward iterations, peak RSS growth during the training steps, time per
-   epoch.
+   character, forward/backward iterations, peak RSS growth during the training steps and the
+   peak live tensor memory of a step (``--trace-memory``), time per epoch.
 2. Memory sweep: for each ``--sweep-seq-len`` T (batch of ``--sweep-batch`` windows), a few
-   training steps of the DEQ and of unrolled-L (same L), each in a fresh process; peak RSS
-   growth. The DEQ keeps one layer's graph plus the solver's history; the unrolled network
-   keeps L layers' activations (attention scores grow as T²).
+   training steps of the DEQ and of unrolled-L (same L), each setting in a fresh process: peak
+   live tensor bytes of a step (``deqdiff.training.memtrace.TensorMemory``), bytes saved for
+   backward by the forward, peak RSS growth with glibc's default settings and with
+   ``harness.LIVE_RSS_ENV`` (freed blocks unmapped at once). The DEQ keeps one vjp graph of its
+   cell at a time plus the solver's history; the unrolled network keeps L layers' activations
+   (attention weights grow as T²). ``--sweep-options`` passes model flags (``--d-model 128``).
 
 JSON goes to ``benchmarks/results/lm.json`` (``lm_quick.json`` with ``--quick``).
 """
@@ -37,10 +40,10 @@ import harness
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _deqdiff(args: list[str]) -> None:
+def _deqdiff(args: list[str], env: dict | None = None) -> None:
     """``deqdiff lm ARGS`` in a fresh process (one torch thread unless OMP_NUM_THREADS says otherwise)."""
-    harness.run_cli(["lm", *args], env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}, cwd=ROOT,
-                    capture=False)
+    harness.run_cli(["lm", *args], env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})},
+                    cwd=ROOT, capture=False)
 
 
 def compare(out: Path, extra: list[str]) -> dict:
@@ -51,13 +54,22 @@ def compare(out: Path, extra: list[str]) -> dict:
     return res
 
 
-def sweep_point(model: str, seq_len: int, batch: int, steps: int, out: Path, extra: list[str]) -> float:
-    """Peak RSS growth (MiB) over ``steps`` training steps of ``model`` (stopped mid-epoch: no evaluation)."""
-    run = out / f"{model}_T{seq_len}"
-    _deqdiff(["--model", model, "--seq-len", str(seq_len), "--batch-size", str(batch), "--epochs", "1",
-              "--train-windows", str(batch * (steps + 1)), "--max-steps", str(steps), "--no-progress",
-              "--out", str(run), *extra])
-    return json.loads((run / "metrics.json").read_text())["memory"]["peak_rss_above_start_mib"]
+def sweep_point(model: str, seq_len: int, batch: int, steps: int, out: Path, extra: list[str]) -> dict:
+    """Memory (MiB) of ``steps`` training steps of ``model`` (stopped mid-epoch: no evaluation), each
+    setting in a fresh process: peak RSS growth, and with ``--trace-memory`` the peak live tensor
+    bytes of a step and the bytes saved for backward by its forward; then the peak RSS growth again
+    under glibc settings that unmap freed blocks at once (harness.LIVE_RSS_ENV)."""
+    point = {}
+    for key, env in (("rss", None), ("rss_live_malloc", harness.LIVE_RSS_ENV)):
+        run = out / f"{model}_T{seq_len}_{key}"
+        _deqdiff(["--model", model, "--seq-len", str(seq_len), "--batch-size", str(batch), "--epochs", "1",
+                  "--train-windows", str(batch * (steps + 1)), "--max-steps", str(steps), "--no-progress",
+                  "--out", str(run), *(["--trace-memory"] if env is None else []), *extra], env)
+        memory = json.loads((run / "metrics.json").read_text())["memory"]
+        point[key] = memory["peak_rss_above_start_mib"]
+        if env is None:
+            point.update(tensor_peak=memory["tensor_peak_mib"], saved=memory["saved_mib"])
+    return point
 
 
 def timing(steps: int, depth: int) -> dict:
@@ -107,6 +119,8 @@ def main() -> None:
     p.add_argument("--train-windows", type=int, default=None, help="training windows (default: the job's)")
     p.add_argument("--sweep-seq-len", type=int, nargs="*", default=[64, 128, 256])
     p.add_argument("--sweep-batch", type=int, default=16)
+    p.add_argument("--sweep-options", nargs=argparse.REMAINDER, default=[],
+                   help="further `deqdiff lm` flags for the sweep's runs (e.g. --d-model 128); last on the line")
     p.add_argument("--sweep-steps", type=int, default=3)
     p.add_argument("--no-compare", action="store_true", help="only the memory sweep (needs --depth)")
     p.add_argument("--depth", type=int, default=None, help="unrolled depth of the sweep (default: the comparison's)")
@@ -128,7 +142,7 @@ def main() -> None:
                   "machine": {**harness.machine_info("platform", "cpus", "omp_num_threads"), "loadavg_start": load},
                   "command": " ".join(["python", "benchmarks/bench_lm.py", *sys.argv[1:]])}
         if not args.no_compare:
-            result["compare"] = compare(tmp / "compare", [*extra, "--no-progress"])
+            result["compare"] = compare(tmp / "compare", [*extra, "--no-progress", "--trace-memory"])
             figure = ROOT / "benchmarks" / "results" / ("lm_loss_curves_quick.png" if args.quick else "lm_loss_curves.png")
             shutil.copyfile(tmp / "compare" / "loss_curves.png", figure)
             result["figure"] = str(figure.relative_to(ROOT))
@@ -140,8 +154,10 @@ def main() -> None:
             point = {"seq_len": T, "batch": args.sweep_batch, "depth": depth}
             for model in ("deq", f"unrolled-{depth}"):
                 point["deq" if model == "deq" else "unrolled"] = sweep_point(
-                    model, T, args.sweep_batch, args.sweep_steps, tmp / "sweep", [])
-            point["ratio"] = point["unrolled"] / point["deq"] if point["deq"] else None
+                    model, T, args.sweep_batch, args.sweep_steps, tmp / "sweep", args.sweep_options)
+            point["options"] = args.sweep_options
+            point["ratio"] = {k: point["unrolled"][k] / point["deq"][k] if point["deq"][k] else None
+                              for k in point["deq"]}
             sweep.append(point)
             print(json.dumps(point), flush=True)
         result["memory_sweep"] = sweep
