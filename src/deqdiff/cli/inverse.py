@@ -215,7 +215,7 @@ def _report(result, data, out) -> None:
              "training": out / "training.png", "checkpoint": out / "checkpoint.pt", "results": out / "results.json"}
     plot_examples(result.models, data, config, files["examples"])
     plot_psnr_curve(report, config, files["psnr_vs_iterations"])
-    plot_training(result.history, files["training"])
+    plot_training(result.history, files["training"], config)
     payload = {"config": config.to_dict(), "report": report, "history": result.history,
                "files": {k: str(v) for k, v in files.items()}}
     tmp = out / "results.json.tmp"
