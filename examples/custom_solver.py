@@ -2,8 +2,8 @@
 
 A forward solver receives the map g on a 2-D state (S samples × N unknowns) and returns the
 fixed point and a ``SolveInfo``; ``deqdiff.register_solver`` makes it available by name. Here:
-Anderson acceleration with memory 1 (Walker & Ni 2011, "Anderson acceleration for fixed-point
-iterations", §2 with m = 1), per sample. The solver only finds z*; every derivative is still
+Anderson acceleration with memory m = 1 (Walker & Ni 2011, "Anderson acceleration for
+fixed-point iterations"), per sample. The solver only finds z*; every derivative is still
 an implicit solve with (I − ∂f/∂z) at z* (Bai, Kolter & Koltun 2019, "Deep Equilibrium
 Models", Theorem 1), so gradients agree with any other solver's up to the tolerance.
 
@@ -68,7 +68,8 @@ for solver in ("fixed_point", "anderson", "anderson1"):
 
 rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
 print(f"dL/dA with anderson1 vs the built-in fixed_point: relative difference "
-      f"{rel(grads['anderson1'], grads['fixed_point']):.1e}, vs anderson: {rel(grads['anderson1'], grads['anderson']):.1e}")
+      f"{rel(grads['anderson1'], grads['fixed_point']):.1e}, "
+      f"vs anderson: {rel(grads['anderson1'], grads['anderson']):.1e}")
 # and second order: a Hessian-vector product of the loss through the custom solver
 v = torch.randn_like(A)
 hvps = []

@@ -2,7 +2,7 @@
 
 The model is ``stem → DEQ → head``: the stem embeds the 8×8 image, the DEQ layer returns the
 equilibrium z* = tanh(W z* + x) of its cell (Bai, Kolter & Koltun 2019, "Deep Equilibrium
-Models", eq. 2: the output of an infinitely deep weight-tied network), the head classifies z*.
+Models": the limit of an infinitely deep weight-tied network), the head classifies z*.
 The gradient w.r.t. every parameter is an implicit solve with (I − ∂f/∂z) at z*, never a
 backward pass through the solver's iterations. ``deq.last_info`` holds the solver statistics.
 

@@ -1,11 +1,11 @@
 """A monotone DEQ: convergence guaranteed by construction, found by operator splitting.
 
 The layer z* = relu(W z* + U x + b) with W = (1 − m)I − AᵀA + B − Bᵀ (Winston & Kolter 2020,
-"Monotone operator equilibrium networks", eq. 6) has I − W ⪰ mI for every A, B: the fixed
-point exists and is unique, and Peaceman–Rachford (any α > 0) and forward–backward splitting
-(α ∈ (0, 2m/L²), L = ‖I − W‖₂) converge to it (Winston & Kolter 2020, Theorem 1 and Alg. 1–2)
-— even where plain iteration z ← f(z) diverges because ‖W‖₂ > 1. The model is
-``deqdiff.models.MonotoneDEQ``; derivatives are implicit solves, here by splitting too.
+"Monotone operator equilibrium networks") has I − W ⪰ mI for every A, B: the fixed point exists
+and is unique, and Peaceman–Rachford (any α > 0) and forward–backward splitting (α ∈ (0, 2m/L²),
+L = ‖I − W‖₂; Nguyen 2022, "An analysis of applying neural tangent kernels for deep equilibrium
+models", Proposition 3) converge to it — even where plain iteration z ← f(z) fails (‖W‖₂ > 1).
+The model is ``deqdiff.models.MonotoneDEQ``; derivatives are implicit solves, by splitting too.
 
 Run:  python examples/monotone_deq.py           (5 epochs on digits, under a minute)
       python examples/monotone_deq.py --quick   (a smoke run in seconds)
@@ -34,7 +34,7 @@ train, test = perm[:n_train], perm[1500:]
 model = MonotoneDEQ(64, width, 10, m=0.3, solver="pr", tol=1e-4, max_iter=300, backward_solver="pr")
 cell = model.cell  # at PyTorch's default initialization ‖W‖₂ > 1 already: f is no contraction
 m, L = cell.m, cell.op_norm()
-alpha = m / L**2  # forward–backward's default step, the fastest of Proposition 3's bound
+alpha = m / L**2  # forward–backward's default step: the smallest bound of Proposition 3
 print(f"‖W‖₂ = {torch.linalg.matrix_norm(cell.weight(), 2).item():.2f}, m = {m}, L = ‖I − W‖₂ = {L:.2f}")
 print(f"forward–backward step α = m/L² = {alpha:.4f}, guaranteed contraction factor "
       f"{cell.fb_contraction_factor(alpha):.4f} per iteration")
