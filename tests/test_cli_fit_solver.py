@@ -14,7 +14,7 @@ from deqdiff.solvers.neural import NeuralSolver
 from deqdiff.training.checkpoint import save_checkpoint
 
 FAST = ["--fit-samples", "16", "--steps", "3", "--batch", "8", "--unroll", "3", "--budgets", "2,3", "--gt-tol", "1e-3",
-        "--no-progress"]
+        "--init-steps", "4", "--init-batch", "8", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,17 @@ def test_fit_solver_writes_solver_json_and_png(which, request, capsys):
     assert "neural solver fitted" in capsys.readouterr().out
 
 
+def test_budget_share_limits_the_fit_to_a_share_of_the_training_time(conv_run):
+    """A share so small that the budget is spent on the ground truth: no fitting step runs, and the
+    solver (least-squares initializer, untrained mixer) is still written and compared."""
+    out = conv_run / "budget"
+    argv = [*FAST, "--init-steps", "1000", "--steps", "1000", "--budget-share", "1e-6"]
+    assert main(["fit-solver", "--from", str(conv_run), "--out", str(out), *argv]) == 0
+    summary = json.loads((out / "fit_solver.json").read_text())["summary"]
+    assert summary["init_steps_done"] == 0 and summary["steps_done"] == 0
+    assert set(summary["fit_phases_wall_cpu_s"]) == {"ground_truth", "ridge", "init", "unrolled", "final"}
+
+
 def _foreign(root):
     (root / "foreign").mkdir()
     save_checkpoint(root / "foreign" / "checkpoint.pt", {"x": torch.zeros(1)}, format="someone-else/1")
@@ -81,6 +92,8 @@ BAD = {
     "budget below 2": (lambda t: ["--from", str(t), "--budgets", "1,4"], "--budgets"),
     "steps zero": (lambda t: ["--from", str(t), "--steps", "0"], "--steps"),
     "lr nan": (lambda t: ["--from", str(t), "--lr", "nan"], "--lr"),
+    "budget share negative": (lambda t: ["--from", str(t), "--budget-share", "-0.05"], "--budget-share"),
+    "init steps negative": (lambda t: ["--from", str(t), "--init-steps", "-1"], "--init-steps"),
     "no --from": (lambda t: [], "--from"),
 }
 
@@ -88,7 +101,8 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_one_line(case, tmp_path, capsys):
     argv, fragment = BAD[case]
-    with pytest.raises(SystemExit) if case in ("budget below 2", "steps zero", "lr nan", "no --from") else _nothing():
+    parse_errors = ("budget below 2", "steps zero", "lr nan", "no --from", "budget share negative", "init steps negative")
+    with pytest.raises(SystemExit) if case in parse_errors else _nothing():
         code = main(["fit-solver", *argv(tmp_path)])
         assert code == 2
     err = capsys.readouterr().err.strip()
