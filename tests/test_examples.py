@@ -64,8 +64,8 @@ def test_deq_layer(runs):
     out = run(runs, "deq_layer")
     assert re.search(r"forward: +forward solve \(auto\): \d+/\d+ rows converged", out)
     assert re.search(r"derivative: .*solve", out)
-    accuracy = number(r"test accuracy ([\d.]+) %", out)
-    assert 0.0 <= accuracy <= 100.0
+    # one epoch on 256 digits already learns something: well above chance (10 %)
+    assert number(r"test accuracy ([\d.]+) %", out) > 20.0
 
 
 def test_physics_informed_by_hand(runs):
