@@ -18,6 +18,7 @@ __all__ = [
     "SolveInfo",
     "VariationalDropout",
     "WarmStart",
+    "derivatives",
     "fixed_point",
     "linear_solve",
     "register_solver",

@@ -3,6 +3,8 @@ iteration counts, never the derivatives (beyond tolerance)."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -81,3 +83,42 @@ def test_warm_start_must_be_a_warm_start_object():
     A, x = problem()
     with pytest.raises(TypeError, match="WarmStart"):
         deqdiff.fixed_point(f, torch.zeros(S, n), A, x, warm_start={})
+
+
+def test_extrapolated_start_follows_a_steady_path_and_keeps_derivatives():
+    """Along a path A_k = A + k·D (steps that move alike), the start 2 z*_{k-1} − z*_{k-2} is
+    second-order accurate, so the forward solve needs fewer iterations than from z*_{k-1};
+    the derivatives are those of a cold solve either way."""
+    A0, x = problem()
+    D = 2e-3 * torch.randn(n, n, generator=torch.Generator().manual_seed(7))
+    runs = {}
+    for extrapolate in (False, True):
+        ws = deqdiff.WarmStart(extrapolate=extrapolate)
+        for k in range(3):
+            A = (A0 + k * D).detach().requires_grad_()
+            g, info = second_order(A, x, warm_start=ws)
+        runs[extrapolate] = (g, info)
+    g_ref, _ = second_order(A, x)
+    for g, _ in runs.values():
+        assert float((g - g_ref).norm() / g_ref.norm()) < 1e-8
+    assert runs[True][1].forward.iterations.sum() < runs[False][1].forward.iterations.sum()
+
+
+def test_structure_is_probed_once_per_warm_start(monkeypatch):
+    from deqdiff.engine import structure
+
+    calls = []
+    real = structure.infer_rows
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sys.modules["deqdiff.engine.fixed_point"], "infer_rows", counting)
+    A, x = problem()
+    ws = deqdiff.WarmStart()
+    for _ in range(3):
+        deqdiff.fixed_point(f, torch.zeros(S, n), A, x, tol=1e-8, warm_start=ws)
+    assert len(calls) == 1
+    deqdiff.fixed_point(f, torch.zeros(S, n), A, x, tol=1e-8)  # no warm start: probed again
+    assert len(calls) == 2

@@ -68,7 +68,7 @@ def solve_fn(A, forward: str, backward: str = "auto"):
 
 
 def check_mode(mode: str, solve, p) -> None:
-    A, x, t, w = p["A"], p["x"], p["t"], p["w"]
+    x, t, w = p["x"], p["t"], p["w"]
     close = dict(atol=1e-9, rtol=0)
     if mode == "forward_ad":
         with fwAD.dual_level():

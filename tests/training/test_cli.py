@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from deqdiff.cli import main
 from deqdiff.training import load_checkpoint

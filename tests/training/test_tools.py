@@ -10,7 +10,7 @@ import torch
 
 from deqdiff import PhantomGrad
 from deqdiff.cli import main
-from deqdiff.layers.normalization import SpectralNorm, WeightNorm
+from deqdiff.layers.normalization import WeightNorm
 from deqdiff.training import load_checkpoint, train
 from tests.training.helpers import tiny_config, tiny_data
 

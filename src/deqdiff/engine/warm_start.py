@@ -27,16 +27,21 @@ class WarmStart:
     iterations. The batch structure that ``fixed_point`` finds by probing ``f`` (which dims
     are samples, which params are per sample) is kept too, and probed again only when ``f``
     or a shape or dtype changes. ``reset()`` forgets everything (e.g. when the samples
-    change). Memory: one state per stored solve, detached."""
+    change). ``extrapolate=False`` starts from the last solutions themselves. Memory: two
+    states per stored solve (one without ``extrapolate``), detached."""
 
-    def __init__(self) -> None:
+    def __init__(self, extrapolate: bool = True) -> None:
+        self.extrapolate = bool(extrapolate)
         self.z: Tensor | None = None
+        self._z_prev: Tensor | None = None
         self.solutions: dict[tuple, Tensor] = {}
+        self._previous: dict[tuple, Tensor] = {}
         self.cold_iterations: int | None = None  # forward iterations of the first (cold) solve
         self._structure: tuple | None = None  # (key, (batch_ndim, row_params))
 
     def reset(self) -> None:
-        self.z, self.solutions, self.cold_iterations, self._structure = None, {}, None, None
+        self.z, self._z_prev, self.solutions, self._previous = None, None, {}, {}
+        self.cold_iterations, self._structure = None, None
 
     def structure(self, key: tuple, probe: Callable[[], tuple]) -> tuple:
         """``probe()`` (the batch structure of ``f``), computed once per ``key`` (``f``, the
@@ -45,14 +50,27 @@ class WarmStart:
             self._structure = (key, probe())
         return self._structure[1]
 
+    def _start(self, last: Tensor | None, before: Tensor | None, like: Tensor) -> Tensor | None:
+        """The next start: ``last``, or ``2·last − before`` (linear extrapolation along the
+        optimizer's path: consecutive steps move the solution alike, so the start error drops
+        from first to second order in the step) when both fit ``like``."""
+        if last is None or last.shape != like.shape or last.dtype != like.dtype or last.device != like.device:
+            return None
+        if self.extrapolate and before is not None and before.shape == last.shape:
+            return 2 * last - before
+        return last
+
     def initial_state(self, z0: Tensor) -> Tensor:
-        """``z0``, or the previous z* when it fits ``z0``'s shape, dtype and device."""
-        z = self.z
-        if z is not None and z.shape == z0.shape and z.dtype == z0.dtype and z.device == z0.device:
-            return z
-        return z0
+        """``z0``, or the start predicted from the previous z* (two, when ``extrapolate``)
+        when it fits ``z0``'s shape, dtype and device."""
+        z = self._start(self.z, self._z_prev, z0)
+        return z0 if z is None else z
 
     def store_forward(self, z: Tensor, iterations: int) -> None:
+        if self.z is not None and self.z.shape == z.shape:
+            self._z_prev = self.z
+        else:
+            self._z_prev = None
         self.z = z.detach()
         if self.cold_iterations is None:
             self.cold_iterations = iterations
@@ -71,7 +89,15 @@ class _WarmCall:
         return (self.count, transposed, tuple(rows.shape), rows.dtype, rows.device)
 
     def start(self, key: tuple) -> Tensor | None:
-        return self.owner.solutions.get(key)
+        last = self.owner.solutions.get(key)
+        if last is None:
+            return None
+        return self.owner._start(last, self.owner._previous.get(key), last)
 
     def store(self, key: tuple, x: Tensor) -> None:
+        last = self.owner.solutions.get(key)
+        if last is not None and last.shape == x.shape:
+            self.owner._previous[key] = last
+        else:
+            self.owner._previous.pop(key, None)
         self.owner.solutions[key] = x.detach()
