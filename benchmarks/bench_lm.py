@@ -48,10 +48,7 @@ def _deqdiff(args: list[str], env: dict | None = None) -> None:
 
 def compare(out: Path, extra: list[str]) -> dict:
     _deqdiff(["--compare", "--out", str(out), *extra])
-    res = json.loads((out / "results.json").read_text())
-    for k in ("deq", "unrolled"):  # per-step curves stay in the run folder
-        res[k].pop("step_bpc", None)
-    return res
+    return json.loads((out / "results.json").read_text())  # with the per-step curves of the figure
 
 
 def sweep_point(model: str, seq_len: int, batch: int, steps: int, out: Path, extra: list[str]) -> dict:
@@ -146,6 +143,8 @@ def main() -> None:
             figure = ROOT / "benchmarks" / "results" / ("lm_loss_curves_quick.png" if args.quick else "lm_loss_curves.png")
             shutil.copyfile(tmp / "compare" / "loss_curves.png", figure)
             result["figure"] = str(figure.relative_to(ROOT))
+            if not args.quick:  # the gallery's copy (docs/models.md)
+                shutil.copyfile(figure, ROOT / "docs" / "figures" / "lm_loss_curves.png")
         elif args.depth is None:
             p.error("--no-compare needs --depth")
         depth = args.depth or result["compare"]["comparison"]["depth"]

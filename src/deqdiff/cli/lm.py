@@ -294,26 +294,46 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _write(out: Path, results: dict, runs: list[dict]) -> None:
-    """``results.json`` and ``loss_curves.png`` (training bpc per step, validation bpc per epoch)."""
+    """``results.json`` and ``loss_curves.png``: training bpc per step and validation bpc per epoch
+    of each model; with two models a second panel shows their difference (first − second)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     try:
         (out / "results.json").write_text(json.dumps(results, indent=1))
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for r in runs:
+        pair = len(runs) == 2
+        fig, axes = plt.subplots(1, 2 if pair else 1, figsize=(11.5 if pair else 7.5, 4), squeeze=False)
+        ax = axes[0][0]
+        for r, style in zip(runs, ("-", "--")):
             steps = r["step_bpc"]
-            line, = ax.plot(range(1, len(steps) + 1), steps, alpha=0.5, lw=0.8, label=f"{r['model']} train (per step)")
+            line, = ax.plot(range(1, len(steps) + 1), steps, style, alpha=0.6, lw=0.9, label=f"{r['model']} train (per step)")
             per_epoch = len(steps) / max(len(r["valid_bpc"]), 1)
-            ax.plot([per_epoch * (i + 1) for i in range(len(r["valid_bpc"]))], r["valid_bpc"], "o-",
-                    color=line.get_color(), label=f"{r['model']} valid")
+            ax.plot([per_epoch * (i + 1) for i in range(len(r["valid_bpc"]))], r["valid_bpc"], "o" + style, ms=6,
+                    mfc="none" if style == "--" else None, color=line.get_color(), label=f"{r['model']} valid (per epoch)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("bits per character")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("character-level LM on " + ("the help() topics" if runs[0]["config"]["text"] is None
                                                   else Path(runs[0]["config"]["text"]).name))
-        ax.legend()
+        ax.legend(fontsize=8)
+        if pair:
+            a, b = runs
+            ax = axes[0][1]
+            n = min(len(a["step_bpc"]), len(b["step_bpc"]))
+            ax.plot(range(1, n + 1), [x - y for x, y in zip(a["step_bpc"], b["step_bpc"])], lw=0.9,
+                    label="train (per step)")
+            per_epoch = n / max(len(a["valid_bpc"]), 1)
+            ax.plot([per_epoch * (i + 1) for i in range(len(a["valid_bpc"]))],
+                    [x - y for x, y in zip(a["valid_bpc"], b["valid_bpc"])], "o-", label="valid (per epoch)")
+            ax.axhline(0.0, color="gray", lw=0.8)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(f"bpc of {a['model']} − bpc of {b['model']}")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(f"difference: {a['model']} − {b['model']}")
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "loss_curves.png", dpi=120)
         plt.close(fig)
