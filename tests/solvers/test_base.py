@@ -109,3 +109,17 @@ def test_anderson_restart_rescues_rows_that_bounce(seed):
     assert safe.max_iterations <= fp.max_iterations
     assert plain.max_iterations >= 2.5 * safe.max_iterations
     assert torch.allclose(z, z_fp, atol=1e-7)
+
+
+def test_residual_trace_first_matches_the_dense_table():
+    """``first`` reads each row's first recorded residual without expanding the trace."""
+    t = ResidualTrace(4, torch.get_default_dtype(), torch.device("cpu"))
+    t.append(torch.tensor([1, 3]), torch.tensor([1.0, 3.0]), torch.tensor([0.1, 0.3]))
+    t.append(None, torch.full((4,), 9.0), torch.full((4,), 0.9))
+    t.append(torch.tensor([0]), torch.tensor([5.0]), torch.tensor([0.5]))
+    for which in (0, 1):
+        table = t.dense(which)
+        expected = torch.stack([table[(table[:, j] < math.inf).nonzero()[0, 0], j] for j in range(4)])
+        assert torch.equal(t.first(which), expected)
+    empty = ResidualTrace(3, torch.float32, torch.device("cpu"))
+    assert torch.isinf(empty.first()).all()

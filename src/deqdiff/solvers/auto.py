@@ -58,7 +58,7 @@ def auto(
     if info.all_converged or k0 == max_iter:
         return z, info
     rows = (~info.converged).nonzero().flatten()
-    res0 = info.trace.dense(0)[0]  # every row's residual at its start
+    res0 = info.trace.first(0)  # every row's residual at its start
     grew = ~(info.residual.index_select(0, rows) <= res0.index_select(0, rows))
     start = torch.where(grew[:, None], z0.index_select(0, rows), z.index_select(0, rows))
     sub_g = _on_rows(g, rows, z)

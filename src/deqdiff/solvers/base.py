@@ -92,6 +92,22 @@ class ResidualTrace:
                 out[k].index_copy_(0, rows.long(), vals)
         return out
 
+    def first(self, which: int = 0) -> Tensor:
+        """``(S,)`` residuals at each row's first recorded iteration, absolute (``which=0``) or
+        relative (``which=1``); ``inf`` for rows never recorded. Reads only the steps it needs."""
+        out = torch.full((self.S,), math.inf, dtype=self.dtype, device=self.device)
+        seen = torch.zeros(self.S, dtype=torch.bool, device=self.device)
+        for rows, *vals in self._steps:
+            if rows is None:
+                return torch.where(seen, out, vals[which])
+            idx = rows.long()
+            new = ~seen[idx]
+            out[idx[new]] = vals[which][new]
+            seen[idx] = True
+            if bool(seen.all()):
+                break
+        return out
+
     def extended(self, other: "ResidualTrace", rows: Tensor) -> "ResidualTrace":
         """This trace followed by ``other``, a trace over the subset ``rows`` of the batch."""
         trace = ResidualTrace(self.S, self.dtype, self.device)
