@@ -25,6 +25,20 @@ def test_train_cli_writes_metrics_checkpoint_and_resumes(tmp_path, capsys):
     assert "resuming from" in out_text
     loaded = load_checkpoint(tmp_path / "run")
     assert loaded.state["step"] == 8 and len(loaded.history["epochs"]) == 2
+    assert (tmp_path / "run" / "training.png").stat().st_size > 10_000  # loss, accuracy, iterations
+
+
+def test_training_curves_drawn_from_a_history(tmp_path):
+    import matplotlib.image
+
+    from deqdiff.training.plots import plot_training_curves
+
+    rec = lambda e, loss, acc: {"epoch": e, "train": {"loss": loss, "acc": acc, "fwd_iter_mean": 7.0, "fwd_iter_max": 12},
+                                "test": {"loss": loss * 1.1, "acc": acc - 0.01, "fwd_iter_mean": 7.5}}  # noqa: E731
+    history = {"steps": [{"step": i + 1, "loss": 2.0 / (i + 1)} for i in range(6)],
+               "epochs": [rec(1, 1.0, 0.8), rec(2, 0.5, 0.9), rec(3, 0.3, 0.95)]}
+    path = plot_training_curves(history, tmp_path / "t.png")
+    assert matplotlib.image.imread(path).shape[1] > 1000
 
 
 def test_train_cli_repeat_k_and_bad_inputs(tmp_path, capsys):

@@ -7,6 +7,7 @@ each process trains on its shard of every global batch (gloo on CPU, NCCL on GPU
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 from ._common import (resume_checkpoint, UsageError, flag_of, check_device, check_solver, float_list, int_list, nonneg_float, nonneg_int, one_line,
@@ -112,7 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the cell for the forward solve "
                    "(derivatives stay eager and exact)")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/train", help="run directory (checkpoint.pt, metrics.json)")
+    g.add_argument("--out", default="runs/train", help="run directory (checkpoint.pt, metrics.json, training.png)")
     g.add_argument("--resume", action="store_true", default=False,
                    help="continue from OUT/checkpoint.pt with its settings (only the run controls "
                         "--max-steps, --device, --checkpoint-every, --data-dir, --no-progress may be given anew)")
@@ -124,6 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--checkpoint-every", type=nonneg_int, help="steps (0: every epoch)")
     g.add_argument("--max-steps", type=_opt_int, help="stop after this many steps in total")
     g.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
+    g.add_argument("--no-plots", action="store_true", default=False, help="skip OUT/training.png")
     p.set_defaults(func=_run)
 
 
@@ -203,6 +205,11 @@ def _run(args: argparse.Namespace) -> int:
         if ctx.is_main:
             final = result.final
             summary = {"out": str(result.out), "steps": result.steps, "final": final}
+            if not args.no_plots and result.history.get("epochs"):
+                from ..training.plots import plot_training_curves
+
+                summary["figure"] = str(plot_training_curves(result.history, Path(result.out) / "training.png",
+                                                             title=f"deqdiff train --model {config.model}"))
             print(json.dumps(summary, indent=1))
         return 0
     finally:
