@@ -121,8 +121,8 @@ def main() -> None:
                              "fit_samples_used": fitted.samples, "fit_samples_left_out": fitted.left_out,
                              "wall_s": time.perf_counter() - t0}
         print(json.dumps({name: head}, indent=1))
+        harness.write_json(args.out, out)  # after each run: partial results survive (folder created)
         plot_comparison(results, run, Path(args.out).with_name(f"neural_solver_{name}.png"))
-        harness.write_json(args.out, out)  # after each run: partial results survive
     out["machine"]["load_after"] = os.getloadavg()
     harness.write_json(args.out, out)
 

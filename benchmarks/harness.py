@@ -10,6 +10,7 @@ This module does each of those once:
   alike), :func:`tanh_layer_ms` (a one-line machine-speed reference);
 * memory: :func:`current_rss_mib`, :func:`peak_rss_mib`, :func:`reset_peak_rss` and
   :func:`peak_rss_growth` / :func:`peak_memory_growth` (how far one call raises the peak);
+  :func:`measure_step` (a worker's record of one step: its peak growth, then timed repeats);
 * isolation: :func:`run_isolated` runs a command in a fresh process (its output, wall time and
   peak RSS), :func:`call_isolated` runs a module-level function of a benchmark script in a fresh
   interpreter and returns its JSON result, :func:`run_cli` runs ``deqdiff`` the same way;
