@@ -164,6 +164,8 @@ def test_bad_settings_are_refused():
         FitConfig(init_steps=-1)
     with pytest.raises(ValueError, match="time_budget_s"):
         FitConfig(time_budget_s=0.0)
+    with pytest.raises(ValueError, match="init_lr"):
+        FitConfig(init_lr=float("nan"))
     with pytest.raises(ValueError, match="init_batch"):
         FitConfig(init_batch=0)
     with pytest.raises(ValueError, match="init_rank"):

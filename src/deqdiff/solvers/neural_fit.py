@@ -1,11 +1,14 @@
 """Fitting a neural DEQ solver on a frozen DEQ (Bai, Koltun & Kolter 2022, "Neural deep equilibrium
 solvers", ICLR: the three losses below are theirs).
 
-Ground truth: the fixed points z* of the training inputs, from the library's Anderson solver at a
-tight tolerance (samples it leaves above that tolerance are left out and counted). Each fitting
-step draws a batch, starts from the initializer's proposal z⁰ = g_φ(x), unrolls ``unroll`` steps of
-the neural solver (the library's Anderson loop with the HyperAnderson mixer, recorded by autograd
-through the frozen f) and minimizes the paper's three losses:
+Ground truth: the fixed points z* of the training inputs, from the library's Anderson solver at
+``gt_tol`` (``deqdiff fit-solver``: the model's own tolerance — the fixed points it computes at
+inference anyway), solved once and reused by every step; samples left above that tolerance are
+left out and counted. First ``init_steps`` Adam steps fit the initializer alone to z* (the
+initializer loss below, no f-evaluations: far cheaper than steps through the solver). Then each
+fitting step draws a batch, starts from the initializer's proposal z⁰ = g_φ(x), unrolls ``unroll``
+steps of the neural solver (the library's Anderson loop with the HyperAnderson mixer, recorded by
+autograd through the frozen f) and minimizes the paper's three losses:
 
 * **convergence loss** Σ_k w_k ‖z^[k] − z*‖/‖z*‖ over the unrolled steps, w_k ∝ k (later steps
   weigh more);
@@ -16,7 +19,8 @@ through the frozen f) and minimizes the paper's three losses:
 * **α regularization** ‖α^[k] − α*^[k]‖² toward the least-squares Anderson weights, during the
   first ``alpha_fraction`` of the steps only (the paper, too, uses it early in fitting only).
 
-Only the solver's networks learn; f's parameters are never updated (the caller's ``cell`` closes
+``time_budget_s`` bounds the whole fit's wall time (the steps taken are recorded). Only the
+solver's networks learn; f's parameters are never updated (the caller's ``cell`` closes
 over them, e.g. a ``DEQ``'s cell in eval mode).
 """
 
@@ -42,8 +46,8 @@ class FitConfig:
     """Settings of :func:`fit_neural_solver` (sizes of the networks: :class:`NeuralSolverConfig`).
 
     ``steps``/``batch``/``unroll``/``lr``: Adam steps through ``unroll`` unrolled solver steps;
-    ``init_steps``/``init_batch``: Adam steps before those that fit the initializer alone to z*
-    (no f-evaluations: cheap); ``gt_tol``/``gt_max_iter``: the ground-truth solves;
+    ``init_steps``/``init_batch``/``init_lr``: Adam steps before those that fit the initializer
+    alone to z* (no f-evaluations: cheap; ``init_lr`` None: ``lr``); ``gt_tol``/``gt_max_iter``: the ground-truth solves;
     ``time_budget_s``: wall-clock limit of the whole fit (ground truth included) — the
     initializer-only steps stop at half of it, the unrolled steps at all of it (the steps done are
     recorded); None: no limit."""
@@ -60,6 +64,7 @@ class FitConfig:
     gt_max_iter: int = 300
     init_steps: int = 0
     init_batch: int = 128
+    init_lr: float | None = None
     time_budget_s: float | None = None
     seed: int = 0
 
@@ -72,8 +77,10 @@ class FitConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or int(v) != v or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("lr", "gt_tol"):
+        for name in ("lr", "gt_tol", "init_lr"):
             v = getattr(self, name)
+            if v is None and name == "init_lr":
+                continue
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         for name in ("conv_weight", "init_weight", "alpha_weight"):
@@ -222,7 +229,7 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     # initializer-only steps: the initializer loss alone, no f-evaluations
     init_done = 0
     if fit.init_steps:
-        opt = torch.optim.Adam(ini.parameters(), lr=fit.lr)
+        opt = torch.optim.Adam(ini.parameters(), lr=fit.lr if fit.init_lr is None else fit.init_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fit.init_steps)
         for step in range(fit.init_steps):
             if elapsed() > 0.5 * budget:
