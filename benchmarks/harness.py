@@ -157,7 +157,7 @@ def round_robin(calls: Mapping[str, Callable[[int], T]], rounds: int, *, warmup:
             if i >= warmup:
                 out[name].append(res)
         done = i - warmup + 1
-        if budget_s is not None and done >= min_rounds and time.perf_counter() - t0 > budget_s:
+        if budget_s is not None and t0 is not None and done >= min_rounds and time.perf_counter() - t0 > budget_s:
             break
     return out
 
@@ -385,7 +385,7 @@ def run_isolated(argv: Sequence[str], *, env: Mapping[str, str] | None = None, t
         out.seek(0), err.seek(0)
         stdout, stderr = (out.read(), err.read()) if capture else ("", "")
     name = " ".join(str(a) for a in argv[:3]) + (" …" if len(argv) > 3 else "")
-    if killed.is_set():
+    if killed.is_set() and proc.returncode < 0:  # killed by the timer, not finished just before it
         raise IsolatedRunError(f"timed out after {timeout}s", stderr[-3000:], None)
     if proc.returncode:
         last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
