@@ -259,3 +259,13 @@ def test_measure_step_record():
     assert {"peak_mib", "method", "first_step_s"} <= set(rec["memory"])
     only = harness.measure_step(step, 2, memory_only=True)
     assert "times_s" not in only and only["stats"] == {"iterations": 4} and len(calls) == 4
+
+
+def test_benchmark_scripts_compile():
+    """Every script in benchmarks/ is valid Python (they run only by hand, so CI sees them here)."""
+    import py_compile
+
+    scripts = sorted((harness.ROOT / "benchmarks").glob("*.py"))
+    assert len(scripts) >= 10
+    for path in scripts:
+        py_compile.compile(str(path), cfile=os.devnull, doraise=True)
