@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablation", action="store_true",
                    help="also solve with the fitted initializer and plain Anderson steps (mixer zeroed), and "
-                        "with the mixer acting on every step")
+                        "with the mixer acting on the fitted steps only and on every step")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "neural_solver.json"))
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -93,6 +93,7 @@ def main() -> None:
         run = load_run(run_dir, fit_samples=s["fit_samples"], seed=args.seed)
         share = s.get("budget_share")
         fit = FitConfig(steps=s["steps"], batch=s["batch"], unroll=s["unroll"], lr=s["lr"], seed=args.seed,
+                        select_tol=run.tol, select_max_iter=run.max_iter,
                         init_steps=s["init_steps"], init_batch=s["init_batch"],
                         gt_tol=s.get("gt_tol") or default_gt_tol(run),
                         time_budget_s=share * run.training_time_s if share else None)
@@ -110,12 +111,13 @@ def main() -> None:
             abl = compare_solvers(run, plain, budgets[:3])["neural"]
             head["f_evals_initializer_only"] = abl["at_tol"]["f_evals_mean"]
             head["metric_initializer_only"] = abl["at_tol"]["metric"]
-            every = copy.deepcopy(fitted.solver)  # the paper's use: the mixer on every step
-            every.config.mixer_steps = None
-            abl = compare_solvers(run, every, budgets[:3])["neural"]
-            head["f_evals_mixer_every_step"] = abl["at_tol"]["f_evals_mean"]
-            head["metric_mixer_every_step"] = abl["at_tol"]["metric"]
-            head["converged_mixer_every_step"] = abl["at_tol"]["converged"]
+            for rule, steps in (("fitted_steps", fit.unroll), ("every_step", None)):  # the paper's use: every step
+                other = copy.deepcopy(fitted.solver)
+                other.config.mixer_steps = steps
+                abl = compare_solvers(run, other, budgets[:3])["neural"]
+                head[f"f_evals_mixer_{rule}"] = abl["at_tol"]["f_evals_mean"]
+                head[f"metric_mixer_{rule}"] = abl["at_tol"]["metric"]
+                head[f"converged_mixer_{rule}"] = abl["at_tol"]["converged"]
         out["runs"][name] = {"run_dir": run_dir, "settings": s, "fit": fit.__dict__, "load_during_fit": load,
                              "load_after": os.getloadavg(), "summary": head, "solvers": results,
                              "fit_samples_used": fitted.samples, "fit_samples_left_out": fitted.left_out,

@@ -148,6 +148,18 @@ def test_fit_on_a_multiscale_flat_state_uses_the_branch_heads():
     assert evals < evals_ref
 
 
+def test_mixer_rule_is_chosen_on_held_out_samples():
+    cell = ConvCell().requires_grad_(False)
+    res = fit_neural_solver(cell, _images(40, 8), _zeros,
+                            config=NeuralSolverConfig((1,), (1,), hidden=8, init_hidden=4),
+                            fit=FitConfig(steps=3, batch=8, unroll=2, init_steps=5, gt_tol=1e-8, select_tol=1e-6))
+    rule = res.mixer_rule
+    assert rule["samples"] == 8 and set(rule["f_evals"]) == {"fitted_steps", "every_step"}
+    best = min(rule["f_evals"], key=lambda k: (rule["f_evals"][k], k != "fitted_steps"))
+    assert rule["kept"] == best
+    assert res.solver.config.mixer_steps == (None if best == "every_step" else 2)
+
+
 def test_time_budget_stops_the_fit_and_records_the_steps_done():
     cell = ConvCell().requires_grad_(False)
     res = fit_neural_solver(cell, _images(32, 7), _zeros,
@@ -166,6 +178,8 @@ def test_bad_settings_are_refused():
         FitConfig(time_budget_s=0.0)
     with pytest.raises(ValueError, match="init_lr"):
         FitConfig(init_lr=float("nan"))
+    with pytest.raises(ValueError, match="select_tol"):
+        FitConfig(select_tol=-1.0)
     with pytest.raises(ValueError, match="init_batch"):
         FitConfig(init_batch=0)
     with pytest.raises(ValueError, match="init_rank"):

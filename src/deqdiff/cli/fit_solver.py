@@ -83,6 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.budget_share is not None and not run.training_time_s > 0:
             raise ValueError(f"--budget-share: the run in {run_dir} records no training time")
         fit = FitConfig(steps=args.steps, batch=args.batch, unroll=args.unroll, lr=args.lr, seed=args.seed,
+                        select_tol=run.tol, select_max_iter=run.max_iter,
                         init_steps=args.init_steps, init_batch=args.init_batch,
                         gt_tol=args.gt_tol if args.gt_tol is not None else default_gt_tol(run),
                         time_budget_s=None if args.budget_share is None else args.budget_share * run.training_time_s)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from .anderson import anderson
 from .base import row_norm
-from .neural import NeuralSolver, NeuralSolverConfig, neural_solver
+from .neural import FallbackWarning, NeuralSolver, NeuralSolverConfig, neural_solver
 
 __all__ = ["FitConfig", "FitResult", "ground_truth", "fit_neural_solver"]
 
@@ -50,7 +51,10 @@ class FitConfig:
     alone to z* (no f-evaluations: cheap; ``init_lr`` None: ``lr``); ``gt_tol``/``gt_max_iter``: the ground-truth solves;
     ``time_budget_s``: wall-clock limit of the whole fit (ground truth included) — the
     initializer-only steps stop at half of it, the unrolled steps at all of it (the steps done are
-    recorded); None: no limit."""
+    recorded); None: no limit. ``select_tol``: after fitting, solve a fifth of the samples to this
+    relative residual (at most ``select_max_iter`` iterations) with the mixer acting on the fitted
+    steps only and on every step (the paper's use), and keep the rule with fewer f-evaluations
+    (ties: the fitted steps); None: the fitted steps."""
 
     steps: int = 300
     batch: int = 64
@@ -66,6 +70,8 @@ class FitConfig:
     init_batch: int = 128
     init_lr: float | None = None
     time_budget_s: float | None = None
+    select_tol: float | None = None
+    select_max_iter: int = 100
     seed: int = 0
 
     def __post_init__(self):
@@ -73,13 +79,13 @@ class FitConfig:
             raise ValueError(f"init_steps must be an integer >= 0, got {self.init_steps!r}")
         if self.time_budget_s is not None and not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
             raise ValueError(f"time_budget_s must be None or a finite number > 0, got {self.time_budget_s!r}")
-        for name in ("steps", "batch", "unroll", "gt_max_iter", "init_batch"):
+        for name in ("steps", "batch", "unroll", "gt_max_iter", "init_batch", "select_max_iter"):
             v = getattr(self, name)
             if isinstance(v, bool) or int(v) != v or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("lr", "gt_tol", "init_lr"):
+        for name in ("lr", "gt_tol", "init_lr", "select_tol"):
             v = getattr(self, name)
-            if v is None and name == "init_lr":
+            if v is None and name in ("init_lr", "select_tol"):
                 continue
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
@@ -105,6 +111,7 @@ class FitResult:
     steps_done: int = 0  # unrolled steps taken
     ground_truth_f_evals: float = math.nan  # mean f-evaluations per sample of the ground-truth solves
     phases: dict = field(default_factory=dict)  # per phase: [wall s, CPU s] (ground truth, ridge, init, unrolled, final)
+    mixer_rule: dict = field(default_factory=dict)  # select_tol: mean f-evaluations per rule, and the rule kept
 
 
 def _flat_map(cell: Callable[[Tensor, Tensor], Tensor], x: Tensor, state_shape: tuple[int, ...]):
@@ -288,6 +295,30 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     ridge = _choose_ridge(net, x_all, z_star, gen)
     init_error = _validation_error(net, x_all, z_star, gen, ridge)
     ini.refit_output(x_all, z_star, ridge)  # the best output layer for the final hidden layers
+    rule = {} if fit.select_tol is None else _select_mixer_rule(net, cell, x_all, state_shape, fit, gen)
     phase("final")
     return FitResult(net, history, time.perf_counter() - t0, time.process_time() - c0, t_gt, n, int((~ok).sum()),
-                     init_error, init_done, done, float(gt_evals.double().mean()), phases)
+                     init_error, init_done, done, float(gt_evals.double().mean()), phases, rule)
+
+
+def _select_mixer_rule(net: NeuralSolver, cell, x_all: Tensor, state_shape: tuple[int, ...], fit: FitConfig,
+                       gen: torch.Generator) -> dict:
+    """Mean f-evaluations to ``fit.select_tol`` on a fifth of the samples with the mixer on the
+    fitted steps and on every step; sets ``net.config.mixer_steps`` to the better rule."""
+    _, idx = _split(x_all.shape[0], gen)
+    if idx.numel() == 0:
+        return {}
+    x = x_all[idx.to(x_all.device)]
+    g = _flat_map(cell, x, state_shape)
+    fitted_steps = net.config.mixer_steps
+    evals = {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)  # counted in the f-evaluations either way
+        z0 = net.initial_state(x).reshape(x.shape[0], -1)
+        for name, steps in (("fitted_steps", fitted_steps), ("every_step", None)):
+            net.config.mixer_steps = steps
+            _, info = neural_solver(g, z0, tol=fit.select_tol, max_iter=fit.select_max_iter, network=net)
+            evals[name] = float((info.iterations.double() + 1).mean())
+    keep = "every_step" if evals["every_step"] < evals["fitted_steps"] else "fitted_steps"
+    net.config.mixer_steps = None if keep == "every_step" else fitted_steps
+    return {"f_evals": evals, "kept": keep, "samples": int(idx.numel())}

@@ -335,6 +335,7 @@ def summary(run: Run, fit: FitResult, results: dict) -> dict:
             "fit_time_s": fit.time_s, "fit_cpu_time_s": fit.cpu_time_s, "ground_truth_time_s": fit.ground_truth_time_s,
             "ground_truth_f_evals": fit.ground_truth_f_evals, "fit_phases_wall_cpu_s": fit.phases,
             "fit_samples_used": fit.samples, "init_steps_done": fit.init_steps_done, "steps_done": fit.steps_done,
+            "mixer_rule": fit.mixer_rule,
             "init_error": fit.init_error, **initializer_cost(run, fit.solver),
             "time_neural_s": n["time_s"], "time_anderson_s": a["time_s"],
             "training_time_s": run.training_time_s, "fit_time_share": share,
