@@ -3,9 +3,11 @@
 A fitted solver has two small networks, trained on a frozen DEQ (:mod:`deqdiff.solvers.neural_fit`):
 
 * the **initializer** ``z⁰ = g_φ(x)`` proposes the starting state from the input injection ``x``;
-* the **HyperAnderson** network proposes, at each of the first steps (``mixer_steps``: those it
-  was fitted on; later steps are plain Anderson), the Anderson weights and the mixing ``β_k`` of
-  each sample from its (compressed) residual history. Here it predicts a
+* the **HyperAnderson** network proposes, at each of the first ``mixer_steps`` steps (those it
+  was fitted on; later steps are plain Anderson) or at every step (``mixer_steps=None``, the
+  paper's use; the fit keeps whichever needs fewer f-evaluations on held-out fitting samples),
+  the Anderson weights and the mixing ``β_k`` of each sample from its (compressed) residual
+  history. Here it predicts a
   *correction* to the least-squares weights of Anderson acceleration, so the untrained network is
   Anderson itself and the paper's regularization toward the least-squares weights is the size of
   the correction.
