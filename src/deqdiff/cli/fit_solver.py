@@ -50,8 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--gt-tol", type=positive_float, default=None,
       help="relative residual of the ground-truth fixed points (default: the model's tolerance)")
     a("--budget-share", type=positive_float, default=None,
-      help="stop fitting once its wall time reaches this share of the run's training time (e.g. 0.05); "
-           "default: no limit")
+      help="stop fitting once its wall time reaches this share of the run's training time (e.g. 0.05; "
+           "None: no limit)")
     a("--budgets", type=int_list(_budget), default=[2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32],
       help="f-evaluation budgets of the residual/metric comparison (comma-separated)")
     a("--seed", type=seed, default=0, help="seeds the fitting inputs and the networks")
