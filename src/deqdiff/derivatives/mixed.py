@@ -9,13 +9,13 @@ Differentiating ``(I − J) z_v = ∂f/∂θ · v`` once more along ``u`` gives
     (I − J) D²z*[u, v] = D²f[(z_u, u), (z_v, v)]                                   (★)
 
 the second directional derivative of ``f`` along the *total* directions ``(z_u, u)`` and
-``(z_v, v)`` (``z_u = dz*[u]``). For u = ∂/∂t, v = x-direction this is seed eq. hessian-t,
+``(z_v, v)`` (``z_u = dz*[u]``). For u = ∂/∂t, v = x-direction this is eq. (hessian-t) of Pacheco (2023),
 
     H_{z*,tx} = (I − J)⁻¹ [ H_{f,tx} + 𝐇_{f,zx} ×₂ J_{z*,t} ],
 
-where the seed's partial Hessians of f must be read as total derivatives along z*: with
+where Pacheco (2023)'s partial Hessians of f must be read as total derivatives along z*: with
 partial derivatives, (★) is ``(I−J)⁻¹ [f_tx + f_tz Z_x + f_zx z_t + f_zz(z_t, Z_x)]``. Note the
-sign: the seed writes ``−(J_{f,z} − I)⁻¹ [H_{f,tx} − 𝐇_{f,zx} ×₂ J_{z*,t}]``, but its step
+sign: Pacheco (2023) writes ``−(J_{f,z} − I)⁻¹ [H_{f,tx} − 𝐇_{f,zx} ×₂ J_{z*,t}]``, but its step
 ``(J_{f,z} − I)⁻¹ J_{f,t} = J_{z*,t}`` drops a minus sign (it equals ``−J_{z*,t}``); the
 correct sign inside the bracket is ``+`` (checked against finite differences of J_{z*,t}
 and unrolled autodiff in tests/derivatives/test_mixed.py).
@@ -97,7 +97,7 @@ def _mixed_vjp(eq: Equilibrium, a, u: Tensor, idx: Sequence[int]) -> list[Tensor
 def mixed_vjp(f: Callable, z_star: Tensor, params: Sequence[Any], t_argnum: int, x_argnums, u: Tensor, *,
               t_tangent=None, z_t: Tensor | None = None, **solve_options):
     """``uᵀ H_{z*,tx}`` with the structure of ``params[x_argnums]``: ``λ = (I − J)⁻ᵀ u``,
-    then ``g_x + Zᵀ g_z`` with ``(g_z, g_x) = ∇_{(z,x)} λᵀ Df[(z_t, ṫ)]`` — the seed's
+    then ``g_x + Zᵀ g_z`` with ``(g_z, g_x) = ∇_{(z,x)} λᵀ Df[(z_t, ṫ)]`` — Pacheco (2023)'s
     "series of vJps and fixed-point solves". 3 solves (z_t forward, λ and Zᵀg_z adjoint;
     2 with a given ``z_t``)."""
     eq = Equilibrium(f, z_star, params, x_argnums, **solve_options)
@@ -128,7 +128,7 @@ def derivative_loss_grad(f: Callable, z_star: Tensor, params: Sequence[Any], t_a
               = g_θ + Zᵀ (G + g_z),   G = ∇_z ⟨u, Dn_post(z*)[z_t]⟩,
                 (g_z, g_θ) = ∇_{(z,θ)} ⟨λ, Df[(z_t, ṫ)]⟩,  λ = (I − J)⁻ᵀ J_{n_post}ᵀ u.
 
-    3 solves: z_t (forward), λ and the final ``Zᵀ(G + g_z)`` (adjoint): the seed's two
+    3 solves: z_t (forward), λ and the final ``Zᵀ(G + g_z)`` (adjoint): Pacheco (2023)'s two
     backward fixed points for G and V are merged into one. Returns
     ``(value, grads, post_grads)``: ``grads`` like ``params[argnums]``, ``post_grads`` a tuple
     like ``post_params`` (empty when there are none). Plain tensors by default; with
