@@ -50,6 +50,22 @@ def _batched_grad(g, x):
     return torch.autograd.grad(y, x, eye, is_grads_batched=True)[0]
 
 
+def _batched_grad_then_grad(g, x):
+    """Second order through the batched entry point: the Jacobian by one
+    ``is_grads_batched`` call with ``create_graph``, then ∇ₓ of the sum of its cube."""
+    x = x.detach().requires_grad_()
+    y = g(x)
+    eye = torch.eye(y.numel(), dtype=x.dtype).reshape(y.numel(), *y.shape)
+    (jac,) = torch.autograd.grad(y, x, eye, is_grads_batched=True, create_graph=True)
+    return torch.autograd.grad(jac.pow(3).sum(), x)[0]
+
+
+def _vectorized_jacobian_then_grad(g, x):
+    x = x.detach().requires_grad_()
+    jac = torch.autograd.functional.jacobian(g, x, vectorize=True, create_graph=True)
+    return torch.autograd.grad(jac.pow(3).sum(), x)[0]
+
+
 def _scalar(g):
     return lambda x: torch.sin(g(x)).sum()
 
@@ -63,7 +79,9 @@ MODES = {
     "hessian": lambda g, x: torch.func.hessian(_scalar(g))(x),
     "vmap": lambda g, x: torch.func.vmap(g)(torch.stack([x, 0.5 * x, -x])),
     "is_grads_batched": _batched_grad,
+    "is_grads_batched_then_grad": _batched_grad_then_grad,
     "vectorize_jacobian": lambda g, x: torch.autograd.functional.jacobian(g, x, vectorize=True),
+    "vectorize_jacobian_then_grad": _vectorized_jacobian_then_grad,
     "vectorize_hessian": lambda g, x: torch.autograd.functional.hessian(_scalar(g), x, vectorize=True),
 }
 

@@ -29,8 +29,6 @@ __all__ = ["linear_solve", "solve_with_operator"]
 
 
 def _numeric_solve(op: LinearOperator, b: Tensor, params) -> Tensor:
-    if _legacy_batched(b) or any(_legacy_batched(p) for p in params):
-        return _legacy_vmap_solve(op, b, params)
     cfg = op.config
     rows = b.detach().reshape(op.rows, op.row_size)
     kw = dict(tol=cfg.get("tol", 1e-8), atol=cfg.get("atol", 0.0), max_iter=cfg.get("max_iter", 1000))
@@ -238,13 +236,16 @@ def _legacy_batched(t) -> bool:
     return isinstance(t, Tensor) and torch._C._functorch.is_legacy_batchedtensor(t)
 
 
-def _legacy_vmap_solve(op: LinearOperator, b: Tensor, params) -> Tensor:
+def _legacy_vmap_apply(op: LinearOperator, b: Tensor, params) -> Tensor:
     """The solve under PyTorch's legacy vmap, which batched-gradient entry points use
     (``autograd.grad(..., is_grads_batched=True)``, ``autograd.functional.jacobian(...,
     vectorize=True)``, ``gradcheck(check_batched_grad=True)``); it does not dispatch to an
-    ``autograd.Function``'s ``vmap`` rule. The innermost vmap level is unwrapped and the
-    stack of systems is solved as one batched solve with a :class:`VmappedOperator` (one
-    linearization, one LU, shared when only ``b`` carries the batch), then wrapped back."""
+    ``autograd.Function``'s ``vmap`` rule. The innermost vmap level is unwrapped (differentiably:
+    ``_remove_batch_dim``/``_add_batch_dim`` carry gradients) and the stack of systems is one
+    differentiable solve of the physical tensors with a :class:`VmappedOperator` (one
+    linearization, one LU, shared when only ``b`` carries the batch). The solve node then saves
+    plain tensors, so its own derivatives (``create_graph=True``, then a further gradient) are
+    again exact solves."""
     level = torch._C._vmapmode_increment_nesting() - 1
     torch._C._vmapmode_decrement_nesting()
 
@@ -264,8 +265,16 @@ def _legacy_vmap_solve(op: LinearOperator, b: Tensor, params) -> Tensor:
     if b_dim is None:
         b_u = b_u.expand(size, *b_u.shape)
     p_u, p_dims = zip(*unwrapped) if unwrapped else ((), ())
-    x = _numeric_solve(VmappedOperator(op, p_dims, size), b_u, tuple(p_u))
+    x = _apply(VmappedOperator(op, p_dims, size), b_u, tuple(p_u))
     return torch._add_batch_dim(x, 0, level)
+
+
+def _apply(op: LinearOperator, b: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """``A(params)⁻¹ b`` through :class:`_LinearSolve`, or :func:`_legacy_vmap_apply` under
+    the legacy vmap of the batched-gradient entry points."""
+    if _legacy_batched(b) or any(_legacy_batched(p) for p in params):
+        return _legacy_vmap_apply(op, b, params)
+    return _LinearSolve.apply(op, b, *params)
 
 
 class _LinearSolve(torch.autograd.Function):
@@ -283,7 +292,7 @@ class _LinearSolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx, x_bar: Tensor):
         x, *params = ctx.saved_tensors
-        u = _LinearSolve.apply(ctx.op.T, x_bar, *params)
+        u = _apply(ctx.op.T, x_bar, params)
         p_bar = _param_cotangent(ctx.op, u, x, params, ctx.needs_input_grad[2:])
         return (None, u, *p_bar)
 
@@ -294,7 +303,7 @@ class _LinearSolve(torch.autograd.Function):
         rhs = b_dot if b_dot is not None else torch.zeros_like(x)
         if any(t is not None for t in p_dot):
             rhs = rhs - _operator_tangent(ctx.op, x, params, p_dot)
-        return _LinearSolve.apply(ctx.op, rhs, *params)
+        return _apply(ctx.op, rhs, params)
 
     @staticmethod
     def vmap(info, in_dims, op, b, *params):
@@ -330,7 +339,7 @@ def _operator_tangent(op, x, params, p_dot) -> Tensor:
 
 def solve_with_operator(op: LinearOperator, b: Tensor, params: Sequence[Tensor]) -> Tensor:
     """Differentiable ``A(params)⁻¹ b`` for an operator object (engine-internal entry)."""
-    return _LinearSolve.apply(op, b, *params)
+    return _apply(op, b, params)
 
 
 def linear_solve(
@@ -368,5 +377,5 @@ def linear_solve(
         options=options, kind="linear", record=records.append,
     )
     op = FunctionOperator(matvec, b.shape, batch_ndim, config=config)
-    x = _LinearSolve.apply(op, b, *params)
+    x = _apply(op, b, params)
     return (x, records) if return_info else x
