@@ -15,7 +15,7 @@ import argparse
 import torch
 
 import deqdiff
-from deqdiff.solvers.base import Tracker  # the per-sample stopping rule and statistics
+from deqdiff.solvers import Tracker  # the per-sample stopping rule and statistics
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="tiny sizes: finishes in a few seconds")

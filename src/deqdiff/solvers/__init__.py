@@ -5,9 +5,11 @@ from .base import (
     ConvergenceError,
     ConvergenceWarning,
     SolveInfo,
+    Tracker,
     available_solvers,
     get_solver,
     register_solver,
+    row_norm,
 )
 from . import fixed_point_iteration  # noqa: F401  (registers "fixed_point")
 from . import anderson, broyden, newton_krylov, auto  # noqa: F401  (forward solvers)
@@ -23,7 +25,9 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "SolveInfo",
+    "Tracker",
     "available_solvers",
     "get_solver",
     "register_solver",
+    "row_norm",
 ]
