@@ -3,6 +3,8 @@
 * ``deqdiff pinn vdp`` — Van der Pol (:mod:`deqdiff.physics.vdp`); ``--setup conditioned``
   (default: a flow map conditioned on the initial state, rolled out to t = 20) or ``pideq``
   (the founding work's setup). Writes figures, ``results.json`` and ``checkpoint.pt`` to ``--out``.
+  ``--mu-range LO HI`` trains one flow map for the whole family μ ∈ [LO, HI] and reports errors
+  per μ, held-out inside the range and extrapolated just outside (:mod:`deqdiff.physics.vdp_family`).
 * ``deqdiff pinn burgers`` (and ``heat``) — the PDE problems of :mod:`deqdiff.physics.burgers`.
 * ``deqdiff pinn poisson2d`` and ``deqdiff pinn kdv`` — problems of the PDE interface
   (:mod:`deqdiff.physics.pde`), each trained as the implicit PIDEQ and, in the same run, the
