@@ -144,7 +144,7 @@ def plot_family(cfg, ev: dict, history: list[dict], out: Path) -> dict[str, Path
     fig.savefig(files["trajectory_plot"], dpi=90)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = plt.subplots(figsize=(7.5, 3.5))
     mus = [r["mu"] for r in ev["per_mu_metrics"]]
     ax.axvspan(lo, hi, color="C2", alpha=0.1, label="training range")
     ax.semilogy(mus, [r["held_out_rel_l2"] for r in ev["per_mu_metrics"]], "C0o-", label="held-out flows, model")
@@ -157,7 +157,7 @@ def plot_family(cfg, ev: dict, history: list[dict], out: Path) -> dict[str, Path
                     label="rollout, Taylor skip alone")
     ax.set_xlabel("μ")
     ax.set_ylabel("relative L2 vs solve_ivp")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     files["error_plot"] = out / "vdp_family_errors.png"
