@@ -167,7 +167,6 @@ def test_time_budget_stops_the_fit_and_records_the_steps_done():
                             fit=FitConfig(steps=10_000, batch=8, unroll=2, init_steps=10_000, gt_tol=1e-6,
                                           time_budget_s=0.5))
     assert res.init_steps_done < 10_000 and res.steps_done < 10_000
-    assert res.phases["init"][0] + res.phases["unrolled"][0] < 3.0  # each phase stops within a step of the budget
     assert len(res.history) == res.steps_done
 
 
