@@ -83,7 +83,12 @@ class LMConfig:
     solver: str = "anderson"
     tol: float = 1e-3
     max_iter: int = 40
-    backward_solver: str = "auto"
+    # Anderson on the implicit backward: once trained, rows of this cell have ρ(∂f/∂z) > 1 (plain
+    # Richardson diverges there) and "auto" hands them to GMRES, whose Krylov basis (21 states per
+    # row) doubled the step's tensor memory late in training; Anderson (5 states of history) needed
+    # 8 iterations where auto needed 31, with 0.65x the memory and half the time (epoch-2 weights,
+    # benchmarks/results/lm.md)
+    backward_solver: str = "anderson"
     backward_tol: float | None = None
     backward_max_iter: int | None = None
     # run
