@@ -87,7 +87,8 @@ def render(res: dict) -> str:
     lines = [f"# Van der Pol family μ ∈ [{lo:g}, {hi:g}]: implicit PIDEQ vs MLP PINN vs unrolled PIDEQ", "",
              f"Measured {res['date']} on {res['machine']['summary']} (torch {res['machine']['torch']}, "
              f"1 thread per process; load average before/after {res['load_before'][0]:.1f} / "
-             f"{res['load_after'][0]:.1f}). Command:", "", f"    {res['command']}", "",
+             f"{res['load_after'][0]:.1f}; a shared machine: compare the CPU columns, not wall times). Command:", "",
+             f"    {res['command'].rstrip()}", "",
              "Each model trained in its own process by:", ""]
     lines += [f"    {m[k]['command']}" for k in m] + [""]
     lines += ["Errors: relative L2 vs `solve_ivp` (DOP853, rtol 1e-11). *Held-out flows*: "
@@ -111,7 +112,9 @@ def render(res: dict) -> str:
         rows.append(["Taylor skip alone", 0, _fmt(e["skip_only_held_out_rel_l2"]),
                      _fmt(e["skip_only_rollout_rel_l2_mean"]), "–", _fmt(e.get("extrapolation_skip_only_held_out_rel_l2")),
                      _fmt(e.get("extrapolation_skip_only_rollout_rel_l2_mean")), "–", "–", "–", "–", "–"])
-    lines += [harness.markdown_table(cols, rows), ""]
+    lines += [harness.markdown_table(cols, rows), "",
+              "Peak RSS is that of the whole process (torch alone holds ~400 MiB); the graph column is what "
+              "one training step keeps for its backward pass at the default 256 points.", ""]
     if res["ratios"]:
         lines += ["Ratios (same run): " + "; ".join(f"{k.replace('_', ' ')} {v:.2f}×" for k, v in res["ratios"].items()), ""]
     lines += ["Per μ (relative L2, held-out flows / rollout):", ""]
@@ -132,7 +135,7 @@ def render(res: dict) -> str:
               + "; ".join(f"{k} held-out {m[k]['metrics']['held_out_rel_l2']:.1e}, rollout mean "
                           f"{m[k]['metrics']['rollout_rel_l2_mean']:.1e}" for k in m if k != k0)
               + (". " + "; ".join(f"{k.replace('_', ' ')} {v:.2f}×" for k, v in res["ratios"].items()) if res["ratios"] else "")
-              + f". Command: `{res['command']}`.", ""]
+              + f". Command: `{res['command'].rstrip()}`.", ""]
     return "\n".join(lines)
 
 
@@ -145,14 +148,19 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="more flags for every model's `deqdiff pinn vdp`, e.g. '--epochs 1000'")
     ap.add_argument("--out", default=None, help="results stem (default benchmarks/results/vdp_family[_quick])")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per model before it is stopped")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON of an earlier run")
     args = ap.parse_args()
+    if args.render_only:
+        stem = Path(args.out) if args.out else harness.RESULTS / ("vdp_family_quick" if args.quick else "vdp_family")
+        stem.with_suffix(".md").write_text(render(json.loads(stem.with_suffix(".json").read_text())))
+        return
     models = [m for m in args.models.split(",") if m]
     bad = [m for m in models if m not in MODELS]
     if bad:
         sys.exit(f"--models: unknown {bad}; choose from {MODELS}")
     lo, hi = args.mu_range
     stem = Path(args.out) if args.out else harness.RESULTS / ("vdp_family_quick" if args.quick else "vdp_family")
-    runs = harness.ROOT / "benchmarks" / "out" / ("vdp_family_quick" if args.quick else "vdp_family")
+    runs = Path("benchmarks") / "out" / ("vdp_family_quick" if args.quick else "vdp_family")  # from the root
     common = ["pinn", "vdp", "--mu-range", f"{lo:g}", f"{hi:g}", "--seed", str(args.seed), "--threads", "1",
               "--no-progress", *(QUICK if args.quick else []), *shlex.split(args.extra)]
     known = argparse.ArgumentParser(add_help=False)
@@ -173,7 +181,8 @@ def main() -> None:
             argv += ["--width", str(mlp_width)]
         print(f"[{datetime.now(timezone.utc):%H:%M:%S}] training {kind} …", flush=True)
         t0 = time.perf_counter()
-        run = harness.run_cli(argv, env={"OMP_NUM_THREADS": "1"}, timeout=args.timeout)
+        run = harness.run_cli(argv, env={"OMP_NUM_THREADS": "1"}, timeout=args.timeout, cwd=harness.ROOT)
+        out = harness.ROOT / out
         r = json.loads((out / "results.json").read_text())
         res["models"][kind] = {
             "command": "OMP_NUM_THREADS=1 deqdiff " + " ".join(shlex.quote(a) for a in argv),
