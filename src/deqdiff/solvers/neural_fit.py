@@ -51,8 +51,10 @@ class FitConfig:
     alone to z* (no f-evaluations: cheap; ``init_lr`` None: ``lr``); ``gt_tol``/``gt_max_iter``: the ground-truth solves;
     ``time_budget_s``: wall-clock limit of the whole fit (ground truth included) — with twice the
     ridge choice's time kept for the final refit, the initializer-only steps stop at half of the
-    rest, the unrolled steps at all of it (the steps done are recorded); None: no limit. ``select_tol``: after fitting, solve a fifth of the samples to this
-    relative residual (at most ``select_max_iter`` iterations) with the mixer acting on the fitted
+    rest, the unrolled steps at all of it (the steps done are recorded); None: no limit.
+    ``select_tol``: keep a fifth of the inputs out of the fit (no ground truth for them: the
+    initializer can interpolate its fitting samples); after fitting, solve them to this relative
+    residual (at most ``select_max_iter`` iterations) with the mixer acting on the fitted
     steps only and on every step (the paper's use), and keep the rule with fewer f-evaluations
     (ties: the fitted steps); None: the fitted steps."""
 
@@ -203,6 +205,11 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
         mark[:] = now
 
     x_all = inputs.detach()
+    gen = torch.Generator().manual_seed(fit.seed)
+    x_select = None
+    if fit.select_tol is not None and x_all.shape[0] >= 5:  # kept out of the fit (the initializer can
+        keep, held = _split(x_all.shape[0], gen)          # interpolate its fitting samples)
+        x_all, x_select = x_all[keep.to(x_all.device)], x_all[held.to(x_all.device)]
     z_default = init_state(x_all).detach()
     z_star, ok, gt_evals = ground_truth(cell, x_all, z_default, tol=fit.gt_tol, max_iter=fit.gt_max_iter,
                                         return_evals=True)
@@ -217,7 +224,6 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     cfg = NeuralSolverConfig(**{**base.__dict__, "state_shape": state_shape, "input_shape": input_shape,
                                 "state_layout": state_layout if state_layout is not None else base.state_layout,
                                 "mixer_steps": fit.unroll if base.mixer_steps is None else base.mixer_steps})
-    gen = torch.Generator().manual_seed(fit.seed)
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(fit.seed)
         net = NeuralSolver(cfg).to(device=x_all.device, dtype=x_all.dtype)
@@ -298,20 +304,15 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     ridge = _choose_ridge(net, x_all, z_star, gen)
     init_error = _validation_error(net, x_all, z_star, gen, ridge)
     ini.refit_output(x_all, z_star, ridge)  # the best output layer for the final hidden layers
-    rule = {} if fit.select_tol is None else _select_mixer_rule(net, cell, x_all, state_shape, fit, gen)
+    rule = {} if x_select is None else _select_mixer_rule(net, cell, x_select, state_shape, fit)
     phase("final")
     return FitResult(net, history, time.perf_counter() - t0, time.process_time() - c0, t_gt, n, int((~ok).sum()),
                      init_error, init_done, done, float(gt_evals.double().mean()), phases, rule)
 
 
-def _select_mixer_rule(net: NeuralSolver, cell, x_all: Tensor, state_shape: tuple[int, ...], fit: FitConfig,
-                       gen: torch.Generator) -> dict:
-    """Mean f-evaluations to ``fit.select_tol`` on a fifth of the samples with the mixer on the
+def _select_mixer_rule(net: NeuralSolver, cell, x: Tensor, state_shape: tuple[int, ...], fit: FitConfig) -> dict:
+    """Mean f-evaluations to ``fit.select_tol`` on the held-out inputs ``x`` with the mixer on the
     fitted steps and on every step; sets ``net.config.mixer_steps`` to the better rule."""
-    _, idx = _split(x_all.shape[0], gen)
-    if idx.numel() == 0:
-        return {}
-    x = x_all[idx.to(x_all.device)]
     g = _flat_map(cell, x, state_shape)
     fitted_steps = net.config.mixer_steps
     evals = {}
@@ -324,4 +325,4 @@ def _select_mixer_rule(net: NeuralSolver, cell, x_all: Tensor, state_shape: tupl
             evals[name] = float((info.iterations.double() + 1).mean())
     keep = "every_step" if evals["every_step"] < evals["fitted_steps"] else "fitted_steps"
     net.config.mixer_steps = None if keep == "every_step" else fitted_steps
-    return {"f_evals": evals, "kept": keep, "samples": int(idx.numel())}
+    return {"f_evals": evals, "kept": keep, "samples": int(x.shape[0])}
