@@ -127,7 +127,7 @@ def render(res: dict) -> str:
     k0 = "pideq" if "pideq" in m else next(iter(m))
     e = m[k0]["metrics"]
     lines += [f"Van der Pol family μ ∈ [{lo:g}, {hi:g}] (`deqdiff pinn vdp --mu-range {lo:g} {hi:g}`, one flow map for "
-              f"all μ): implicit PIDEQ held-out relative L2 {e['held_out_rel_l2']:.1e} on five held-out μ inside the "
+              f"all μ): {k0} held-out relative L2 {e['held_out_rel_l2']:.1e} on five held-out μ inside the "
               f"range, rollout to t = {cfg0['rollout_t_end']:g} mean {e['rollout_rel_l2_mean']:.1e} (max "
               f"{e['rollout_rel_l2_max']:.1e}); extrapolation (μ = "
               f"{', '.join(f'{v:g}' for v in e.get('extrapolation_mus', []))}) held-out "
