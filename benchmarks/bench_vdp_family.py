@@ -131,7 +131,12 @@ def render(res: dict) -> str:
               f"range, rollout to t = {cfg0['rollout_t_end']:g} mean {e['rollout_rel_l2_mean']:.1e} (max "
               f"{e['rollout_rel_l2_max']:.1e}); extrapolation (μ = "
               f"{', '.join(f'{v:g}' for v in e.get('extrapolation_mus', []))}) held-out "
-              f"{_fmt(e.get('extrapolation_held_out_rel_l2'), '.1e')}. Baselines in the same run: "
+              f"{_fmt(e.get('extrapolation_held_out_rel_l2'), '.1e')}"
+              + (f" (the exact Taylor skip alone: held-out {e['skip_only_held_out_rel_l2']:.1e}, rollout mean "
+                 f"{e['skip_only_rollout_rel_l2_mean']:.1e}"
+                 + ("; the rollouts are worse than the skip's" if e["rollout_rel_l2_mean"] > e["skip_only_rollout_rel_l2_mean"]
+                    else "") + ")" if "skip_only_held_out_rel_l2" in e else "")
+              + ". Baselines in the same run: "
               + "; ".join(f"{k} held-out {m[k]['metrics']['held_out_rel_l2']:.1e}, rollout mean "
                           f"{m[k]['metrics']['rollout_rel_l2_mean']:.1e}" for k in m if k != k0)
               + (". " + "; ".join(f"{k.replace('_', ' ')} {v:.2f}×" for k, v in res["ratios"].items()) if res["ratios"] else "")
