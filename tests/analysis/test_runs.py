@@ -1,16 +1,19 @@
 """The analyses' model cache: snapshots trained in stages, in one call or over several calls,
 equal one uninterrupted run bit for bit, and files of a run with other settings are never reused."""
 
+import functools
+
 import torch
 
 from deqdiff.analysis.runs import trained_snapshots
 from deqdiff.training import TrainConfig, train
 
-SETTINGS = dict(channels=4, hidden=4, groups=2, train_limit=32, test_limit=8, batch_size=16, lr=1e-2, tol=1e-4,
+SETTINGS = dict(channels=4, hidden=4, groups=2, train_limit=16, test_limit=4, batch_size=8, lr=1e-2, tol=1e-4,
                 max_iter=20)
 QUIET = dict(log=lambda *_: None)
 
 
+@functools.lru_cache(maxsize=None)
 def _straight(epoch: int, horizon: int):
     """The model after ``epoch`` epochs of one uninterrupted run of ``horizon`` epochs."""
     return train(TrainConfig(model="conv", epochs=horizon, max_steps=2 * epoch, progress=False, **SETTINGS)).model
