@@ -9,9 +9,9 @@
 # reused OUT loads the models cached in OUT/models, which are bit-identical to freshly trained ones
 # (tests/analysis/test_runs.py). SECTIONS: analyze (docs/gallery.md), vdp, burgers (figures of
 # docs/physics.md and benchmarks/RESULTS.md); default: all three. Every command runs with one torch
-# thread (its CLI default), so the numbers repeat across machines with the same torch build.
-# Timings on the shared 2-core box (load 10): analyze about 1.5 h (landscape is most of it),
-# vdp and burgers a few minutes each.
+# thread (its CLI default); another thread count changes the order of floating-point sums.
+# Measured on the shared 2-core box at load 10-13 (2026-12-01): analyze about 2 h in all (training
+# the five models, then hessian 25 min and landscape 35 min of it), vdp 14 min.
 set -euo pipefail
 OUT=${1:-analysis_out}
 shift || true

@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         g.add_argument("--lr", type=positive_float, default=1e-3)
         g.add_argument("--seed", type=seed, default=0)
         g.add_argument("--threads", type=nonneg_int, default=1,
-                       help="torch CPU threads (0: torch's default); 1 makes the numbers repeatable across machines")
+                       help="torch CPU threads (0: torch's default); the thread count can change the last digits")
         g.add_argument("--quick", action="store_true",
                        help="smoke run: tiny defaults (" + ", ".join(
                            f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
