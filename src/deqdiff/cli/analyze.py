@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="smoke run: tiny defaults (" + ", ".join(
                            f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
                            for k, v in {**QUICK["_all"], **QUICK[q.prog.split()[-1]]}.items()) +
-                       "); flags given explicitly win")
+                       "); only options left at their defaults change")
         g.add_argument("--no-progress", action="store_true")
         q.set_defaults(func=_run, _parser=q)
 
