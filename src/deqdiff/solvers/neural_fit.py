@@ -51,8 +51,9 @@ class FitConfig:
     alone to z* (no f-evaluations: cheap; ``init_lr`` None: ``lr``); ``gt_tol``/``gt_max_iter``: the ground-truth solves;
     ``time_budget_s``: wall-clock limit of the whole fit (ground truth included) — with time kept
     for the final refit and the mixer-rule choice (estimated from the ridge choice and the ground
-    truth), the initializer-only steps stop at half of the rest, the unrolled steps at all of it
-    (the steps done are recorded); None: no limit.
+    truth), the initializer-only steps get three quarters of the time left after the ground truth
+    (on the conv DEQ they gain more per second than the unrolled steps), the unrolled steps the
+    rest (the steps done are recorded); None: no limit.
     ``select_tol``: keep a fifth of the inputs out of the fit (no ground truth for them: the
     initializer can interpolate its fitting samples); after fitting, solve them to this relative
     residual (at most ``select_max_iter`` iterations) with the mixer acting on the fitted
@@ -248,11 +249,12 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     net.train()
     # initializer-only steps: the initializer loss alone, no f-evaluations
     init_done = 0
+    init_until = elapsed() + 0.75 * (budget - elapsed())  # the initializer-only steps' share of what is left
     if fit.init_steps:
         opt = torch.optim.Adam(ini.parameters(), lr=fit.lr if fit.init_lr is None else fit.init_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fit.init_steps)
         for step in range(fit.init_steps):
-            if elapsed() > 0.5 * budget:
+            if elapsed() > init_until:
                 break
             idx = torch.randperm(n, generator=gen)[:fit.init_batch].to(x_all.device)
             l_init = _rel(ini(x_all[idx]), z_star[idx]).mean()
