@@ -60,7 +60,7 @@ def _run_arg(text: str) -> tuple[str, str, dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=_run_arg, action="append", required=True, help="NAME=RUN_DIR[:key=value,...]")
-    p.add_argument("--fit-samples", type=int, default=512)
+    p.add_argument("--fit-samples", type=int, default=640)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--init-steps", type=int, default=600)
     p.add_argument("--init-batch", type=int, default=64)

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--from", dest="run_dir", required=True, metavar="RUN_DIR",
       help="run directory of `deqdiff train` or `deqdiff pinn vdp` (checkpoint.pt and its metrics)")
     a("--out", default=None, help="folder for fit_solver.json and fit_solver.png (default: RUN_DIR/fit_solver)")
-    a("--fit-samples", type=positive_int, default=512, help="training inputs the solver is fitted on")
+    a("--fit-samples", type=positive_int, default=640,
+      help="training inputs drawn for the fit (a fifth of them is kept out to choose the mixer rule)")
     a("--init-steps", type=nonneg_int, default=600,
       help="Adam steps fitting the initializer alone to the fixed points first (no f-evaluations)")
     a("--init-batch", type=positive_int, default=64, help="samples per initializer-only step")
