@@ -2,7 +2,7 @@
 
 * ``deqdiff pinn vdp`` — Van der Pol (:mod:`deqdiff.physics.vdp`); ``--setup conditioned``
   (default: a flow map conditioned on the initial state, rolled out to t = 20) or ``pideq``
-  (the founding work's setup). Writes figures, ``results.json`` and ``checkpoint.pt`` to ``--out``.
+  (the PIDEQ paper's setup, Pacheco & Camponogara 2022). Writes figures, ``results.json`` and ``checkpoint.pt`` to ``--out``.
   ``--mu-range LO HI`` trains one flow map for the whole family μ ∈ [LO, HI] and reports errors
   per μ, held-out inside the range and extrapolated just outside (:mod:`deqdiff.physics.vdp_family`).
 * ``deqdiff pinn burgers`` (and ``heat``) — the PDE problems of :mod:`deqdiff.physics.burgers`.
@@ -40,7 +40,7 @@ def _register_vdp(problems) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = v.add_argument
     a("--setup", choices=SETUPS, default="conditioned",
-      help="'conditioned': y(Δ; y0, μ) over a short horizon, rolled out; 'pideq': the founding work's setup")
+      help="'conditioned': y(Δ; y0, μ) over a short horizon, rolled out; 'pideq': the PIDEQ paper's setup")
     a("--out", default="runs/pinn_vdp", help="output folder (figures, results.json, checkpoint.pt)")
     a("--device", default="cpu", help="cpu, cuda, cuda:1 …")
     a("--epochs", type=int, default=None, help="Adam epochs (one fresh batch each); default per setup")
@@ -52,7 +52,7 @@ def _register_vdp(problems) -> None:
       help="write OUT/checkpoint.pt every this many epochs (0: at the end only)")
     a("--model", choices=("pideq", "unrolled", "mlp"), default="pideq",
       help="pideq: implicit DEQ; unrolled: same DEQ by unrolled autodiff through the --solver loop "
-           "(founding baseline); mlp: explicit PINN")
+           "(the PIDEQ paper's baseline); mlp: explicit PINN")
     a("--width", type=int, default=None, help="DEQ states / MLP hidden width (default: 64 conditioned, 80 pideq)")
     a("--batch", type=int, default=None, help="collocation points per epoch")
     a("--lr", type=float, default=None, help="initial Adam learning rate")

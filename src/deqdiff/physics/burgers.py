@@ -11,7 +11,7 @@ and its derivative along x: ``(I − J) z_xx = D²f[(z_x, ẋ), (z_x, ẋ)]``, a
 ``deqdiff.derivatives.time_derivatives``, but with one shared equilibrium for the x and t
 directions and for u itself), kept with their graph, so the gradient of the loss
 w.r.t. the weights differentiates ``z_xx`` once more — third order in total, all by linear
-solves with ``I − ∂f/∂z`` at z*. ``mode="unrolled"`` is the founding work's baseline: plain
+solves with ``I − ∂f/∂z`` at z*. ``mode="unrolled"`` is the PIDEQ paper's baseline: plain
 iterations recorded by autograd until the same stopping rule ``‖f(z) − z‖ ≤ tol‖f(z)‖`` holds
 for every point (or exactly ``unroll_iters`` of them), and reverse-mode derivatives through
 them. ``model="mlp"`` is the explicit PINN baseline (``deqdiff.physics.MLP``, tanh, same loss).

@@ -6,7 +6,7 @@ the coordinate a physics loss differentiates by (time ``t``, space ``x`` …) is
 ``x``, so ``torch.autograd.grad(y[:, i].sum(), x, create_graph=True)[0][:, j]`` is
 ``∂y_i/∂x_j`` per sample (samples never mix: the DEQ's fixed points are per row).
 
-PIDEQ (Pacheco 2022, the founding work; Pacheco 2023, introduction)::
+PIDEQ (Pacheco & Camponogara 2022; Pacheco 2023, introduction)::
 
     z* = tanh(A z* + U x + b),     y = C z* + D x + c.
 
@@ -14,7 +14,7 @@ PIDEQ (Pacheco 2022, the founding work; Pacheco 2023, introduction)::
 :class:`deqdiff.DEQ`): derivatives of every order — ``∂y/∂t`` and then the gradient of a loss
 on it w.r.t. the weights (Pacheco 2023, eq. hessian-t, "Computing gradients through derivatives
 of DEQs") — are implicit linear solves with ``I − ∂f/∂z`` at z*. ``mode="unrolled"`` is the
-founding work's baseline: the same cell iterated by the solver loop *with
+PIDEQ paper's baseline: the same cell iterated by the solver loop *with
 autograd recording*, until the same stopping rule ``‖f(z) − z‖ ≤ tol‖f(z)‖`` holds, so every
 derivative backpropagates through all iterations (memory grows with iterations).
 

@@ -2,7 +2,7 @@
 
 Two setups (``VdPConfig.setup``):
 
-* ``"pideq"`` — the founding work (Pacheco 2022): ``y(t) = C z* + D t``, ``z* = tanh(A z* + a t + b)``
+* ``"pideq"`` — the PIDEQ paper's setup (Pacheco & Camponogara 2022): ``y(t) = C z* + D t``, ``z* = tanh(A z* + a t + b)``
   (80 states), μ = 1, ``y(0) = (0, 0.1)``, ``t ∈ [0, 2]``; loss = IC loss + λ·physics residual at
   random collocation points (λ = 0.1) + κ·‖∂f/∂z‖_F (κ = 1, exact closed form); Anderson, tol 1e-4.
 * ``"conditioned"`` (default) — a flow map over a short horizon ``Δ ∈ [0, h]`` (h = 0.1):
@@ -75,7 +75,7 @@ class VdPConfig:
     solver: str = "anderson"
     tol: float = 1e-4
     max_iter: int = 100
-    # founding setup
+    # the PIDEQ paper's setup
     y0: tuple[float, float] = (0.0, 0.1)
     t_end: float = 2.0
     # conditioned setup
@@ -93,7 +93,7 @@ class VdPConfig:
 
     @classmethod
     def for_setup(cls, setup: str, **overrides) -> "VdPConfig":
-        """Defaults of a setup (``"pideq"``: the founding work's), then ``overrides``."""
+        """Defaults of a setup (``"pideq"``: the PIDEQ paper's), then ``overrides``."""
         if setup not in SETUPS:
             raise ValueError(f"unknown setup {setup!r}; choose one of {SETUPS}")
         base = dict(setup=setup)

@@ -32,7 +32,7 @@ def linear_start(op, b: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor, Tens
 
 #: iterations before a linear solve shrinks to its running rows: restricting the operator
 #: re-linearizes it there (an evaluation of f and its pullback), which pays only on solves that
-#: run longer (measured: the founding physics-informed setup's derivative solves take ~7
+#: run longer (measured: the PIDEQ setup's derivative solves take ~7
 #: iterations, and re-linearizations were 16 % of its epoch)
 LINEAR_COMPACT_FROM = 8
 
