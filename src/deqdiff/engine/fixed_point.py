@@ -217,7 +217,7 @@ def fixed_point(
     where plain iteration contracts slowly.
 
     Tolerance: problem ``s`` has converged when ``‖f(z)_s − z_s‖₂ ≤ atol + tol·‖f(z)_s‖₂``
-    (relative residual, thesis eq. 4.2). Derivative solves with ``I − ∂f/∂z`` stop at
+    (relative residual, Nguyen 2022, eq. 4.2). Derivative solves with ``I − ∂f/∂z`` stop at
     ``‖b − A x‖₂ ≤ backward_atol + backward_tol·‖b‖₂`` and default to the forward
     tolerances. ``on_fail`` ("warn", "raise", "ignore") says what a solve that ends above
     tolerance does. ``options`` go to the forward solver (e.g. ``m``, ``damping``).

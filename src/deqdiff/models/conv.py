@@ -1,4 +1,4 @@
-"""Convolutional DEQ of thesis eq. 4.1 (Nguyen 2022, §4.1) and its weight-tied explicit counterpart.
+"""Convolutional DEQ of Nguyen 2022, eq. 4.1 (Nguyen 2022, §4.1) and its weight-tied explicit counterpart.
 
 The cell is the residual block
 
@@ -9,7 +9,7 @@ convolutional stem; a classifier head (group norm, average pooling, linear) read
 
 * :class:`ConvDEQ`: the state is the fixed point z* = f(z*, x), found by a ``deqdiff.DEQ``
   (so every derivative order is an implicit solve); ``model.deq`` holds the solve statistics.
-* :class:`WeightTied` / :func:`repeat_k`: the same cell applied k times from z = 0 (thesis §4.2.1,
+* :class:`WeightTied` / :func:`repeat_k`: the same cell applied k times from z = 0 (Nguyen 2022, §4.2.1,
   "repeat-k"), differentiated by ordinary backpropagation.
 
 Group norm everywhere (no batch norm) keeps every sample independent: the DEQ converges per sample,
@@ -31,7 +31,7 @@ class ConvCell(nn.Module):
     """The residual cell of eq. 4.1 on states of shape ``(B, channels, H, W)``.
 
     ``W₁``: channels → hidden, ``W₂``: hidden → channels, both k×k convolutions without bias,
-    initialized N(0, ``init_std``²): the small initialization of thesis §4.1.1 (N(0, 0.01)
+    initialized N(0, ``init_std``²): the small initialization of Nguyen 2022, §4.1.1 (N(0, 0.01)
     gives std 0.1; Bai et al. use std 0.01) that keeps f contractive early in training."""
 
     def __init__(self, channels: int, hidden: int, *, kernel_size: int = 3, groups: int = 4, init_std: float = 0.01):
@@ -92,7 +92,7 @@ class ConvHead(nn.Module):
 class WeightTied(nn.Module):
     """Explicit weight-tied layer: ``z_{i+1} = cell(z_i, x)`` for i < k from ``z_0 = 0``.
 
-    The explicit counterpart of ``deqdiff.DEQ(cell)`` (thesis §4.2.1, "repeat-k"); backpropagation
+    The explicit counterpart of ``deqdiff.DEQ(cell)`` (Nguyen 2022, §4.2.1, "repeat-k"); backpropagation
     runs through the k applications. ``forward(x, z0=None, store_trajectory=False)``; with
     ``store_trajectory`` the iterates ``z_0 … z_k`` are kept in ``last_trajectory``."""
 
@@ -148,7 +148,7 @@ class ConvDEQ(_ConvNet):
     """Classifier whose hidden state is the fixed point of eq. 4.1.
 
     ``solver_options`` go to ``deqdiff.DEQ`` (``solver``, ``tol``, ``max_iter``, ``m``,
-    ``backward_solver``, ``on_fail`` …); the defaults are the thesis's §4.1.2 setting
+    ``backward_solver``, ``on_fail`` …); the defaults are Nguyen 2022's §4.1.2 setting
     (Anderson, relative tolerance 1e-2, at most 50 iterations). ``model(x, **overrides)``
     passes overrides (``tol``, ``store_trajectory=True`` …) to the solve; ``model.deq.last_info``
     holds its statistics."""
@@ -185,7 +185,7 @@ class ConvRepeat(_ConvNet):
 
 
 def repeat_k(k: int, **kwargs) -> ConvRepeat:
-    """``repeat_k(6, in_channels=1, ...)``: the repeat-6 network of thesis §4.2.1."""
+    """``repeat_k(6, in_channels=1, ...)``: the repeat-6 network of Nguyen 2022, §4.2.1."""
     return ConvRepeat(k=k, **kwargs)
 
 

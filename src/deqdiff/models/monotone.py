@@ -46,7 +46,7 @@ def fb_alpha_bound(m: float, L: float) -> float:
 
 
 def state_norm_bound(U_norm: float, x_norm: Tensor, m: float, b_norm: float = 0.0) -> Tensor:
-    """Lemma 3.3.3: ``‖z*‖ ≤ (‖U‖₂‖x‖ + ‖b‖)/m`` (the thesis has b = 0)."""
+    """Lemma 3.3.3: ``‖z*‖ ≤ (‖U‖₂‖x‖ + ‖b‖)/m`` (Nguyen 2022 has b = 0)."""
     return (U_norm * x_norm + b_norm) / m
 
 

@@ -8,7 +8,7 @@ has converged, and so a batch gives the same answer as solving each row alone.
 
 Stopping rule (per row ``s``).
 * forward solves of ``z = g(z)``: ``‖g(z)_s − z_s‖₂ ≤ atol + tol·scale_s`` with
-  ``scale_s = ‖g(z)_s‖₂`` (the relative residual of thesis eq. 4.2) unless a fixed
+  ``scale_s = ‖g(z)_s‖₂`` (the relative residual of Nguyen 2022, eq. 4.2) unless a fixed
   ``scale`` is given;
 * linear solves of ``A x = b``: ``‖b_s − (A x)_s‖₂ ≤ atol + tol·‖b_s‖₂``.
 The iterate whose residual met the rule is the one returned.

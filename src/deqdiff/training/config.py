@@ -13,7 +13,7 @@ __all__ = ["TrainConfig"]
 class TrainConfig:
     """Settings of :func:`deqdiff.training.train`.
 
-    Defaults follow the thesis's training setup (Nguyen 2022, §4.1.2 and §4.2.1): Adam with learning
+    Defaults follow Nguyen 2022's training setup (Nguyen 2022, §4.1.2 and §4.2.1): Adam with learning
     rate 1e-3 and cosine annealing; the conv DEQ solves with Anderson to relative tolerance 1e-2
     in at most 50 iterations (solver settings left at None take the model's defaults, so the
     monotone DEQs keep their splitting solver); sizes are small enough for the 8×8 digits on one
@@ -43,7 +43,7 @@ class TrainConfig:
     batch_size: int = 64
     eval_batch_size: int = 256
     optimizer: str = "adam"  # "adam" | "sgd"
-    lr: float | None = None  # None: 1e-3 (thesis) for conv/repeat-K, 3e-3 for the monotone models
+    lr: float | None = None  # None: 1e-3 (Nguyen 2022) for conv/repeat-K, 3e-3 for the monotone models
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     scheduler: str = "cosine"  # "cosine" (CosineAnnealingLR over all steps) | "none"

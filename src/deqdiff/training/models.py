@@ -1,6 +1,6 @@
 """``build_model(config, image_shape, num_classes)``: the networks ``deqdiff train`` knows.
 
-* ``conv``      — :class:`deqdiff.models.conv.ConvDEQ` (thesis eq. 4.1);
+* ``conv``      — :class:`deqdiff.models.conv.ConvDEQ` (Nguyen 2022, eq. 4.1);
 * ``repeat-K``  — :class:`deqdiff.models.conv.ConvRepeat`, the same cell applied K times;
 * ``mon``       — fully connected monotone DEQ (``deqdiff.models.monotone.MonotoneDEQ``) on
   flattened images (``width`` state units);
