@@ -1,4 +1,4 @@
-"""Convolutional DEQ of Nguyen 2022, eq. 4.1 (Nguyen 2022, §4.1) and its weight-tied explicit counterpart.
+"""Convolutional DEQ of Nguyen 2022 (eq. 4.1, §4.1) and its weight-tied explicit counterpart.
 
 The cell is the residual block
 

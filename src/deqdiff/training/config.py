@@ -13,7 +13,7 @@ __all__ = ["TrainConfig"]
 class TrainConfig:
     """Settings of :func:`deqdiff.training.train`.
 
-    Defaults follow Nguyen 2022's training setup (Nguyen 2022, §4.1.2 and §4.2.1): Adam with learning
+    Defaults follow the training setup of Nguyen 2022 (§4.1.2 and §4.2.1): Adam with learning
     rate 1e-3 and cosine annealing; the conv DEQ solves with Anderson to relative tolerance 1e-2
     in at most 50 iterations (solver settings left at None take the model's defaults, so the
     monotone DEQs keep their splitting solver); sizes are small enough for the 8×8 digits on one
