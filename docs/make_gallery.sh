@@ -10,8 +10,9 @@
 # (tests/analysis/test_runs.py). SECTIONS: analyze (docs/gallery.md), vdp, burgers (figures of
 # docs/physics.md and benchmarks/RESULTS.md); default: all three. Every command runs with one torch
 # thread (its CLI default); another thread count changes the order of floating-point sums.
-# Measured on the shared 2-core box at load 10-13 (2026-12-01): analyze about 2 h in all (training
-# the five models, then hessian 25 min and landscape 35 min of it), vdp 14 min.
+# Measured on the shared 2-core box (2026-12-01): analyze about 20 min at load 3 on an empty OUT
+# (landscape 11 min, hessian 5 min of it) and about 2 h at load 10-13; vdp 14 min and burgers
+# 12 min at load 10-13.
 set -euo pipefail
 OUT=${1:-analysis_out}
 shift || true
