@@ -45,7 +45,6 @@ import importlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from deqdiff.training.memtrace import _status_mib, current_rss_mib, peak_rss_mib, reset_peak_rss  # noqa: F401
 
 __all__ = [
     "ROOT", "RESULTS", "MARK", "LIVE_RSS_ENV", "sync", "timed", "repeat_times", "median_time", "round_robin",
@@ -191,46 +192,6 @@ def tanh_layer_ms(repeats: int = 200, warmup: int = 20) -> float:
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def _status_mib(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def current_rss_mib() -> float:
-    """Resident memory of this process now (MiB): ``VmRSS``; without ``/proc``, ``ru_maxrss``."""
-    rss = _status_mib("VmRSS")
-    return rss if rss is not None else _maxrss_mib()
-
-
-def _maxrss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
-def peak_rss_mib() -> float:
-    """The resident high-water mark of this process (MiB): ``VmHWM`` (which
-    :func:`reset_peak_rss` resets); without ``/proc``, ``ru_maxrss`` (which no reset lowers)."""
-    peak = _status_mib("VmHWM")
-    return peak if peak is not None else _maxrss_mib()
-
-
-def reset_peak_rss() -> bool:
-    """Reset the resident high-water mark to the current RSS (``/proc/self/clear_refs``, Linux ≥
-    4.0), so that a later peak is that of what runs next; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 @dataclass

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import gc
-import resource
 import statistics
 
 import torch
@@ -23,32 +22,9 @@ from torch import Tensor, nn
 from ..models.inverse import cell_lipschitz, psnr, unrolled
 from .distributed import DistContext
 from .inverse import InverseConfig, InverseResult, evaluate_inverse
+from .memtrace import peak_rss_mib, reset_peak_rss
 
 __all__ = ["assess", "step_memory", "psnr_curve", "plot_examples", "plot_psnr_curve", "plot_training"]
-
-
-def _peak_rss_mib() -> float:
-    """The resident high-water mark (``VmHWM``; ``clear_refs`` resets it). ``ru_maxrss`` is no
-    substitute: after ``exec`` it keeps the parent's peak, so a worker started from a large
-    process reads a constant."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's resident high-water mark to the current RSS (Linux ≥ 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def step_memory(model: nn.Module, y: Tensor, x: Tensor) -> dict:
@@ -81,8 +57,8 @@ def step_memory(model: nn.Module, y: Tensor, x: Tensor) -> dict:
         torch.cuda.reset_peak_memory_stats(y.device)
         before = torch.cuda.memory_allocated(y.device)
     else:
-        reset = _reset_peak()
-        before = _peak_rss_mib()
+        reset = reset_peak_rss()
+        before = peak_rss_mib()
     was_training = model.training
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -95,7 +71,7 @@ def step_memory(model: nn.Module, y: Tensor, x: Tensor) -> dict:
         peak = (torch.cuda.max_memory_allocated(y.device) - before) / 2 ** 20
         extra = {"method": "cuda.max_memory_allocated"}
     else:
-        peak = _peak_rss_mib() - before
+        peak = peak_rss_mib() - before
         extra = {"method": "VmHWM rise", "hiwater_reset": reset}
     model.zero_grad(set_to_none=True)
     return {"saved_mib": sum(seen.values()) / 2 ** 20, "peak_mib": peak, "batch": int(y.shape[0]), **extra}

@@ -16,10 +16,15 @@ autograd saves for the backward pass.
   sees the graph an ordinary forward pass records (an unrolled network's activations) but not
   graphs built later inside a backward pass (a DEQ's implicit backward records vjp graphs of
   its cell there); :class:`TensorMemory` sees both.
+* :func:`current_rss_mib`, :func:`peak_rss_mib`, :func:`reset_peak_rss` — the process's resident
+  set now, its high-water mark (``VmHWM``) and a reset of that mark (Linux ``clear_refs``), for
+  what the counters above do not see.
 """
 
 from __future__ import annotations
 
+import resource
+import sys
 import weakref
 
 import torch
@@ -27,7 +32,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["TensorMemory", "SavedTensors", "MIB"]
+__all__ = ["TensorMemory", "SavedTensors", "MIB", "current_rss_mib", "peak_rss_mib", "reset_peak_rss"]
 
 MIB = float(2 ** 20)
 
@@ -114,3 +119,43 @@ class SavedTensors:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+
+
+def _status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_mib() -> float:
+    """Resident memory of this process now (MiB): ``VmRSS``; without ``/proc``, ``ru_maxrss``."""
+    rss = _status_mib("VmRSS")
+    return rss if rss is not None else _maxrss_mib()
+
+
+def _maxrss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def peak_rss_mib() -> float:
+    """The resident high-water mark of this process (MiB): ``VmHWM`` (which
+    :func:`reset_peak_rss` resets); without ``/proc``, ``ru_maxrss`` (which no reset lowers)."""
+    peak = _status_mib("VmHWM")
+    return peak if peak is not None else _maxrss_mib()
+
+
+def reset_peak_rss() -> bool:
+    """Reset the resident high-water mark to the current RSS (``/proc/self/clear_refs``, Linux ≥
+    4.0), so that a later peak is that of what runs next; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
