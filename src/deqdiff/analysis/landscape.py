@@ -163,7 +163,7 @@ def landscape_1d(model: nn.Module, loss_fn: Callable, X: Tensor, Y: Tensor, *, s
 def landscape_2d(model: nn.Module, loss_fn: Callable, X: Tensor, Y: Tensor, *, seed: int = 0, steps: int = 51,
                  span: tuple[float, float] = (-1.0, 1.0), ignore: str = "biasbn", directions=None, **kwargs) -> Landscape:
     """Φ(α, β) on a ``steps × steps`` grid of ``span²`` along two filter-normalized directions
-    (thesis default: [−1, 1]² at 51 × 51)."""
+    (Nguyen 2022's default: [−1, 1]² at 51 × 51)."""
     t0 = time.perf_counter()
     a = _grid(span, steps)
     ds = random_directions(model, 2, seed=seed, ignore=ignore) if directions is None else list(directions)

@@ -68,7 +68,7 @@ def _style(j: int) -> dict:
 def plot_residual_curves(curves: Mapping[str, "ResidualCurves"], path, *, ncols: int | None = None,  # noqa: F821
                          max_curves: int = 64) -> Path:
     """One panel per entry: thin per-input curves of eq. (4.2), the median and the 10–90 %
-    and 25–75 % bands over inputs, log scale (thesis Fig. 4.1). The panel titles are the keys
+    and 25–75 % bands over inputs, log scale (Nguyen 2022, Fig. 4.1). The panel titles are the keys
     of ``curves`` (they should state σ of an N(0, σ²) initialization explicitly)."""
     plt = _plt()
     fig, axes = _grid(len(curves), ncols, size=(4.2, 3.2))
@@ -103,7 +103,7 @@ def plot_residual_curves(curves: Mapping[str, "ResidualCurves"], path, *, ncols:
 
 def plot_trajectories(results: Mapping[str, dict], labels, path, *, ncols: int | None = None, max_inputs: int = 200) -> Path:
     """One PCA plane per checkpoint: trajectories z^[0] → z^[K] coloured by class, the final
-    iterates marked (thesis Figs. 4.2, 4.3). The class legend sits outside the panels."""
+    iterates marked (Nguyen 2022, Figs. 4.2, 4.3). The class legend sits outside the panels."""
     plt = _plt()
     labels = np.asarray(labels)
     cmap = plt.get_cmap("tab10")
@@ -239,7 +239,7 @@ def _vrange(lands, vmax):
 
 def plot_landscapes_2d(lands: Mapping[str, "Landscape"], path, *, levels: int = 30, vmax: float | None = None) -> Path:  # noqa: F821
     """Filled contour plots of Φ(α, β) side by side with shared levels and one colorbar
-    (thesis Fig. 4.4)."""
+    (Nguyen 2022, Fig. 4.4)."""
     fig, axes = _grid(len(lands), size=(3.8, 3.6))
     vmin, vmax = _vrange(lands, vmax)
     lv = np.linspace(vmin, vmax, levels)

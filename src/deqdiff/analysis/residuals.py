@@ -1,4 +1,4 @@
-"""Convergence of the forward solve: relative residual curves (thesis eq. 4.2, Nguyen 2022 §4.1).
+"""Convergence of the forward solve: relative residual curves (Nguyen 2022, eq. 4.2, Nguyen 2022 §4.1).
 
 For an input x and solver iterates z^[k] the relative residual is
 
@@ -121,7 +121,7 @@ def reinit_normal_(module: nn.Module, std: float, *, seed: int = 0) -> nn.Module
 def compare_initializations(build: Callable[[], nn.Module], x: Tensor, *,
                             stds: Mapping[str, float] | None = None, solvers: Sequence[str] = ("anderson", "fixed_point"),
                             seed: int = 0, **kwargs) -> dict[str, ResidualCurves]:
-    """Thesis Fig. 4.1: residual curves of ``build()`` re-initialized from each N(0, std²) in
+    """Nguyen 2022, Fig. 4.1: residual curves of ``build()`` re-initialized from each N(0, std²) in
     ``stds`` (default N(0, 1) and N(0, 0.01)), for each solver. Keys ``"<init> / <solver>"``."""
     stds = {"N(0,1)": 1.0, "N(0,0.01)": 0.1} if stds is None else stds
     out = {}

@@ -1,8 +1,8 @@
-"""Solver trajectories of many inputs in a 2D PCA plane (thesis Figs. 4.2, 4.3; Nguyen 2022 §4.1.2).
+"""Solver trajectories of many inputs in a 2D PCA plane (Nguyen 2022, Figs. 4.2, 4.3; Nguyen 2022 §4.1.2).
 
 The iterates z^[0], z^[1], … of the forward solve of every input are flattened to vectors,
 a principal component analysis is fitted on all of them together (one plane per model /
-checkpoint, as in the thesis), and each trajectory is drawn in that plane, coloured by class.
+checkpoint, as in Nguyen 2022), and each trajectory is drawn in that plane, coloured by class.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def project_trajectories(traj: Tensor, n_components: int = 2) -> tuple[Tensor, P
 
 
 def trajectories_over_training(models: Mapping[str, nn.Module], x: Tensor, **kwargs) -> dict[str, dict]:
-    """Thesis Fig. 4.3: for each checkpoint (name → model) the PCA-projected trajectories
+    """Nguyen 2022, Fig. 4.3: for each checkpoint (name → model) the PCA-projected trajectories
     ``coords (K, S, 2)``, the explained variance, and the mean step length per iteration."""
     out = {}
     for name, model in models.items():

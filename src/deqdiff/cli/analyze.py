@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--samples", type=positive_int, default=64)
     q.add_argument("--solvers", type=_strs, default=_strs("anderson,fixed_point"))
     q.add_argument("--stds", type=_floats, default=_floats("1.0,0.1,0.01"),
-                   help="standard deviations σ of the re-drawn cell weights, drawn from N(0, σ²): the thesis's N(0, 1), "
+                   help="standard deviations σ of the re-drawn cell weights, drawn from N(0, σ²): Nguyen 2022's N(0, 1), "
                    "N(0, 0.01) (read as variance 0.01) and N(0, 1e-4)")
     q.add_argument("--max-iter", type=positive_int, default=40)
     q.add_argument("--tol", type=nonneg_float, default=0.0, help="0: run every input for max-iter iterations")
@@ -115,7 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = tools.add_parser("landscape", help="filter-normalized loss landscapes of a DEQ and repeat-k (§4.2.1), or of "
                          "one model such as the MDEQ (§4.2.2)", formatter_class=fmt)
     q.add_argument("--models", type=_strs, default=_strs("conv,repeat-6,repeat-11,repeat-18"))
-    q.add_argument("--model", default=None, help="one model instead of --models, in the setting of the thesis's "
+    q.add_argument("--model", default=None, help="one model instead of --models, in the setting of Nguyen 2022's "
                    "§4.2.2 MDEQ landscape: held-out images (--split test, --samples 1024) of a model trained "
                    "for the epochs of 'deqdiff train' (e.g. --model mdeq)")
     q.add_argument("--split", choices=("train", "test"), default=None,
@@ -374,7 +374,7 @@ def _landscape(args, out: Path) -> list:
         print(f"  {args.data} {split} split has {X.shape[0]} images: the landscape averages over all of them "
               f"(asked for {samples})")
     models = [args.model] if single else args.models
-    if args.epochs is None:  # the thesis compares minimizers trained to convergence: 'deqdiff train''s epochs
+    if args.epochs is None:  # Nguyen 2022 compares minimizers trained to convergence: 'deqdiff train''s epochs
         from ..training import TrainConfig
 
         args.epochs = [TrainConfig().epochs]
