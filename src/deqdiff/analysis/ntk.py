@@ -154,7 +154,7 @@ def linear_rate_check(model: nn.Module, X: Tensor, y: Tensor, *, lr: float, step
     descent θ ← θ − η∇L on L = ½‖ŷ − y‖² and compare the loss with the bounds of
     Theorems 3.3.5/3.3.1 built from λ₀ = σ_min(Z(0)).
 
-    ``parts(model)`` (optional) returns the thesis's tensors ``{"A", "B", "U", "u"}`` so that
+    ``parts(model)`` (optional) returns the tensors of Nguyen 2022 (ch. 3) ``{"A", "B", "U", "u"}`` so that
     condition 2 and the step-size condition are evaluated a posteriori (radii R_a = the largest
     Frobenius distance ‖a(k) − a(0)‖ reached by the run; ``m`` the monotonicity margin).
     Returns losses, bounds, σ_min(Z(k)), whether the bound held and whether the conditions held
