@@ -10,7 +10,7 @@ Solvers (``deqdiff.solvers``, every row stops at ‖g(z) − z‖ ≤ tol·‖g(
 behaviour before 2026-11-25) and ``anderson`` (default: a row whose residual grew drops its
 history and takes a plain step, at most 50 times). Problems:
 
-* ``pideq-epoch18``: the founding setup (``deqdiff pinn vdp --setup pideq``: 80 states, free A)
+* ``pideq-epoch18``: the PIDEQ setup (``deqdiff pinn vdp --setup pideq``: 80 states, free A)
   after 18 Adam epochs — where the unsafeguarded forward solve failed and training derailed —
   at 1000 fresh collocation points, float32, tol 1e-4;
 * ``pideq-unrolled-epoch19``: the unrolled-Anderson baseline's model of that setup after 19

@@ -32,7 +32,7 @@ w.r.t. t kept in the graph, so the weight gradient is a second derivative of z*.
 * ``unrolled-anderson`` (PIDEQ's approach: the same Anderson solve) and ``unrolled`` (plain
   iteration): ``PIDEQ(mode="unrolled")`` — the solver loop recorded by autograd until the same
   stopping rule holds, so every derivative backpropagates through all forward iterations;
-* ``mlp``: explicit tanh MLP PINNs, 4×20 (the founding work's baseline) and 4×46 (parameter
+* ``mlp``: explicit tanh MLP PINNs, 4×20 (the PIDEQ paper's baseline) and 4×46 (parameter
   count comparable to the 80-state PIDEQ), same loss without the Jacobian term;
 * ``jax``: JAX + optimistix, ``optx.fixed_point(FixedPointIteration, adjoint=ImplicitAdjoint())``
   vmapped over samples, ``dy/dt`` by ``jax.jvp``, ``jax.grad`` of the loss, all under
@@ -643,7 +643,7 @@ def table_targets(res: dict) -> str:
         p = _get(ms, mlp, "step")
         if p and best:
             r = _get(ms, best, "step")["median_s"] / p["median_s"]
-            rows.append([f"epoch time: {best} ÷ {mlp}", f"{r:.2f}×", "≤ 3× (founding work: 19×)", "yes" if r <= 3 else "NO"])
+            rows.append([f"epoch time: {best} ÷ {mlp}", f"{r:.2f}×", "≤ 3× (PIDEQ paper: 19×)", "yes" if r <= 3 else "NO"])
     j = _get(ms, "jax", "step")
     if j and best:
         r = j["median_s"] / _get(ms, best, "step")["median_s"]
@@ -782,7 +782,7 @@ map contracts fast (K ≈ 7 at tol 1e-4) and unrolling is cheap; in the stress r
 the implicit step is faster and much leaner. An MLP PINN step costs a handful of small matmuls
 per point, while one DEQ step needs at least (K + derivative solves) × one 80×80 matvec per
 point, so a ≤ 3× epoch-time ratio is out of reach for an 80-state DEQ on a CPU by operation
-count alone. The founding work's 19× was measured on a GPU at 10⁵ points (not available here).
+count alone. The PIDEQ paper's 19× was measured on a GPU at 10⁵ points (not available here).
 """
 
 

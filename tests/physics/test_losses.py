@@ -13,7 +13,7 @@ from deqdiff.physics.problems import van_der_pol
 
 def _model(mode="implicit", in_features=1, width=6, seed=0):
     torch.manual_seed(seed)
-    mode, _, unrolled_solver = mode.partition("-")  # "unrolled-anderson": the founding work's loop
+    mode, _, unrolled_solver = mode.partition("-")  # "unrolled-anderson": the PIDEQ paper's loop
     m = PIDEQ(in_features, 2, width, mode=mode, rho=0.3, tol=1e-13, max_iter=300,
               unrolled_solver=unrolled_solver or "fixed_point").double()
     with torch.no_grad():

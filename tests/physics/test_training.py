@@ -105,7 +105,7 @@ def test_unknown_setup():
 
 
 @pytest.mark.slow
-def test_default_conditioned_run_meets_the_issue_targets():
+def test_default_conditioned_run_meets_its_targets():
     """The README's main job on defaults (≈ 80 s CPU): held-out relative L2 ≤ 1e-2 and a long
     rollout at least as accurate as the exact Taylor skip alone."""
     torch.set_num_threads(1)
@@ -118,8 +118,8 @@ def test_default_conditioned_run_meets_the_issue_targets():
     assert m["rollout_rel_l2"] <= m["skip_only_rollout_rel_l2"]
 
 
-def test_founding_setup_implicit_training_tracks_unrolled():
-    """The founding setup (80 states, 1000 points, tol 1e-4, free A): the implicit gradient
+def test_pideq_setup_implicit_training_tracks_unrolled():
+    """The PIDEQ setup of Pacheco & Camponogara 2022 (80 states, 1000 points, tol 1e-4, free A): the implicit gradient
     (Anderson forward) and the gradient unrolled through plain iteration agree while every
     solve converges, so the two trainings must take the same steps. Before Anderson's restart
     safeguard, at epoch 18 a few rows bounced for 100+ Anderson iterations (plain iteration
