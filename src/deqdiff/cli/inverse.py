@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import (resume_checkpoint, UsageError, flag_of, check_device, check_solver, nonneg_float, nonneg_int, one_line, out_dir,
-                      positive_float, positive_int, seed, str_list, user_errors)
+from ._common import (UsageError, check_device, check_solver, flag_of, nonneg_float, nonneg_int, one_line,
+                      out_dir, positive_float, positive_int, resume_checkpoint, seed, str_list, user_errors)
 
 #: command-line flags ↔ InverseConfig fields (the flags default to "not given")
 _FIELDS = ("data", "data_dir", "size", "train_limit", "test_limit", "noise", "blur_sigma", "blur_size", "form",
@@ -127,7 +127,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--threads", type=nonneg_int, default=1, help="torch CPU threads (0: torch's default)")
     g.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
     p.set_defaults(func=_run)
-
 
 
 def _config(args: argparse.Namespace):

@@ -18,8 +18,8 @@ import json
 import math
 from pathlib import Path
 
-from ._common import (resume_checkpoint, UsageError, flag_of, check_solver, nonneg_float, nonneg_int, one_line, out_dir, positive_float,
-                      positive_int, seed, user_errors)
+from ._common import (UsageError, check_solver, flag_of, nonneg_float, nonneg_int, one_line, out_dir,
+                      positive_float, positive_int, resume_checkpoint, seed, user_errors)
 
 #: LMConfig fields set from flags of the same name
 _FIELDS = ("model", "d_model", "n_heads", "d_ff", "init_std", "text", "seq_len", "train_windows", "valid_windows",
@@ -98,7 +98,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "bytes saved for backward (deqdiff.training.memtrace), besides the resident set")
     g.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
     p.set_defaults(func=_run)
-
 
 
 def _config(args: argparse.Namespace, out: Path, model: str | None = None, resume: bool = False):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import (resume_checkpoint, UsageError, check_device, check_solver, float_list, nonneg_float, nonneg_int, one_line, out_dir,
-                      positive_float, positive_int, seed, str_list, user_errors)
+from ._common import (UsageError, check_device, check_solver, float_list, nonneg_float, nonneg_int, one_line,
+                      out_dir, positive_float, positive_int, resume_checkpoint, seed, str_list, user_errors)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -10,8 +10,9 @@ import argparse
 from pathlib import Path
 
 
-from ._common import (resume_checkpoint, UsageError, flag_of, check_device, check_solver, float_list, int_list, nonneg_float, nonneg_int, one_line,
-                      out_dir, positive_float, positive_int, seed, user_errors)
+from ._common import (UsageError, check_device, check_solver, flag_of, float_list, int_list, nonneg_float,
+                      nonneg_int, one_line, out_dir, positive_float, positive_int, resume_checkpoint, seed,
+                      user_errors)
 
 
 def _opt_int(s: str) -> int | None:
@@ -136,7 +137,6 @@ _FIELDS = (
     "dtype", "amp", "seed", "checkpoint_every", "max_steps",
     "grad", "phantom_steps", "phantom_damping", "correction", "correction_weights", "cell_norm", "compile",
 )
-
 
 
 def _config(args: argparse.Namespace):

@@ -273,7 +273,7 @@ class Equilibrium:
         primals = (self.z, *[self.leaves[i] for i in idx])
         ta, tb = self._tangent(a, idx), self._tangent(b, idx)
         # forward over forward: wrong through layer_norm in PyTorch 2.13, and so is every
-        # reverse-only route tried (README, known limitations); hvp_by_vjp serves the Hessians
+        # reverse-only route tried (CHANGELOG, known limitations); hvp_by_vjp serves the Hessians
         return torch.func.jvp(lambda *p: torch.func.jvp(g, p, ta)[1], primals, tb)[1]
 
     def f_second_vjp(self, lam: Tensor, a, idx: Sequence[int]) -> tuple[Tensor, tuple[Tensor, ...]]:

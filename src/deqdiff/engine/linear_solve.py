@@ -91,11 +91,13 @@ def _iterative_auto(op: BoundOperator, b: Tensor, x0: Tensor | None = None, *, b
                     atol, max_iter: int):
     """Richardson x ← b + J x (it converges at the rate ρ(∂f/∂z) of a Picard forward solve,
     and only where that is < 1), then the rows still above tolerance are finished on their
-    own. Where ``A`` restricts to rows of N ≤ 256 unknowns: Richardson runs at most N
-    iterations (a dense solve of one row costs about N products with ``A``) and a dense LU
-    finishes the rest, in chunks of ``TAIL_STATES``·S/N rows (blocks no larger than that
-    many states, or than ``TAIL_MIN_NUMBERS``). The cap is per row, so a row's answer does
-    not depend on its batch. Otherwise Richardson runs at most ``budget`` iterations (default
+    own. Where ``A`` restricts to rows of N ≤ 256 unknowns: rows already factored at this
+    point start at their LU solution; Richardson runs ``TAIL_PROBE`` iterations (up to N more
+    on the rows still running when their blocks would hold more than
+    ``DENSE_FALLBACK_NUMBERS`` numbers) and a dense LU finishes the rest, in chunks of
+    ``TAIL_STATES``·S/N rows (blocks no larger than that many states, or than
+    ``TAIL_MIN_NUMBERS``), kept for the next solve at this point. The caps are per row, so a
+    row's answer does not depend on its batch. Otherwise Richardson runs at most ``budget`` iterations (default
     ``RICHARDSON_BUDGET``) and GMRES finishes the failed
     rows from Richardson's iterate (from zero where it diverged); where their blocks hold at
     most ``DENSE_FALLBACK_NUMBERS`` numbers GMRES gets max(2N, 40) products and a dense LU
@@ -221,8 +223,7 @@ def _select_rows(info, rows: Tensor, keep_trace: bool = False):
     ``keep_trace`` reordered when ``rows`` is a permutation)."""
     trace = ResidualTrace(rows.numel(), info.residual.dtype, info.residual.device)
     if keep_trace:
-        trace = ResidualTrace(rows.numel(), info.residual.dtype, info.residual.device).extended(
-            info.trace, torch.argsort(rows))
+        trace = trace.extended(info.trace, torch.argsort(rows))
     return replace(info, iterations=info.iterations[rows], residual=info.residual[rows],
                    rel_residual=info.rel_residual[rows], converged=info.converged[rows], trace=trace)
 

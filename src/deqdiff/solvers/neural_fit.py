@@ -258,11 +258,7 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
                 break
             idx = torch.randperm(n, generator=gen)[:fit.init_batch].to(x_all.device)
             l_init = _rel(ini(x_all[idx]), z_star[idx]).mean()
-            opt.zero_grad(set_to_none=True)
-            l_init.backward()
-            torch.nn.utils.clip_grad_norm_(ini.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            _clipped_step(opt, sched, l_init, ini.parameters())
             init_done += 1
             if bar is not None:
                 bar.set_postfix(init=f"{float(l_init.detach()):.2e}", refresh=False)
@@ -290,11 +286,7 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
         l_alpha = torch.stack(terms).mean() if terms else z0.new_zeros(())
         use_alpha = step < fit.alpha_fraction * fit.steps
         loss = fit.conv_weight * l_conv + fit.init_weight * l_init + (fit.alpha_weight * l_alpha if use_alpha else 0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _clipped_step(opt, sched, loss, net.parameters())
         done += 1
         rec = {"step": step + 1, "loss": float(loss.detach()), "conv": float(l_conv.detach()),
                "init": float(l_init.detach()), "alpha": float(l_alpha.detach()),
@@ -314,6 +306,15 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     phase("final")
     return FitResult(net, history, time.perf_counter() - t0, time.process_time() - c0, t_gt, n, int((~ok).sum()),
                      init_error, init_done, done, float(gt_evals.double().mean()), phases, rule)
+
+
+def _clipped_step(opt: torch.optim.Optimizer, sched, loss: Tensor, params) -> None:
+    """One optimizer step on ``loss`` with the gradient norm clipped to 1, then the schedule's."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
 
 
 def _select_mixer_rule(net: NeuralSolver, cell, x: Tensor, state_shape: tuple[int, ...], fit: FitConfig) -> dict:
