@@ -263,7 +263,7 @@ def train(config: TrainConfig, data: ImageDataset | None = None, *, resume: bool
         else:  # resumed mid-epoch: replay this epoch's permutation
             run.batches.set_state(run.epoch_loader_state)
         plan = run.batches.epoch()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()  # wall and CPU time of the epoch's steps
         bar = tqdm(total=len(plan), initial=run.step_in_epoch, desc=f"epoch {run.epoch + 1}/{config.epochs}",
                    leave=True, dynamic_ncols=True) if show else None
         while run.step_in_epoch < len(plan) and run.step < limit:
@@ -284,10 +284,10 @@ def train(config: TrainConfig, data: ImageDataset | None = None, *, resume: bool
             bar.close()
         if run.step_in_epoch < len(plan):  # stopped by max_steps mid-epoch
             break
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         train_summary = run.meter.summary()
         test_summary = evaluate(run.model, data, config, ctx=ctx, device=device)
-        record = {"epoch": run.epoch + 1, "step": run.step, "time_s": elapsed,
+        record = {"epoch": run.epoch + 1, "step": run.step, "time_s": elapsed, "cpu_time_s": cpu,
                   "train": train_summary, "test": test_summary}
         run.history["epochs"].append(record)
         if show:
