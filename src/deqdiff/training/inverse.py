@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from ..data.loader import ShardedBatches
 from ..models.inverse import FORMS, GaussianBlur, Identity, InverseDEQ, InverseUnrolled, LinearOperator, psnr
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistContext, local_device
+from .loop import ResumableRun, add_backward_solves, train_epochs
 from .metrics import Meter
 
 __all__ = ["InverseConfig", "InverseResult", "train_inverse", "evaluate_inverse", "build_operator",
@@ -211,60 +211,39 @@ def evaluate_inverse(model: nn.Module, data: InverseData, config: InverseConfig,
             psnr_sum += float(psnr(out, x).double().sum())
     model.train(was_training)
     meter = meter.reduce(ctx)
-    s = meter.summary()
-    s.pop("acc")
-    s["mse"] = s.pop("loss")
+    s = _summary(meter)
     s["psnr"] = float(ctx.sum(psnr_sum)[0]) / max(s["samples"], 1)
     return s
 
 
-class _ModelRun:
+class _ModelRun(ResumableRun):
     """One model's training state (everything its part of the checkpoint holds)."""
+
+    leave_bar = False
 
     def __init__(self, kind: str, config: InverseConfig, data: InverseData, ctx: DistContext, device: str):
         self.kind, self.config, self.data, self.ctx, self.device = kind, config, data, ctx, device
+        self.label = f"{kind} "
         cfg = config
         self.model = build_inverse_model(
             InverseConfig.from_dict({**cfg.to_dict(), "device": device}), kind, data.image_shape[0])
         ctx.broadcast_parameters(self.model)
-        self.batches = ShardedBatches(data.size("train"), cfg.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-                                      seed=cfg.seed)
-        self.steps_per_epoch = len(self.batches)
+        self.start(data.size("train"))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(cfg.epochs * self.steps_per_epoch, 1))
-        self.epoch = self.step = self.step_in_epoch = 0
-        self.epoch_loader_state = self.batches.get_state()
-        self.meter = Meter()
-        self.epoch_time = 0.0  # wall time of the current epoch's steps so far (across resumes)
-        self.history: dict = {"epochs": [], "steps": []}
-
-    @property
-    def limit(self) -> int:
-        total = self.config.epochs * self.steps_per_epoch
-        return total if self.config.max_steps is None else min(total, self.config.max_steps)
-
-    @property
-    def done(self) -> bool:
-        return self.epoch >= self.config.epochs
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "loader": {"epoch_start": self.epoch_loader_state, "current": self.batches.get_state()},
-                "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
-                "meter": self.meter.state(), "epoch_time": self.epoch_time, "history": self.history}
+                "scheduler": self.scheduler.state_dict(), **self.position_state(), "epoch_time": self.epoch_time}
 
     def restore(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
-        self.epoch_loader_state = s["loader"]["epoch_start"]
-        self.batches.set_state(s["loader"]["current"])
-        self.epoch, self.step, self.step_in_epoch = int(s["epoch"]), int(s["step"]), int(s["step_in_epoch"])
-        self.meter = Meter.from_state(s["meter"])
+        self.restore_position(s)
         self.epoch_time = float(s["epoch_time"])
-        self.history = s["history"]
 
+    # -- the loop's hooks (deqdiff.training.loop) ------------------------------------------------
     def train_step(self, global_size: int, idx: torch.Tensor) -> Meter:
         model, meter = self.model, Meter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -274,7 +253,7 @@ class _ModelRun:
             loss_sum = _per_image_mse(out, x).sum()
             meter.add_solves(model, backward=False)
             (loss_sum / global_size).backward()
-            _add_backward(meter, model)
+            add_backward_solves(meter, model)
             meter.add_batch(float(loss_sum.detach()), 0, idx.numel())
         self.ctx.all_reduce_gradients(model)
         if self.config.grad_clip is not None:
@@ -283,16 +262,29 @@ class _ModelRun:
         self.scheduler.step()
         return meter
 
+    def summarize(self, meter: Meter) -> dict:
+        return _summary(meter)
 
-def _add_backward(meter: Meter, model: nn.Module) -> None:
-    info = getattr(getattr(model, "deq", None), "last_info", None)
-    for d in (info.derivatives if info is not None else []):
-        meter._add("bwd_iter", float(d.iterations.double().sum()))
-        meter._add("bwd_n", float(d.iterations.numel()))
-        meter._max("bwd_iter_max", float(d.iterations.max()))
+    def end_epoch(self) -> dict:
+        return {"test": evaluate_inverse(self.model, self.data, self.config, ctx=self.ctx, device=self.device)}
+
+    def postfix(self, s: dict) -> dict:
+        post = {"mse": f"{s['mse']:.2e}"}
+        if "fwd_iter_mean" in s:
+            post.update(it=f"{s['fwd_iter_mean']:.1f}/{s['fwd_iter_max']}", res=f"{s['fwd_res_max']:.0e}")
+        return post
+
+    def epoch_line(self, record: dict) -> str:
+        test = record["test"]
+        line = (f"{self.kind} epoch {record['epoch']}: train mse {record['train']['mse']:.3e} | test psnr "
+                f"{test['psnr']:.2f} dB")
+        if "fwd_iter_mean" in test:
+            line += f" | solve iters {test['fwd_iter_mean']:.1f} (max {test['fwd_iter_max']}), res max {test['fwd_res_max']:.1e}"
+        return line + f" | {record['time_s']:.1f}s"
 
 
 def _summary(meter: Meter) -> dict:
+    """A meter's summary in the inverse problem's terms (``mse`` for the loss, no accuracy)."""
     s = meter.summary()
     s.pop("acc")
     s["mse"] = s.pop("loss")
@@ -349,60 +341,8 @@ def train_inverse(config: InverseConfig, data: InverseData | None = None, *, out
             runs[kind].restore(s)
     show = progress and ctx.is_main
     for run in runs.values():
-        _train_one(run, ckpt, show, device)
+        train_epochs(run, ckpt.save, show=show)
     ckpt.save()
     ctx.barrier()
     return InverseResult(config, {k: r.model for k, r in runs.items()}, {k: r.history for k, r in runs.items()},
                          {k: r.step for k, r in runs.items()}, all(r.done for r in runs.values()))
-
-
-def _train_one(run: _ModelRun, ckpt: _Checkpointer, show: bool, device: str) -> None:
-    config, ctx = run.config, run.ctx
-    if show:
-        from tqdm import tqdm
-    while run.epoch < config.epochs and run.step < run.limit:
-        if run.step_in_epoch == 0:
-            run.epoch_loader_state = run.batches.get_state()
-        else:  # resumed mid-epoch: replay this epoch's permutation
-            run.batches.set_state(run.epoch_loader_state)
-        plan = run.batches.epoch()
-        bar = tqdm(total=len(plan), initial=run.step_in_epoch, leave=False, dynamic_ncols=True,
-                   desc=f"{run.kind} epoch {run.epoch + 1}/{config.epochs}") if show else None
-        while run.step_in_epoch < len(plan) and run.step < run.limit:
-            global_size, idx = plan[run.step_in_epoch]
-            lr = run.optimizer.param_groups[0]["lr"]
-            t0 = time.perf_counter()
-            step_meter = run.train_step(global_size, idx).reduce(ctx)
-            run.epoch_time += time.perf_counter() - t0
-            run.meter.merge(step_meter)
-            run.step += 1
-            run.step_in_epoch += 1
-            s = _summary(step_meter)
-            run.history["steps"].append({"step": run.step, "epoch": run.epoch + 1, "lr": lr, **s})
-            if bar is not None:
-                post = {"mse": f"{s['mse']:.2e}"}
-                if "fwd_iter_mean" in s:
-                    post.update(it=f"{s['fwd_iter_mean']:.1f}/{s['fwd_iter_max']}", res=f"{s['fwd_res_max']:.0e}")
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-            if config.checkpoint_every and run.step % config.checkpoint_every == 0:
-                ckpt.save()
-        if bar is not None:
-            bar.close()
-        if run.step_in_epoch < len(plan):  # stopped by max_steps mid-epoch
-            break
-        test = evaluate_inverse(run.model, run.data, config, ctx=ctx, device=device)
-        record = {"epoch": run.epoch + 1, "step": run.step, "time_s": run.epoch_time,
-                  "train": _summary(run.meter), "test": test}
-        run.history["epochs"].append(record)
-        if show:
-            line = (f"{run.kind} epoch {record['epoch']}: train mse {record['train']['mse']:.3e} | test psnr "
-                    f"{test['psnr']:.2f} dB")
-            if "fwd_iter_mean" in test:
-                line += f" | solve iters {test['fwd_iter_mean']:.1f} (max {test['fwd_iter_max']}), res max {test['fwd_res_max']:.1e}"
-            tqdm.write(line + f" | {run.epoch_time:.1f}s")
-        run.epoch += 1
-        run.step_in_epoch = 0
-        run.meter = Meter()
-        run.epoch_time = 0.0
-        ckpt.save()

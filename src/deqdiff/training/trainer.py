@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from .config import TrainConfig
 from .correction import outputs_at_iterates
 from .distributed import DistContext, local_device
 from .jacobian import capture_equilibrium, hutchinson_frobenius
+from .loop import ResumableRun, add_backward_solves, train_epochs
 from .metrics import Meter
 from .models import build_model, count_parameters
 
@@ -100,7 +100,7 @@ def evaluate(model: nn.Module, data: ImageDataset, config: TrainConfig, *, split
     return meter.reduce(ctx).summary()
 
 
-class _Run:
+class _Run(ResumableRun):
     """The mutable state of one run (everything a checkpoint holds)."""
 
     def __init__(self, config: TrainConfig, data: ImageDataset, ctx: DistContext, device: str):
@@ -111,18 +111,11 @@ class _Run:
         random.seed(config.seed)
         self.model = build_model(config, data.image_shape, data.num_classes)
         ctx.broadcast_parameters(self.model)
-        self.batches = ShardedBatches(
-            data.size("train"), config.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=config.seed,
-        )
-        self.steps_per_epoch = len(self.batches)
+        self.start(data.size("train"))
         self.optimizer = make_optimizer(config, self.model)
         # fp16 needs loss scaling (Micikevicius et al. 2018); disabled, the scaler passes everything through
         self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=config.amp == "fp16")
         self.scheduler = make_scheduler(config, self.optimizer, config.epochs * self.steps_per_epoch)
-        self.epoch = self.step = self.step_in_epoch = 0
-        self.epoch_loader_state = self.batches.get_state()
-        self.meter = Meter()
-        self.history: dict = {"epochs": [], "steps": []}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict:
@@ -134,11 +127,7 @@ class _Run:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
-            # the generator now (after this epoch's draw) and at the epoch's start (to replay it)
-            "loader": {"epoch_start": self.epoch_loader_state, "current": self.batches.get_state()},
-            "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
-            "meter": self.meter.state(),
-            "history": self.history,
+            **self.position_state(),
         }
 
     def restore(self, state: dict) -> None:
@@ -155,18 +144,7 @@ class _Run:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        self.epoch_loader_state = state["loader"]["epoch_start"]
-        self.epoch, self.step, self.step_in_epoch = int(state["epoch"]), int(state["step"]), int(state["step_in_epoch"])
-        # At an epoch boundary the next epoch draws its permutation from the generator as it is
-        # now, not from a freshly seeded one (that replayed epoch 1's order after every resume).
-        if "current" in state["loader"]:
-            self.batches.set_state(state["loader"]["current"])
-        else:  # checkpoints without it: replay the draws up to now
-            self.batches.set_state(self.epoch_loader_state)
-            if self.step_in_epoch == 0 and self.epoch > 0:
-                self.batches.epoch()
-        self.meter = Meter.from_state(state["meter"])
-        self.history = state["history"]
+        self.restore_position(state)
 
     def save(self) -> None:
         out = self.config.out
@@ -178,7 +156,7 @@ class _Run:
         tmp.write_text(json.dumps(metrics, indent=1))
         tmp.replace(Path(out) / "metrics.json")
 
-    # -- one optimizer step ----------------------------------------------------------------------
+    # -- the loop's hooks (deqdiff.training.loop) ------------------------------------------------
     def train_step(self, global_size: int, idx: torch.Tensor) -> Meter:
         cfg, model = self.config, self.model
         meter = Meter()
@@ -206,7 +184,7 @@ class _Run:
                 objective = objective + cfg.jac_reg * penalty / global_size
                 jac_sum = float(penalty.detach())
             self.scaler.scale(objective).backward()
-            _add_backward(meter, model)
+            add_backward_solves(meter, model)
             meter.add_batch(float(loss_sum.detach()), int((logits.argmax(1) == y).sum()), idx.numel(), jac_sum)
         self.ctx.all_reduce_gradients(model)
         self.scaler.unscale_(self.optimizer)
@@ -217,22 +195,20 @@ class _Run:
         self.scheduler.step()
         return meter
 
+    def epoch_times(self, wall: float, cpu: float) -> dict:
+        return {"time_s": wall, "cpu_time_s": cpu}  # wall and CPU time of the epoch's steps
 
-def _add_backward(meter: Meter, model: nn.Module) -> None:
-    info = getattr(getattr(model, "deq", None), "last_info", None)
-    if info is None:
-        return
-    for d in info.derivatives:
-        meter._add("bwd_iter", float(d.iterations.double().sum()))
-        meter._add("bwd_n", float(d.iterations.numel()))
-        meter._max("bwd_iter_max", float(d.iterations.max()))
+    def end_epoch(self) -> dict:
+        return {"test": evaluate(self.model, self.data, self.config, ctx=self.ctx, device=self.device)}
 
+    def postfix(self, s: dict) -> dict:
+        out = {"loss": f"{s['loss']:.3f}", "acc": f"{s['acc']:.3f}"}
+        if "fwd_iter_mean" in s:
+            out.update(it=f"{s['fwd_iter_mean']:.1f}/{s['fwd_iter_max']}", res=f"{s['fwd_res_max']:.1e}")
+        return out
 
-def _postfix(s: dict) -> dict:
-    out = {"loss": f"{s['loss']:.3f}", "acc": f"{s['acc']:.3f}"}
-    if "fwd_iter_mean" in s:
-        out.update(it=f"{s['fwd_iter_mean']:.1f}/{s['fwd_iter_max']}", res=f"{s['fwd_res_max']:.1e}")
-    return out
+    def epoch_line(self, record: dict) -> str:
+        return _epoch_line(record)
 
 
 def train(config: TrainConfig, data: ImageDataset | None = None, *, resume: bool | str | Path = False) -> TrainResult:
@@ -252,50 +228,7 @@ def train(config: TrainConfig, data: ImageDataset | None = None, *, resume: bool
         path = Path(config.out or ".") / "checkpoint.pt" if resume is True else Path(resume)
         if resume is not True or path.is_file():
             run.restore(read_checkpoint(path))
-    total = config.epochs * run.steps_per_epoch
-    limit = min(total, config.max_steps) if config.max_steps is not None else total
-    show = config.progress and ctx.is_main
-    if show:
-        from tqdm import tqdm
-    while run.epoch < config.epochs and run.step < limit:
-        if run.step_in_epoch == 0:
-            run.epoch_loader_state = run.batches.get_state()
-        else:  # resumed mid-epoch: replay this epoch's permutation
-            run.batches.set_state(run.epoch_loader_state)
-        plan = run.batches.epoch()
-        t0, c0 = time.perf_counter(), time.process_time()  # wall and CPU time of the epoch's steps
-        bar = tqdm(total=len(plan), initial=run.step_in_epoch, desc=f"epoch {run.epoch + 1}/{config.epochs}",
-                   leave=True, dynamic_ncols=True) if show else None
-        while run.step_in_epoch < len(plan) and run.step < limit:
-            global_size, idx = plan[run.step_in_epoch]
-            lr = run.optimizer.param_groups[0]["lr"]
-            step_meter = run.train_step(global_size, idx).reduce(ctx)
-            run.meter.merge(step_meter)
-            run.step += 1
-            run.step_in_epoch += 1
-            s = step_meter.summary()
-            run.history["steps"].append({"step": run.step, "epoch": run.epoch + 1, "lr": lr, **s})
-            if bar is not None:
-                bar.set_postfix(_postfix(s), refresh=False)
-                bar.update(1)
-            if config.checkpoint_every and run.step % config.checkpoint_every == 0:
-                run.save()
-        if bar is not None:
-            bar.close()
-        if run.step_in_epoch < len(plan):  # stopped by max_steps mid-epoch
-            break
-        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
-        train_summary = run.meter.summary()
-        test_summary = evaluate(run.model, data, config, ctx=ctx, device=device)
-        record = {"epoch": run.epoch + 1, "step": run.step, "time_s": elapsed, "cpu_time_s": cpu,
-                  "train": train_summary, "test": test_summary}
-        run.history["epochs"].append(record)
-        if show:
-            tqdm.write(_epoch_line(record))
-        run.epoch += 1
-        run.step_in_epoch = 0
-        run.meter = Meter()
-        run.save()
+    train_epochs(run, run.save, show=config.progress and ctx.is_main)
     run.save()
     ctx.barrier()
     return TrainResult(run.model, config, run.history, run.step, Path(config.out) if config.out else None)
