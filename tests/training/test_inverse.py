@@ -52,6 +52,18 @@ def test_resume_is_bit_exact(tmp_path, stop):
     assert "fwd_iter_mean" not in straight.final("unrolled")["test"]
 
 
+@pytest.mark.parametrize("stop", [3, 5])  # end of epoch 1 (a boundary); mid-epoch 2 with a step checkpoint
+def test_resume_of_the_unrolled_model_is_bit_exact(tmp_path, stop):
+    """The unrolled model alone (fast enough for the default run) at an epoch boundary."""
+    data = load_task_data(_config())
+    straight = train_inverse(_config(models=("unrolled",)), data)
+    first = train_inverse(_config(models=("unrolled",), max_steps=stop, checkpoint_every=2), data, out=tmp_path)
+    state = read_inverse_checkpoint(tmp_path)["runs"]["unrolled"]
+    assert (state["step"], state["step_in_epoch"], len(state["history"]["epochs"])) == (stop, stop % 3, stop // 3)
+    assert not first.finished
+    _assert_same(straight, train_inverse(_config(models=("unrolled",)), data, out=tmp_path, resume=True))
+
+
 def test_resume_refuses_changed_settings(tmp_path):
     data = load_task_data(_config())
     train_inverse(_config(max_steps=1), data, out=tmp_path)
