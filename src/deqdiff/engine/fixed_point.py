@@ -133,9 +133,14 @@ class _FixedPoint(torch.autograd.Function):
     def backward(ctx, z_bar: Tensor):
         z, *params = ctx.saved_tensors
         op = _operator(ctx, z, params)
-        w = solve_with_operator(op.T, z_bar, (z, *params))  # (I − J)ᵀ w = z̄
-        if not torch.is_grad_enabled():  # first order (no create_graph): f's vjp graph at z* is
-            op.release()  # freed before the parameters' vjp records another, never both held at once
+        first_order = not torch.is_grad_enabled()  # no create_graph: this solve is the linearization's last
+        op.config["single_solve"] = first_order  # so restricting it to rows frees the full graph first
+        try:
+            w = solve_with_operator(op.T, z_bar, (z, *params))  # (I − J)ᵀ w = z̄
+        finally:
+            op.config["single_solve"] = False
+        if first_order:  # f's vjp graph at z* is freed before the parameters' vjp records another,
+            op.release()  # never both held at once
         idx = [i for i, n in enumerate(ctx.needs_input_grad[2:]) if n]
         grads: list[Tensor | None] = [None] * len(params)
         if idx:
@@ -198,6 +203,7 @@ def fixed_point(
     row_params: tuple[int, ...] | None | bool = None,
     warm_start: WarmStart | None = None,
     grad: str | PhantomGrad = "exact",
+    recompute_linearization: bool = False,
     **options,
 ):
     """Return z* with ``z* = f(z*, *params)``, differentiable to every order in ``params``.
@@ -234,12 +240,19 @@ def fixed_point(
     previous z* and each derivative solve from the previous solution of the same solve; the
     derivatives are unchanged to tolerance (they depend on z*, not on the start).
 
+    ``recompute_linearization=True``: the derivative solves hold no vjp graph of ``f`` at z*
+    (one evaluation's activations); each of their products evaluates ``f`` again (activation
+    recomputation, Chen et al. 2016): less memory, about one more evaluation of ``f`` per
+    iteration, the same derivatives to every order.
+
     ``grad``: ``"exact"`` (implicit, every order) or ``"phantom"`` / a ``PhantomGrad(steps, damping)``
     (Geng et al. 2021: derivatives of k damped steps from z*; :mod:`deqdiff.engine.phantom`).
 
     With ``return_info=True`` returns ``(z*, FixedPointInfo)``; its ``derivatives`` list
     fills as autograd runs derivative solves through this fixed point.
     """
+    if not isinstance(recompute_linearization, bool):
+        raise TypeError(f"recompute_linearization must be True or False, got {recompute_linearization!r}")
     if warm_start is not None:
         if not isinstance(warm_start, WarmStart):
             raise TypeError(f"warm_start must be a deqdiff.WarmStart, got {type(warm_start).__name__}")
@@ -271,6 +284,7 @@ def fixed_point(
         atol=atol if backward_atol is None else backward_atol,
         max_iter=10 * max_iter if backward_max_iter is None else backward_max_iter,
         options=dict(backward_options or {}), on_fail=on_fail, kind="derivative",
+        recompute=recompute_linearization,
     )
     info = FixedPointInfo()
     spec = FixedPointSpec(

@@ -253,53 +253,111 @@ class FixedPointJacobian(LinearOperator):
 
     def _linearize(self, params, like) -> Linearization:
         """One vjp of ``f`` at z* gives ``Jᵀu``; the vjp of that linear map gives ``J v``
-        (the double-vjp trick): no iteration re-evaluates ``f``."""
+        (the double-vjp trick): no iteration re-evaluates ``f``. With the config's
+        ``recompute`` (``fixed_point(..., recompute_linearization=True)``) nothing is held:
+        every product evaluates ``f`` at z* again and frees its graph (activation
+        recomputation, as in gradient checkpointing: Chen et al. 2016, "Training deep nets with
+        sublinear memory cost"). With ``single_solve`` (set by a first-order backward, whose
+        linearization serves one solve) restricting to rows first frees the full graph."""
         z, *theta = params
         # The linearization is cached on this operator, so nothing in it may refer back to the
         # operator: a cycle operator → cache → closures → operator outlives its step until a
         # full garbage collection, keeping z*, the LU and f's vjp graphs alive (memory then
         # grows with the number of training steps). Its closures capture f and batch_ndim only.
         f, batch_ndim = self.f, self.batch_ndim
-        lin = _linearize_fixed_point(f, batch_ndim, z, theta, self.shape, like)
+        hold = not self.config.get("recompute", False)
+        lin = _linearize_fixed_point(f, batch_ndim, z, theta, self.shape, like, hold=hold)
         if self.row_params is not None:
             keep = set(self.row_params)
+            full = lin.graphs if self.config.get("single_solve", False) else ()
 
             def restrict(rows: Tensor) -> Linearization:
+                for g in full:  # one solve only: the rows left need no graph of the others
+                    g.drop()
                 sub = [t.index_select(0, rows) if i in keep else t for i, t in enumerate(theta)]
                 zr = z.index_select(0, rows)
-                return _linearize_fixed_point(f, batch_ndim, zr, sub, zr.shape, like)
+                return _linearize_fixed_point(f, batch_ndim, zr, sub, zr.shape, like, hold=hold)
 
             lin.restrict = restrict
         return lin
 
 
-def _linearize_fixed_point(f: Callable, batch_ndim: int, z: Tensor, theta, shape, like) -> Linearization:
-    """``I − ∂f/∂z`` at ``(z, θ)`` (:meth:`FixedPointJacobian._linearize`); refers to no operator."""
-    _, f_vjp = torch.func.vjp(lambda zz: f(zz, *theta), z)
-    jtu = lambda u: f_vjp(u)[0]  # noqa: E731
-    jv = _PullbackOfPullback(jtu, zero_point(z))
+def _linearize_fixed_point(f: Callable, batch_ndim: int, z: Tensor, theta, shape, like,
+                           hold: bool = True) -> Linearization:
+    """``I − ∂f/∂z`` at ``(z, θ)`` (:meth:`FixedPointJacobian._linearize`); refers to no operator.
+    ``hold``: f's vjp graph is built at the first product and kept for the next ones (it can be
+    dropped, :meth:`_Pullback.drop`, and is then rebuilt on demand); else every product
+    recomputes it."""
+    jtu = _Pullback(f, z, theta, hold)
+    jv = _PullbackOfPullback(jtu, zero_point(z), hold)
     lin = Linearization(shape, batch_ndim, lambda v: v - jv(v), lambda u: u - jtu(u), like, cmv=jv, crmv=jtu)
     lin.prepare = jv.build
+    lin.graphs = (jv, jtu)
     lin.singular_message = (
         "I − ∂f/∂z is singular at the fixed point z*: the implicit function theorem does not apply "
         "there (z* is not locally unique or not differentiable in the parameters; e.g. f(z) = z)")
     return lin
 
 
+class _Pullback:
+    """``u ↦ Jᵀu = (∂f/∂z)ᵀu`` at ``(z, θ)`` by a vjp of f. ``hold``: the vjp (f's graph at z:
+    one evaluation's activations) is built at the first product and kept for the next ones;
+    :meth:`drop` frees it (the next product builds it again). Otherwise every product
+    evaluates f again and its graph is freed as the backward pass runs through it. A graph
+    first built under a transform (``vmap`` of :meth:`Linearization.blocks`) is used once,
+    never kept: it belongs to that transform's level."""
+
+    def __init__(self, f: Callable, z: Tensor, theta, hold: bool):
+        self.f, self.z, self.theta, self.hold, self.pull = f, z, tuple(theta), hold, None
+        self.transformed = any(is_transformed(t) for t in (z, *self.theta))
+
+    def _vjp(self):
+        f, theta = self.f, self.theta
+        return torch.func.vjp(lambda zz: f(zz, *theta), self.z)[1]
+
+    def build(self) -> None:
+        if self.hold and self.pull is None:
+            self.pull = self._vjp()
+
+    def drop(self) -> None:
+        self.pull = None
+
+    def __call__(self, u: Tensor) -> Tensor:
+        if self.pull is not None:
+            return self.pull(u)[0]
+        if self.hold and not is_transformed(u):
+            self.build()
+            return self.pull(u)[0]
+        if self.transformed or is_transformed(u) or torch.is_grad_enabled():
+            return self._vjp()(u)[0]  # differentiable in u (the double-vjp trick, transforms)
+        with torch.enable_grad():  # plain tensors, no graph wanted: the graph is freed as the pass runs
+            zz = self.z.detach().requires_grad_()
+            out = self.f(zz, *self.theta)
+        if not out.requires_grad:
+            return torch.zeros_like(self.z)
+        (g,) = torch.autograd.grad(out, zz, u, allow_unused=True)
+        return torch.zeros_like(self.z) if g is None else g
+
+
 class _PullbackOfPullback:
     """``v ↦ J v`` as the pullback of the linear map ``u ↦ Jᵀu`` (the double-vjp trick), built on
     first use: adjoint solves (reverse mode) need ``Jᵀu`` only, and building it costs a
     backward pass of f — on small problems a linearization costs as much as a few iterations,
-    and compaction re-linearizes."""
+    and compaction re-linearizes. ``hold=False``: rebuilt at every product (nothing kept)."""
 
-    def __init__(self, jtu: Callable, zero: Tensor):
-        self.jtu, self.zero, self.pull = jtu, zero, None
+    def __init__(self, jtu: Callable, zero: Tensor, hold: bool = True):
+        self.jtu, self.zero, self.hold, self.pull = jtu, zero, hold, None
 
     def build(self) -> None:
-        if self.pull is None:
+        if self.hold and self.pull is None:
             self.pull = torch.func.vjp(self.jtu, self.zero)[1]
 
+    def drop(self) -> None:
+        self.pull = None
+
     def __call__(self, v: Tensor) -> Tensor:
+        if self.pull is None and (not self.hold or is_transformed(v)):
+            return torch.func.vjp(self.jtu, self.zero)[1](v)[0]
         self.build()
         return self.pull(v)[0]
 
