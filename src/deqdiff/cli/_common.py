@@ -17,12 +17,13 @@ import sys
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 __all__ = [
     "UsageError", "OneLineParser", "user_errors", "one_line", "out_dir", "positive_int", "nonneg_int",
     "positive_float", "nonneg_float", "finite_float", "seed", "open_unit", "int_list", "float_list",
-    "str_list", "check_device", "check_solver",
+    "str_list", "optional", "check_device", "check_solver", "add_run_flags", "given_settings", "flagged",
+    "resumed_settings", "config_defaults_help", "distributed_job", "disk_errors", "set_threads",
 ]
 
 #: the kinds of exception that mean bad input (files, values, data formats), not a bug
@@ -147,6 +148,127 @@ def float_list(item: Callable[[str], float] = finite_float) -> Callable[[str], l
 
 def str_list(text: str) -> list[str]:
     return _list(str)(text)
+
+
+def optional(item: Callable[[str], object], words: tuple[str, ...] = ("none",),
+             what: str | None = None) -> Callable[[str], object]:
+    """``item``'s value, or None for any of ``words`` (any case): ``optional(nonneg_int)`` reads
+    ``--max-steps none``; ``what`` names the accepted values (default: ``item``'s, "or 'none'")."""
+    def parse(text: str):
+        return None if text.lower() in words else item(text)
+
+    parse.__name__ = what or f"{item.__name__} or '{words[0]}'"
+    return parse
+
+
+# --- the run flags the training jobs share: one type, choice and default each -----------------
+
+#: argparse settings of each shared run flag (``help`` is the default text; jobs may word it for their run)
+RUN_FLAGS: dict[str, dict[str, Any]] = {
+    "device": dict(help="cpu, cuda, cuda:1, …"),
+    "dtype": dict(choices=("float32", "float64")),
+    "seed": dict(type=seed),
+    "checkpoint_every": dict(type=nonneg_int),
+    "max_steps": dict(type=optional(nonneg_int)),
+    "threads": dict(type=nonneg_int, default=1, help="torch CPU threads (0: torch's default)"),
+    "no_progress": dict(action="store_true", default=False, help="no progress bar"),
+}
+
+
+def add_run_flags(add: Callable[..., object], defaults: Mapping[str, object] | None = None, **helps: str | None) -> None:
+    """Add the shared run flags named by ``helps`` (:data:`RUN_FLAGS`: ``device``, ``dtype``,
+    ``seed``, ``checkpoint_every``, ``max_steps``, ``threads``, ``no_progress``), in that
+    order, through ``add`` (a parser's or group's ``add_argument``). Each value is the flag's
+    help for this job (None: :data:`RUN_FLAGS`' own); ``defaults`` overrides defaults by name.
+    ``KeyError`` for a name that is not a shared run flag."""
+    for name, text in helps.items():
+        spec = dict(RUN_FLAGS[name])
+        if text is not None:
+            spec["help"] = text
+        if defaults and name in defaults:
+            spec["default"] = defaults[name]
+        add(flag_of(name), **spec)
+
+
+def set_threads(threads: int) -> None:
+    """``--threads``: torch's CPU threads (0 leaves torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def config_defaults_help(config: Callable[[], object], skip: tuple[str, ...] = ()) -> type:
+    """A help formatter that shows each setting's default from ``config()`` (a fresh config of
+    the job; called only when help is printed, so the job's module loads lazily): its flags
+    default to "not given" (``argparse.SUPPRESS``) so that ``--resume`` can tell the flags given
+    from the checkpoint's settings. No default is shown for None, False or the names in ``skip``."""
+
+    class Help(argparse.ArgumentDefaultsHelpFormatter):
+        def _get_help_string(self, action):
+            text = action.help or ""
+            default = getattr(config(), action.dest, None) if action.default is argparse.SUPPRESS else action.default
+            if "%(default)" in text or default is None or default is False or action.dest in ("help", *skip):
+                return text
+            return f"{text} (default: {default})"
+
+    return Help
+
+
+# --- settings from flags, resumed runs, errors while running ------------------------------------
+
+def given_settings(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    """The settings among ``names`` given on the command line (flags that default to "not given")."""
+    return {k: getattr(args, k) for k in names if hasattr(args, k)}
+
+
+def flagged(err: ValueError, names, flag: Callable[[str], str] = flag_of) -> UsageError:
+    """A config's ``ValueError`` (its message starts with the setting's name) as a
+    :class:`UsageError` naming the setting's flag when the setting is among ``names``."""
+    name = str(err).split(" ", 1)[0]
+    return UsageError(f"{flag(name)}: {one_line(err)}" if name in names else one_line(err))
+
+
+def resumed_settings(out: str | os.PathLike, given: dict, read: Callable[[Path], dict], resumable, *,
+                     note: str = "", name: Callable[[str], str] = flag_of) -> tuple[dict, Path]:
+    """``--resume``: the settings saved in ``OUT/checkpoint.pt`` (``read`` loads it) and its path.
+    :class:`UsageError` if there is no checkpoint, it cannot be read, or a setting ``given``
+    anew differs from the saved one and is not among ``resumable`` (each named by ``name``,
+    the message ending with ``note``)."""
+    ckpt = resume_checkpoint(out)
+    with user_errors("--resume"):
+        saved = dict(read(ckpt)["config"])
+    changed = sorted(k for k, v in given.items() if k not in resumable and k in saved and saved[k] != v)
+    if changed:
+        what = ", ".join(f"{name(k)} {given[k]} (checkpoint: {saved[k]})" for k in changed)
+        raise UsageError(f"--resume: {what} would not continue the run in {out}; a resumed run keeps its settings{note}")
+    return saved, ckpt
+
+
+@contextmanager
+def distributed_job(device: str):
+    """The job's :class:`~deqdiff.training.DistContext`: joins the process group torchrun
+    describes (single process otherwise) and leaves it when the job ends."""
+    import torch.distributed as dist
+
+    from ..training import init_from_env
+
+    ctx = init_from_env(device)
+    try:
+        yield ctx
+    finally:
+        if ctx.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextmanager
+def disk_errors(out: str | os.PathLike) -> Iterator[None]:
+    """An ``OSError`` while the job writes (e.g. the disk filled up with a checkpoint) as a
+    :class:`UsageError` naming ``--out``."""
+    try:
+        yield
+    except OSError as err:
+        raise UsageError(f"--out {out}: {one_line(err)}") from err
 
 
 def check_device(device: str, flag: str = "--device") -> None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import (UsageError, check_device, check_solver, flag_of, nonneg_float, nonneg_int, one_line,
-                      out_dir, positive_float, positive_int, resume_checkpoint, seed, str_list, user_errors)
+from ._common import (UsageError, add_run_flags, check_device, check_solver, disk_errors, distributed_job, flag_of,
+                      flagged, given_settings, nonneg_float, out_dir, positive_float, positive_int, resumed_settings,
+                      set_threads, str_list, user_errors)
 
 #: command-line flags ↔ InverseConfig fields (the flags default to "not given")
 _FIELDS = ("data", "data_dir", "size", "train_limit", "test_limit", "noise", "blur_sigma", "blur_size", "form",
@@ -56,13 +57,6 @@ def _models(text: str) -> tuple[str, ...]:
 
 
 _models.__name__ = "a model list"
-
-
-def _opt_steps(text: str) -> int | None:
-    return None if text.lower() == "none" else nonneg_int(text)
-
-
-_opt_steps.__name__ = "an integer ≥ 0 or 'none'"
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -119,13 +113,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", action="store_true", default=False,
                    help="continue from OUT/checkpoint.pt with its settings (only --max-steps, --device, "
                         "--checkpoint-every, --data-dir, --no-progress may be given anew)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1, …")
-    g.add_argument("--dtype", choices=("float32", "float64"), help="parameters and images")
-    g.add_argument("--seed", type=seed, help="seeds the models, the data order, the split and the noise")
-    g.add_argument("--checkpoint-every", type=nonneg_int, help="also checkpoint every this many steps (0: epoch ends)")
-    g.add_argument("--max-steps", type=_opt_steps, help="stop each model after this many steps ('none': no limit)")
-    g.add_argument("--threads", type=nonneg_int, default=1, help="torch CPU threads (0: torch's default)")
-    g.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
+    add_run_flags(g.add_argument, device=None, dtype="parameters and images",
+                  seed="seeds the models, the data order, the split and the noise",
+                  checkpoint_every="also checkpoint every this many steps (0: epoch ends)",
+                  max_steps="stop each model after this many steps ('none': no limit)", threads=None, no_progress=None)
     p.set_defaults(func=_run)
 
 
@@ -134,26 +125,19 @@ def _config(args: argparse.Namespace):
 
     from ..training.inverse import RESUMABLE, InverseConfig, read_inverse_checkpoint
 
-    given = {k: getattr(args, k) for k in _FIELDS if hasattr(args, k)}
+    given = given_settings(args, _FIELDS)
     out = Path(getattr(args, "out", f"runs/inverse_{args.task}"))
     if not args.resume:
         with user_errors():
             try:
                 return InverseConfig(task=args.task, **given), out
             except ValueError as err:  # the message starts with the setting's name
-                name = str(err).split(" ", 1)[0]
-                raise UsageError(f"{flag_of(name)}: {one_line(err)}" if name in _FIELDS else one_line(err)) from err
-    ckpt = resume_checkpoint(out)
-    with user_errors("--resume"):
-        saved = dict(read_inverse_checkpoint(ckpt)["config"])
+                raise flagged(err, _FIELDS) from err
     given["task"] = args.task
     if "models" in given:
         given["models"] = list(given["models"])
-    changed = sorted(k for k, v in given.items() if k not in RESUMABLE and k in saved and saved[k] != v)
-    if changed:
-        what = ", ".join(f"{'the task' if k == 'task' else flag_of(k)} {given[k]} (checkpoint: {saved[k]})"
-                         for k in changed)
-        raise UsageError(f"--resume: {what} would not continue the run in {out}; a resumed run keeps its settings")
+    saved, _ = resumed_settings(out, given, read_inverse_checkpoint, RESUMABLE,
+                                name=lambda k: "the task" if k == "task" else flag_of(k))
     with user_errors("--resume"):
         return InverseConfig.from_dict({**saved, "max_steps": None, **given}), out
 
@@ -161,14 +145,9 @@ def _config(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-    import torch.distributed as dist
-
-    from ..training import init_from_env
     from ..training.inverse import load_task_data, train_inverse
 
-    ctx = init_from_env(getattr(args, "device", "cpu"))
-    try:
+    with distributed_job(getattr(args, "device", "cpu")) as ctx:
         config, out = _config(args)
         check_device(config.device)
         check_solver(config.solver)
@@ -180,16 +159,13 @@ def _run(args: argparse.Namespace) -> int:
                              f"{', '.join(linear)}")
         if ctx.is_main:
             out_dir(out)
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         with user_errors(f"--data {config.data}", kinds=(ValueError, TypeError, OSError, ImportError)):
             data = load_task_data(config)
         if args.resume and ctx.is_main:
             print(f"resuming from {out / 'checkpoint.pt'}")
-        try:
+        with disk_errors(out):
             result = train_inverse(config, data, out=out, resume=args.resume, progress=not args.no_progress)
-        except OSError as err:  # e.g. the disk filled up while writing a checkpoint
-            raise UsageError(f"--out {out}: {one_line(err)}") from err
         if not ctx.is_main:
             return 0
         if not result.finished:
@@ -198,9 +174,6 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         _report(result, data, out)
         return 0
-    finally:
-        if ctx.active and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _report(result, data, out) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import (UsageError, check_device, check_solver, float_list, nonneg_float, nonneg_int, one_line,
-                      out_dir, positive_float, positive_int, resume_checkpoint, seed, str_list, user_errors)
+from ._common import (add_run_flags, check_device, check_solver, flagged, float_list, nonneg_float, out_dir,
+                      positive_float, positive_int, resume_checkpoint, set_threads, str_list, user_errors)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,17 +54,15 @@ def _register_darcy(problems) -> None:
     a("--noise", type=float_list(nonneg_float), default=d.noise,
       help="relative noise sizes ε (comma-separated): inputs a + ε·rms(a)·N(0,1)")
     a("--models", type=str_list, default=d.models, help="models to train, comma-separated: deq, explicit")
-    a("--seed", type=seed, default=d.seed, help="data, initialization and batch order")
-    a("--dtype", choices=("float32", "float64"), default=d.dtype)
-    a("--device", default=d.device, help="cpu, cuda, cuda:1 …")
+    add_run_flags(a, {"seed": d.seed, "dtype": d.dtype, "device": d.device}, seed="data, initialization and batch order",
+                  dtype=None, device="cpu, cuda, cuda:1 …")
     a("--cache", action="store_true", help="keep the generated data in OUT/darcy_data.npz and reuse it")
     a("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
       help="continue bit-identically from CHECKPOINT (default: OUT/checkpoint.pt)")
-    a("--checkpoint-every", type=nonneg_int, default=1,
-      help="write OUT/checkpoint.pt every this many epochs (0: at the end of each model only)")
-    # the spectral layers are small: more intra-op threads mostly spend CPU on synchronization
-    a("--threads", type=nonneg_int, default=1, help="torch CPU threads (0: torch's default)")
-    a("--no-progress", action="store_true", help="no progress bar")
+    # --threads: the spectral layers are small; more intra-op threads mostly spend CPU on synchronization
+    add_run_flags(a, {"checkpoint_every": 1},
+                  checkpoint_every="write OUT/checkpoint.pt every this many epochs (0: at the end of each model only)",
+                  threads=None, no_progress=None)
     a("--no-plots", action="store_true", help="skip the PNG figures")
     q.set_defaults(func=_run_darcy)
 
@@ -77,14 +75,10 @@ def config_from_args(args: argparse.Namespace):
     try:
         return OperatorConfig(**values).validate()
     except ValueError as err:
-        name = str(err).split(" ", 1)[0]
-        msg = one_line(err)
-        raise UsageError(f"{flag(name)}: {msg}" if name in values else msg) from err
+        raise flagged(err, values, flag) from err
 
 
 def _run_darcy(args: argparse.Namespace) -> int:
-    import torch
-
     from ..physics.neural_operator import resume_state, run
 
     cfg = config_from_args(args)
@@ -101,8 +95,7 @@ def _run_darcy(args: argparse.Namespace) -> int:
 
         with user_errors("--cache"):  # an unreadable cache file is named before training
             load_or_generate(out / "darcy_data.npz", cfg.data_settings())
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     with user_errors(kinds=(FloatingPointError,)):  # a diverged loss names the flag to change
         res = run(cfg, out, state=state, progress=not args.no_progress, plots=not args.no_plots, cache=args.cache,
                   checkpoint_every=args.checkpoint_every)

@@ -9,17 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-from ._common import (UsageError, check_device, check_solver, flag_of, float_list, int_list, nonneg_float,
-                      nonneg_int, one_line, out_dir, positive_float, positive_int, resume_checkpoint, seed,
-                      user_errors)
-
-
-def _opt_int(s: str) -> int | None:
-    return None if s.lower() == "none" else nonneg_int(s)
-
-
-_opt_int.__name__ = "an integer ≥ 0 or 'none'"
+from ._common import (add_run_flags, check_device, check_solver, config_defaults_help, disk_errors,
+                      distributed_job, flag_of, float_list, given_settings, int_list, nonneg_float, out_dir,
+                      positive_float, positive_int, resumed_settings, user_errors)
 
 
 def _damping(s: str) -> float:
@@ -46,17 +38,14 @@ def _unit_interval(s: str) -> float:
     return v
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows the ``TrainConfig`` default of each setting (the flags default to "not given")."""
+def _defaults():
+    from ..training.config import TrainConfig
 
-    def _get_help_string(self, action):
-        from ..training.config import TrainConfig
+    return TrainConfig()
 
-        text = action.help or ""
-        default = getattr(TrainConfig(), action.dest, None) if action.default is argparse.SUPPRESS else action.default
-        if "%(default)" in text or default is None or default is False or action.dest in ("help", "lr"):
-            return text
-        return f"{text} (default: {default})"
+
+#: shows the ``TrainConfig`` default of each setting (the flags default to "not given")
+_Help = config_defaults_help(_defaults, skip=("lr",))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -118,14 +107,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", action="store_true", default=False,
                    help="continue from OUT/checkpoint.pt with its settings (only the run controls "
                         "--max-steps, --device, --checkpoint-every, --data-dir, --no-progress may be given anew)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", choices=("float32", "float64"), help="parameters and states")
+    add_run_flags(g.add_argument, device="cpu, cuda, cuda:1, ...", dtype="parameters and states")
     g.add_argument("--amp", choices=("bf16", "fp16"), help="autocast the cell to bfloat16, or float16 with loss scaling "
                    "(CUDA); the solver state and stopping rule stay float32")
-    g.add_argument("--seed", type=seed, help="seeds the model, the data order and the data split")
-    g.add_argument("--checkpoint-every", type=nonneg_int, help="steps (0: every epoch)")
-    g.add_argument("--max-steps", type=_opt_int, help="stop after this many steps in total")
-    g.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
+    add_run_flags(g.add_argument, seed="seeds the model, the data order and the data split",
+                  checkpoint_every="steps (0: every epoch)", max_steps="stop after this many steps in total",
+                  no_progress=None)
     g.add_argument("--no-plots", action="store_true", default=False, help="skip OUT/training.png")
     p.set_defaults(func=_run)
 
@@ -145,19 +132,13 @@ def _config(args: argparse.Namespace):
     from ..training import TrainConfig, read_checkpoint
     from ..training.trainer import RESUMABLE_CHANGES
 
-    given = {k: getattr(args, k) for k in _FIELDS if hasattr(args, k)}
+    given = given_settings(args, _FIELDS)
     if not args.resume:
         with user_errors():
             return TrainConfig(**given, progress=not args.no_progress), None
-    ckpt = resume_checkpoint(args.out)
-    with user_errors("--resume"):
-        saved = dict(read_checkpoint(ckpt)["config"])
-    changed = sorted(k for k, v in given.items() if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v)
-    if changed:
-        what = ", ".join(f"{flag_of(k)} {given[k]} (checkpoint: {saved[k]})" for k in changed)
-        raise UsageError(f"--resume: {what} would not continue the run in {args.out}; a resumed run keeps its "
-                         f"settings (only {', '.join(flag_of(k) for k in sorted(RESUMABLE_CHANGES - {'progress'}))} "
-                         "and --no-progress may change)")
+    saved, ckpt = resumed_settings(
+        args.out, given, read_checkpoint, RESUMABLE_CHANGES,
+        note=f" (only {', '.join(flag_of(k) for k in sorted(RESUMABLE_CHANGES - {'progress'}))} and --no-progress may change)")
     with user_errors("--resume"):
         # run controls not given: no step limit; the run's own device, cadence and data folder
         config = TrainConfig.from_dict({**saved, "max_steps": None, **given, "out": args.out,
@@ -189,19 +170,14 @@ def _setup(args: argparse.Namespace, ctx):
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    import torch.distributed as dist
+    from ..training import train
 
-    from ..training import init_from_env, train
-
-    ctx = init_from_env(getattr(args, "device", "cpu"))
-    try:
+    with distributed_job(getattr(args, "device", "cpu")) as ctx:
         config, ckpt, data = _setup(args, ctx)
         if ckpt is not None and ctx.is_main:
             print(f"resuming from {ckpt}")
-        try:
+        with disk_errors(config.out):
             result = train(config, data, resume=ckpt is not None)
-        except OSError as err:  # e.g. the disk filled up while writing a checkpoint
-            raise UsageError(f"--out {config.out}: {one_line(err)}") from err
         if ctx.is_main:
             final = result.final
             summary = {"out": str(result.out), "steps": result.steps, "final": final}
@@ -212,6 +188,3 @@ def _run(args: argparse.Namespace) -> int:
                                                              title=f"deqdiff train --model {config.model}"))
             print(json.dumps(summary, indent=1))
         return 0
-    finally:
-        if ctx.active and dist.is_initialized():
-            dist.destroy_process_group()
