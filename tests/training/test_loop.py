@@ -172,3 +172,29 @@ def test_progress_bar_and_epoch_lines(capsys):
     assert "toy epoch 1 |" in out and "toy epoch 2 |" not in out  # epoch 2 stopped mid-way: no record
     assert "toy epoch 1/3" in err and "toy epoch 2/3" in err
     assert len(run.history["epochs"]) == 1 and run.calls == {"begin_epoch": 2, "end_steps": 2}
+
+
+def test_eval_shards_cover_every_sample_once_over_the_ranks():
+    from deqdiff.training.loop import eval_shards
+
+    shards = [list(eval_shards(5, 4, DistContext(rank, 3))) for rank in range(3)]
+    # batches [0..3] and [4]: the second batch's one sample goes to rank 0, the others skip it
+    assert [len(s) for s in shards] == [2, 1, 1]
+    assert sorted(torch.cat([i for s in shards for i in s]).tolist()) == list(range(5))
+    assert all(i.numel() for s in shards for i in s)
+
+
+def test_evaluating_turns_autograd_and_training_mode_off_and_back_on():
+    from deqdiff.training.loop import evaluating
+
+    model = nn.Linear(2, 1)
+    with evaluating(model):
+        assert not model.training and not torch.is_grad_enabled()
+    assert model.training and torch.is_grad_enabled()
+    with pytest.raises(RuntimeError), evaluating(model):
+        raise RuntimeError
+    assert model.training and torch.is_grad_enabled()
+    model.eval()
+    with evaluating(model):
+        pass
+    assert not model.training

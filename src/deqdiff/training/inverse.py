@@ -22,11 +22,10 @@ import torch
 from torch import nn
 
 from ..data.inverse import IMAGE_SETS, InverseData, load_inverse_data
-from ..data.loader import ShardedBatches
 from ..models.inverse import FORMS, GaussianBlur, Identity, InverseDEQ, InverseUnrolled, LinearOperator, psnr
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistContext, local_device
-from .loop import ResumableRun, add_backward_solves, train_epochs
+from .loop import ResumableRun, add_backward_solves, eval_shards, evaluating, train_epochs
 from .metrics import Meter
 
 __all__ = ["InverseConfig", "InverseResult", "train_inverse", "evaluate_inverse", "build_operator",
@@ -195,21 +194,14 @@ def evaluate_inverse(model: nn.Module, data: InverseData, config: InverseConfig,
     ctx = ctx or DistContext.current()
     device = device or config.device
     dtype = getattr(torch, config.dtype)
-    batches = ShardedBatches(data.size(split), config.eval_batch_size, shuffle=False, rank=ctx.rank,
-                             world_size=ctx.world_size)
     meter, psnr_sum = Meter(), torch.zeros(1, dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for _, idx in batches.epoch():
-            if idx.numel() == 0:
-                continue
+    with evaluating(model):
+        for idx in eval_shards(data.size(split), config.eval_batch_size, ctx):
             y, x = data.batch(split, idx, dtype=dtype, device=device)
             out = model(y, **overrides)
             meter.add_batch(float(_per_image_mse(out, x).sum()), 0, idx.numel())
             meter.add_solves(model, backward=False)
             psnr_sum += float(psnr(out, x).double().sum())
-    model.train(was_training)
     meter = meter.reduce(ctx)
     s = _summary(meter)
     s["psnr"] = float(ctx.sum(psnr_sum)[0]) / max(s["samples"], 1)

@@ -16,7 +16,8 @@ calls :func:`train_epochs`; the hooks below default to what most trainers need.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,7 @@ from ..data.loader import ShardedBatches
 from .distributed import DistContext
 from .metrics import Meter
 
-__all__ = ["ResumableRun", "train_epochs", "add_backward_solves"]
+__all__ = ["ResumableRun", "train_epochs", "add_backward_solves", "evaluating", "eval_shards"]
 
 
 class ResumableRun:
@@ -189,3 +190,23 @@ def add_backward_solves(meter: Meter, model: nn.Module) -> None:
         meter._add("bwd_iter", float(d.iterations.double().sum()))
         meter._add("bwd_n", float(d.iterations.numel()))
         meter._max("bwd_iter_max", float(d.iterations.max()))
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode without autograd inside; its training mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def eval_shards(n: int, batch_size: int, ctx: DistContext) -> Iterator[Tensor]:
+    """This rank's indices of each evaluation batch of ``n`` samples in order (batches of
+    ``batch_size`` split over the ranks of ``ctx``; a rank's empty shard is skipped)."""
+    for _, idx in ShardedBatches(n, batch_size, shuffle=False, rank=ctx.rank, world_size=ctx.world_size).epoch():
+        if idx.numel():
+            yield idx

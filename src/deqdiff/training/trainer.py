@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import ImageDataset, ShardedBatches, load_dataset
+from ..data import ImageDataset, load_dataset
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .correction import outputs_at_iterates
 from .distributed import DistContext, local_device
 from .jacobian import capture_equilibrium, hutchinson_frobenius
-from .loop import ResumableRun, add_backward_solves, train_epochs
+from .loop import ResumableRun, add_backward_solves, eval_shards, evaluating, train_epochs
 from .metrics import Meter
 from .models import build_model, count_parameters
 
@@ -81,14 +81,9 @@ def evaluate(model: nn.Module, data: ImageDataset, config: TrainConfig, *, split
     ctx = ctx or DistContext.current()
     device = device or config.device
     dtype = getattr(torch, config.dtype)
-    batches = ShardedBatches(data.size(split), config.eval_batch_size, shuffle=False, rank=ctx.rank, world_size=ctx.world_size)
     meter = Meter()
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for _, idx in batches.epoch():
-            if idx.numel() == 0:
-                continue
+    with evaluating(model):
+        for idx in eval_shards(data.size(split), config.eval_batch_size, ctx):
             x = data.images(split, idx, dtype=dtype, device=device)
             y = data.labels(split, idx, device=device)
             with _autocast(config, device):
@@ -96,7 +91,6 @@ def evaluate(model: nn.Module, data: ImageDataset, config: TrainConfig, *, split
             logits = _full_precision(logits)
             meter.add_batch(float(F.cross_entropy(logits, y, reduction="sum")), int((logits.argmax(1) == y).sum()), idx.numel())
             meter.add_solves(model, backward=False)
-    model.train(was_training)
     return meter.reduce(ctx).summary()
 
 
