@@ -85,6 +85,8 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="a `deqdiff lm` checkpoint.pt: its trained weights (its settings)")
     p.add_argument("--start", type=int, default=0, help="first training window of the batch")
     p.add_argument("--backward-solver", default=None, help="override the model's backward solver (auto, richardson, ...)")
+    p.add_argument("--recompute-linearization", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the model's recompute_linearization (activation recomputation in the backward)")
     p.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -98,6 +100,8 @@ def main() -> None:
         cfg, state = LMConfig.from_dict(dict(ckpt["config"], out=None, progress=False)), ckpt["model"]
     if args.backward_solver:
         cfg = LMConfig.from_dict(dict(cfg.to_dict(), backward_solver=args.backward_solver))
+    if args.recompute_linearization is not None:
+        cfg = LMConfig.from_dict(dict(cfg.to_dict(), recompute_linearization=args.recompute_linearization))
     corpus = load_corpus()
     torch.manual_seed(cfg.seed)
     model = build_lm(cfg, corpus.vocab_size)
@@ -114,7 +118,7 @@ def main() -> None:
         fp = importlib.import_module("deqdiff.engine.fixed_point")
         lin = importlib.import_module("deqdiff.engine.operators")
         phases.wrap(fp, "_forward_solve", "forward solve (no graph)")
-        phases.wrap(lin, "_linearize_fixed_point", "linearization at z* (vjp graph of the cell)")
+        phases.wrap(lin._Pullback, "build", "linearization at z* (vjp graph of the cell, held)")
         phases.wrap(fp, "solve_with_operator", "implicit backward solve (incl. linearization)")
         phases.wrap(torch.func, "vjp", "torch.func.vjp calls (linearization, parameters' vjp)")
     import time
@@ -136,7 +140,7 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/lm_memory_breakdown.py", *sys.argv[1:]]),
         "torch": torch.__version__, "model": args.model, "seq_len": args.seq_len, "batch": args.batch,
         "d_model": cfg.d_model, "dtype": cfg.dtype, "checkpoint": args.checkpoint, "start": args.start,
-        "backward_solver": cfg.backward_solver,
+        "backward_solver": cfg.backward_solver, "recompute_linearization": cfg.recompute_linearization,
         "forward_peak_mib": forward_peak / MIB, "live_after_forward_mib": after_forward / MIB,
         "saved_for_backward_mib": saved.mib, "backward_peak_mib": backward_peak / MIB,
         "step_peak_mib": max(forward_peak, backward_peak) / MIB,

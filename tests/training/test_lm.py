@@ -72,7 +72,8 @@ def test_non_convergence_is_counted_with_its_residual():
 
 @pytest.mark.parametrize("bad, match", [(dict(model="unrolled-0"), "model"), (dict(n_heads=3), "divisible"),
                                         (dict(tol=float("nan")), "tol"), (dict(seq_len=0), "seq_len"),
-                                        (dict(dtype="float16"), "dtype")])
+                                        (dict(dtype="float16"), "dtype"),
+                                        (dict(recompute_linearization="yes"), "recompute_linearization")])
 def test_bad_settings_name_themselves(bad, match):
     with pytest.raises(ValueError, match=match):
         tiny(**bad)

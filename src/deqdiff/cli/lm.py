@@ -24,7 +24,7 @@ from ._common import (UsageError, check_solver, flag_of, nonneg_float, nonneg_in
 #: LMConfig fields set from flags of the same name
 _FIELDS = ("model", "d_model", "n_heads", "d_ff", "init_std", "text", "seq_len", "train_windows", "valid_windows",
            "epochs", "batch_size", "eval_batch_size", "lr", "weight_decay", "grad_clip", "scheduler", "solver", "tol",
-           "max_iter", "backward_solver", "backward_tol", "backward_max_iter", "backward_history", "seed", "dtype", "checkpoint_every",
+           "max_iter", "backward_solver", "backward_tol", "backward_max_iter", "backward_history", "recompute_linearization", "seed", "dtype", "checkpoint_every",
            "max_steps", "trace_memory")
 
 
@@ -78,6 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--backward-tol", type=positive_float, help="tolerance of the backward solves (default: --tol)")
     g.add_argument("--backward-max-iter", type=positive_int, help="backward iterations at most")
     g.add_argument("--backward-history", type=positive_int, help="Anderson's memory m on the backward (--backward-solver anderson)")
+    g.add_argument("--recompute-linearization", action=argparse.BooleanOptionalAction,
+                   help="the backward solve holds no vjp graph of the cell and evaluates the cell again at each "
+                        "iteration (less memory, about one more cell evaluation per backward iteration)")
     g = p.add_argument_group("comparison")
     g.add_argument("--compare", action="store_true", default=False,
                    help="train the DEQ and its unrolled counterpart, each in its own process, and compare")

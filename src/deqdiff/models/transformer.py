@@ -55,9 +55,12 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if not any(_differentiable(t) for t in (q, k, v)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     T, dh = q.shape[-2], q.shape[-1]
-    scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+    # scaled and masked in place (the same operations, so the same values): nothing saves the
+    # scores for backward (the product saves q and k, the division a number, the mask its mask),
+    # so one (..., T, T) buffer serves all three and only it and the softmax's output are live
+    scores = (q @ k.transpose(-1, -2)).div_(math.sqrt(dh)).masked_fill_(future, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
 
 
 def _differentiable(t: Tensor) -> bool:

@@ -9,9 +9,10 @@ gradient clipping and a per-step cosine schedule. Bits per character = cross-ent
 over every predicted character of the split's non-overlapping windows, each window read without
 memory of the previous one (so early positions see a short context).
 
-Peak memory is the growth of the process's resident set during the training steps (``VmHWM``
-from ``/proc/self/status``, its high-water mark reset through ``/proc/self/clear_refs`` before
-each epoch's steps, minus ``VmRSS`` after a one-window warm-up step): allocator and framework
+Peak memory is the growth of the process's resident set during the training steps (``VmHWM``,
+:func:`~deqdiff.training.memtrace.peak_rss_mib`, its high-water mark reset by
+:func:`~deqdiff.training.memtrace.reset_peak_rss` before each epoch's steps, minus ``VmRSS``
+after a one-window warm-up step): allocator and framework
 overheads included, measured the same way for both models; compare models in separate
 processes (the allocator keeps what a process once used). With ``trace_memory`` each step's
 forward and backward also run under :class:`~deqdiff.training.memtrace.TensorMemory` (peak live
@@ -44,10 +45,10 @@ from ..data.text import CharCorpus, load_corpus
 from ..solvers import ConvergenceWarning
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistContext
-from .memtrace import SavedTensors, TensorMemory
+from .memtrace import SavedTensors, TensorMemory, current_rss_mib, peak_rss_mib, reset_peak_rss
 
 __all__ = ["LMConfig", "LMResult", "LM_FORMAT", "build_lm", "parse_model", "train_lm", "evaluate_bpc",
-           "resident_memory", "reset_peak_memory", "LM_RESUMABLE"]
+           "LM_RESUMABLE"]
 
 LM_FORMAT = "deqdiff-lm-checkpoint/1"
 LN2 = math.log(2.0)
@@ -92,6 +93,10 @@ class LMConfig:
     backward_history: int = 3  # Anderson's memory m on the backward: 3 iterated as fast as 5 (7.9 vs 7.8) with 2 states less
     backward_tol: float | None = None
     backward_max_iter: int | None = None
+    # activation recomputation in the implicit backward (fixed_point's recompute_linearization): the
+    # backward solve holds no vjp graph of the cell; each of its iterations evaluates the cell again
+    # (benchmarks/results/lm.md: less peak tensor memory for about one more cell evaluation per iteration)
+    recompute_linearization: bool = True
     # run
     seed: int = 0
     dtype: str = "float32"
@@ -123,6 +128,8 @@ class LMConfig:
             raise ValueError(f"d_model must be divisible by n_heads ({self.d_model} % {self.n_heads} != 0)")
         if self.scheduler not in ("cosine", "none"):
             raise ValueError(f"scheduler must be 'cosine' or 'none', got {self.scheduler!r}")
+        if not isinstance(self.recompute_linearization, bool):
+            raise ValueError(f"recompute_linearization must be True or False, got {self.recompute_linearization!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
@@ -167,37 +174,11 @@ def _build(config, vocab_size, sizes, depth, DEQTransformerLM, UnrolledTransform
         model = DEQTransformerLM(vocab_size, **sizes, solver=config.solver, tol=config.tol, max_iter=config.max_iter,
                                  backward_solver=config.backward_solver, backward_tol=config.backward_tol,
                                  backward_max_iter=config.backward_max_iter,
+                                 recompute_linearization=config.recompute_linearization,
                                  backward_options={"m": config.backward_history} if config.backward_solver == "anderson" else None)
     else:
         model = UnrolledTransformerLM(vocab_size, depth=depth, **sizes)
     return model.to(getattr(torch, config.dtype))
-
-
-# --- memory --------------------------------------------------------------------------------------
-
-def _status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def resident_memory() -> tuple[float | None, float | None]:
-    """(current RSS, peak RSS since the last reset) in MiB; None where /proc is unavailable."""
-    cur, peak = _status_kib("VmRSS"), _status_kib("VmHWM")
-    return (None if cur is None else cur / 1024, None if peak is None else peak / 1024)
-
-
-def reset_peak_memory() -> bool:
-    """Reset the process's peak-RSS mark to its current RSS (Linux ≥ 4.0); False if unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 # --- evaluation ------------------------------------------------------------------------------------
@@ -471,8 +452,8 @@ def _train(run: "_Run", config: LMConfig, corpus: CharCorpus, ctx: DistContext) 
     rng = rng_state()  # the warm-up must not move any random state
     _warm_up(run.model, run.train)
     set_rng_state(rng)
-    base, _ = resident_memory()
-    tracked = reset_peak_memory()
+    base = current_rss_mib()
+    tracked = reset_peak_rss()
     train_peak = 0.0
     total = config.epochs * run.steps_per_epoch
     limit = min(total, config.max_steps) if config.max_steps is not None else total
@@ -485,7 +466,7 @@ def _train(run: "_Run", config: LMConfig, corpus: CharCorpus, ctx: DistContext) 
         else:  # resumed mid-epoch: replay this epoch's permutation
             run.batches.set_state(run.epoch_loader_state)
         plan = run.batches.epoch()
-        tracked = reset_peak_memory() and tracked  # the peak of training steps, not of evaluation
+        tracked = reset_peak_rss() and tracked  # the peak of training steps, not of evaluation
         bar = tqdm(total=len(plan), initial=run.step_in_epoch, desc=f"{config.model} epoch {run.epoch + 1}/{config.epochs}",
                    leave=True, dynamic_ncols=True) if show else None
         while run.step_in_epoch < len(plan) and run.step < limit:
@@ -508,15 +489,15 @@ def _train(run: "_Run", config: LMConfig, corpus: CharCorpus, ctx: DistContext) 
                 run.save()
         if bar is not None:
             bar.close()
-        cur, peak = resident_memory()
-        if tracked and peak is not None:
+        peak = peak_rss_mib()
+        if tracked:
             train_peak = max(train_peak, peak)
         if run.step_in_epoch < len(plan):  # stopped by max_steps mid-epoch
             break
         valid = evaluate_bpc(run.model, run.valid, batch_size=config.eval_batch_size, ctx=ctx)
         record = {"epoch": run.epoch + 1, "step": run.step, "time_s": run.epoch_time,
                   "train": run.sums.summary(), "valid": valid,
-                  "peak_rss_above_start_mib": (peak - base) if tracked and peak is not None else None}
+                  "peak_rss_above_start_mib": (peak - base) if tracked else None}
         run.history["epochs"].append(record)
         if show:
             tqdm.write(_epoch_line(record))
