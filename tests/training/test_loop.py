@@ -29,18 +29,20 @@ def _data():
 
 
 class _Toy(ResumableRun):
-    """Least squares with SGD + momentum: the optimizer state and the sample order both matter."""
+    """Least squares with clipped SGD + momentum and a step schedule: the optimizer and
+    schedule states and the sample order all matter."""
 
     label = "toy "
 
     def __init__(self, max_steps=None, checkpoint_every=0, fail_eval=False):
         self.config = SimpleNamespace(epochs=EPOCHS, batch_size=BATCH, seed=3, max_steps=max_steps,
-                                      checkpoint_every=checkpoint_every)
+                                      checkpoint_every=checkpoint_every, grad_clip=0.5)
         self.ctx = DistContext()
         torch.manual_seed(0)
         self.model = nn.Linear(3, 1).double()
         self.start(N)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=4, gamma=0.5)
         self.x, self.y = _data()
         self.fail_eval = fail_eval
         self.calls = {"begin_epoch": 0, "end_steps": 0}
@@ -51,7 +53,7 @@ class _Toy(ResumableRun):
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = (self.model(self.x[idx]) - self.y[idx]).pow(2).sum()
         (loss_sum / global_size).backward()
-        self.optimizer.step()
+        self.optimizer_step()
         meter.add_batch(float(loss_sum.detach()), 0, idx.numel())
         return meter
 
@@ -69,11 +71,12 @@ class _Toy(ResumableRun):
 
     def state(self) -> dict:
         return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                              **self.position_state()})
+                              "scheduler": self.scheduler.state_dict(), **self.position_state()})
 
     def restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         self.restore_position(copy.deepcopy(state))
 
     def save(self) -> None:
@@ -105,7 +108,7 @@ def test_uninterrupted_run_records_every_step_and_epoch():
     assert [s["step"] for s in steps] == list(range(1, 10))
     assert [s["epoch"] for s in steps] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert [s["samples"] for s in steps] == [4, 4, 2] * 3
-    assert all(s["lr"] == 0.05 for s in steps)
+    assert [s["lr"] for s in steps] == [0.05] * 4 + [0.025] * 4 + [0.0125]  # the rate each step used
     epochs = run.history["epochs"]
     assert [(e["epoch"], e["step"], e["train"]["samples"]) for e in epochs] == [(1, 3, 10), (2, 6, 10), (3, 9, 10)]
     # the epoch's train loss is the sample mean of its steps' losses

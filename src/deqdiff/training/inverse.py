@@ -247,11 +247,7 @@ class _ModelRun(ResumableRun):
             (loss_sum / global_size).backward()
             add_backward_solves(meter, model)
             meter.add_batch(float(loss_sum.detach()), 0, idx.numel())
-        self.ctx.all_reduce_gradients(model)
-        if self.config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        self.optimizer_step()
         return meter
 
     def summarize(self, meter: Meter) -> dict:

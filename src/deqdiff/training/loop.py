@@ -32,11 +32,12 @@ __all__ = ["ResumableRun", "train_epochs", "add_backward_solves", "evaluating", 
 class ResumableRun:
     """Position, running sums and history of one resumable run; subclasses add the model.
 
-    The subclass sets ``config`` (with ``epochs``, ``batch_size``, ``seed``, ``max_steps`` and
-    ``checkpoint_every``) and ``ctx`` (a :class:`DistContext`), calls :meth:`start` with the
-    number of training samples, and implements :meth:`train_step` and :meth:`end_epoch`.
-    ``meter_class`` accumulates sums reducible over ranks (``merge``, ``reduce(ctx)``,
-    ``state()``, ``from_state``, ``summary()``), saved under ``meter_key``."""
+    The subclass sets ``config`` (with ``epochs``, ``batch_size``, ``seed``, ``max_steps``,
+    ``checkpoint_every`` and ``grad_clip``), ``ctx`` (a :class:`DistContext`), ``model``,
+    ``optimizer`` and ``scheduler``, calls :meth:`start` with the number of training samples,
+    and implements :meth:`train_step` and :meth:`end_epoch`. ``meter_class`` accumulates sums
+    reducible over ranks (``merge``, ``reduce(ctx)``, ``state()``, ``from_state``,
+    ``summary()``), saved under ``meter_key``."""
 
     meter_class: type = Meter
     meter_key = "meter"
@@ -44,7 +45,9 @@ class ResumableRun:
     leave_bar = True  # keep each epoch's finished progress bar on screen
     config: object
     ctx: DistContext
+    model: nn.Module
     optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
 
     def start(self, n: int) -> None:
         """Shuffled batches over ``n`` samples (seeded by ``config.seed``, this rank's shard) and
@@ -91,6 +94,22 @@ class ResumableRun:
                 self.batches.epoch()
         self.meter = self.meter_class.from_state(state[self.meter_key])
         self.history = state["history"]
+
+    def optimizer_step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """End of a training step once this rank's gradients are in: sum them over the ranks,
+        clip their norm to ``config.grad_clip`` (if set), step the optimizer (through the loss
+        ``scaler`` if given: unscaled before clipping, steps skipped on inf/NaN) and the schedule."""
+        self.ctx.all_reduce_gradients(self.model)
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        if self.config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
 
     # -- hooks ---------------------------------------------------------------------------------
     def train_step(self, global_size: int, idx: Tensor):

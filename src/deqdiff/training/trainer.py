@@ -180,13 +180,7 @@ class _Run(ResumableRun):
             self.scaler.scale(objective).backward()
             add_backward_solves(meter, model)
             meter.add_batch(float(loss_sum.detach()), int((logits.argmax(1) == y).sum()), idx.numel(), jac_sum)
-        self.ctx.all_reduce_gradients(model)
-        self.scaler.unscale_(self.optimizer)
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        self.optimizer_step(self.scaler)
         return meter
 
     def epoch_times(self, wall: float, cpu: float) -> dict:
