@@ -53,14 +53,18 @@ def test_fit_solver_writes_solver_json_and_png(which, request, capsys):
         assert rec["at_tol"]["f_evals_mean"] >= 1
     solver = NeuralSolver.load(run_dir / "neural_solver.pt")
     assert solver.extra["kind"] == summary["kind"]
-    assert "neural solver fitted" in capsys.readouterr().out
+    assert summary["initializer"] == "kernel" and summary["initializer_fit"]["ridge"] > 0
+    # both trainers record CPU time: the fit's CPU share is reported next to the wall share
+    assert summary["training_cpu_time_s"] > 0 and summary["fit_cpu_share"] == pytest.approx(
+        summary["fit_cpu_time_s"] / summary["training_cpu_time_s"])
+    assert "neural solver (kernel initializer) fitted" in capsys.readouterr().out
 
 
 def test_budget_share_limits_the_fit_to_a_share_of_the_training_time(conv_run):
     """A share so small that the budget is spent on the ground truth: no fitting step runs, and the
     solver (least-squares initializer, untrained mixer) is still written and compared."""
     out = conv_run / "budget"
-    argv = [*FAST, "--init-steps", "1000", "--steps", "1000", "--budget-share", "1e-6"]
+    argv = [*FAST, "--initializer", "network", "--init-steps", "1000", "--steps", "1000", "--budget-share", "1e-6"]
     assert main(["fit-solver", "--from", str(conv_run), "--out", str(out), *argv]) == 0
     summary = json.loads((out / "fit_solver.json").read_text())["summary"]
     assert summary["init_steps_done"] == 0 and summary["steps_done"] == 0
@@ -90,7 +94,7 @@ BAD = {
     "no checkpoint": (lambda t: ["--from", str(_empty(t))], "checkpoint.pt"),
     "unknown model kind": (lambda t: ["--from", str(_foreign(t))], "unknown model kind"),
     "budget below 2": (lambda t: ["--from", str(t), "--budgets", "1,4"], "--budgets"),
-    "steps zero": (lambda t: ["--from", str(t), "--steps", "0"], "--steps"),
+    "steps negative": (lambda t: ["--from", str(t), "--steps", "-1"], "--steps"),
     "lr nan": (lambda t: ["--from", str(t), "--lr", "nan"], "--lr"),
     "budget share negative": (lambda t: ["--from", str(t), "--budget-share", "-0.05"], "--budget-share"),
     "init steps negative": (lambda t: ["--from", str(t), "--init-steps", "-1"], "--init-steps"),
@@ -101,7 +105,7 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_one_line(case, tmp_path, capsys):
     argv, fragment = BAD[case]
-    parse_errors = ("budget below 2", "steps zero", "lr nan", "no --from", "budget share negative", "init steps negative")
+    parse_errors = ("budget below 2", "steps negative", "lr nan", "no --from", "budget share negative", "init steps negative")
     with pytest.raises(SystemExit) if case in parse_errors else _nothing():
         code = main(["fit-solver", *argv(tmp_path)])
         assert code == 2

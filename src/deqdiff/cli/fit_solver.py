@@ -5,7 +5,13 @@ Reads a run written by ``deqdiff train`` (conv, monotone and other DEQ classifie
 ``deqdiff pinn vdp`` (the physics-informed DEQ); writes the fitted solver next to the model
 (``RUN_DIR/neural_solver.pt``), and ``fit_solver.json`` and ``fit_solver.png`` (residual and
 downstream metric vs f-evaluations) to ``--out``. The fitting time is reported as a share of the
-run's own training time.
+run's own training time (wall clock, and CPU time where the run recorded it).
+
+The default initializer is kernel ridge regression of the fixed points on the injections (one
+linear solve on all fitting inputs; the ground truth of all but the first ``--warm-start`` of
+them is solved from its own early fit); ``--initializer network`` fits the paper's kind of small
+network by gradient steps instead. ``--steps`` > 0 also fits the HyperAnderson mixer through
+unrolled solver steps (kept only where held-out inputs favour it).
 """
 
 from __future__ import annotations
@@ -32,12 +38,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--from", dest="run_dir", required=True, metavar="RUN_DIR",
       help="run directory of `deqdiff train` or `deqdiff pinn vdp` (checkpoint.pt and its metrics)")
     a("--out", default=None, help="folder for fit_solver.json and fit_solver.png (default: RUN_DIR/fit_solver)")
-    a("--fit-samples", type=positive_int, default=640,
-      help="training inputs drawn for the fit (a fifth of them is kept out to choose the mixer rule)")
+    a("--fit-samples", type=positive_int, default=2048,
+      help="training inputs drawn for the fit (at most the training split; with --steps > 0 a fifth of them is "
+           "kept out to choose the mixer rule)")
+    a("--initializer", choices=("kernel", "network"), default="kernel",
+      help="kernel: kernel ridge regression of the fixed points on the injections (closed form); network: a small "
+           "network fitted by gradient steps")
+    a("--warm-start", type=nonneg_int, default=256,
+      help="ground truth of this many inputs from the default start; the rest start from a kernel fit on them "
+           "(0: all from the default start)")
     a("--init-steps", type=nonneg_int, default=600,
-      help="Adam steps fitting the initializer alone to the fixed points first (no f-evaluations)")
+      help="network initializer: Adam steps fitting it alone to the fixed points first (no f-evaluations)")
     a("--init-batch", type=positive_int, default=64, help="samples per initializer-only step")
-    a("--steps", type=positive_int, default=60, help="fitting steps (Adam) through the unrolled solver")
+    a("--steps", type=nonneg_int, default=0,
+      help="fitting steps (Adam) of the HyperAnderson mixer through the unrolled solver (0: plain Anderson steps "
+           "from the initializer's start)")
     a("--batch", type=positive_int, default=32, help="samples per fitting step")
     a("--unroll", type=positive_int, default=6, help="solver steps unrolled per fitting step")
     a("--lr", type=positive_float, default=3e-3, help="Adam learning rate (cosine-annealed)")
@@ -51,8 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--gt-tol", type=positive_float, default=None,
       help="relative residual of the ground-truth fixed points (default: the model's tolerance)")
     a("--budget-share", type=positive_float, default=None,
-      help="stop fitting once its wall time reaches this share of the run's training time (e.g. 0.05; "
-           "None: no limit)")
+      help="stop fitting once its time reaches this share of the run's training time (e.g. 0.05): CPU time where "
+           "the run recorded it, else wall time; None: no limit")
     a("--budgets", type=int_list(_budget), default=[2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32],
       help="f-evaluation budgets of the residual/metric comparison (comma-separated)")
     a("--seed", type=seed, default=0, help="seeds the fitting inputs and the networks")
@@ -70,7 +85,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from ..solvers.neural import NeuralSolverConfig
     from ..solvers.neural_fit import FitConfig
-    from ..training.fit_solver import compare_solvers, default_gt_tol, fit_run, load_run, plot_comparison, summary
+    from ..training.fit_solver import (compare_solvers, default_gt_tol, fit_budget, fit_run, load_run,
+                                       plot_comparison, summary)
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -81,13 +97,17 @@ def _run(args: argparse.Namespace) -> int:
     with user_errors("--from", kinds=(ValueError, TypeError, OSError, KeyError, ImportError)):
         run = load_run(run_dir, fit_samples=args.fit_samples, seed=args.seed)
     with user_errors():
-        if args.budget_share is not None and not run.training_time_s > 0:
-            raise ValueError(f"--budget-share: the run in {run_dir} records no training time")
+        budget, clock = None, "wall"
+        if args.budget_share is not None:
+            if not (run.training_cpu_time_s or run.training_time_s > 0):
+                raise ValueError(f"--budget-share: the run in {run_dir} records no training time")
+            budget, clock = fit_budget(run, args.budget_share)
         fit = FitConfig(steps=args.steps, batch=args.batch, unroll=args.unroll, lr=args.lr, seed=args.seed,
                         select_tol=run.tol, select_max_iter=run.max_iter,
                         init_steps=args.init_steps, init_batch=args.init_batch,
                         gt_tol=args.gt_tol if args.gt_tol is not None else default_gt_tol(run),
-                        time_budget_s=None if args.budget_share is None else args.budget_share * run.training_time_s)
+                        initializer=args.initializer, warm_start=args.warm_start,
+                        time_budget_s=budget, budget_clock=clock)
         config = NeuralSolverConfig((1,), (1,), m=args.m, hidden=args.hidden, init_hidden=args.init_hidden,
                                     init_rank=args.init_rank, meta={"run": str(run_dir), "kind": run.kind})
     t0 = time.perf_counter()
@@ -106,9 +126,12 @@ def _run(args: argparse.Namespace) -> int:
     with open(out / "fit_solver.json", "w") as fh:
         json.dump(report, fh, indent=1)
     plot_comparison(results, run, out / "fit_solver.png")
-    print(f"{run.kind}: neural solver fitted in {head['fit_time_s']:.1f} s wall, {head['fit_cpu_time_s']:.1f} s CPU "
-          f"({100 * head['fit_time_share']:.1f} % of the run's {head['training_time_s']:.0f} s of training; "
-          f"{head['init_steps_done']} initializer and {head['steps_done']} unrolled steps)")
+    cpu = (f", CPU {100 * head['fit_cpu_share']:.1f} % of its {head['training_cpu_time_s']:.0f} s"
+           if head["fit_cpu_share"] is not None else "")
+    print(f"{run.kind}: neural solver ({head['initializer']} initializer) fitted in {head['fit_time_s']:.1f} s wall, "
+          f"{head['fit_cpu_time_s']:.1f} s CPU (wall {100 * head['fit_time_share']:.1f} % of the run's "
+          f"{head['training_time_s']:.0f} s of training{cpu}; {head['init_steps_done']} initializer and "
+          f"{head['steps_done']} unrolled steps)")
     print(f"  f-evaluations to tol {run.tol:g} on {run.test_inputs.shape[0]} held-out inputs: neural "
           f"{head['f_evals_neural']:.2f}, anderson {head['f_evals_anderson']:.2f} (ratio {head['f_evals_ratio']:.2f}); "
           f"{run.metric_name}: {head['metric_neural']:.4g} vs {head['metric_anderson']:.4g}")

@@ -2,7 +2,9 @@
 
 A fitted solver has two small networks, trained on a frozen DEQ (:mod:`deqdiff.solvers.neural_fit`):
 
-* the **initializer** ``z⁰ = g_φ(x)`` proposes the starting state from the input injection ``x``;
+* the **initializer** ``z⁰ = g_φ(x)`` proposes the starting state from the input injection ``x``:
+  a small network fitted by gradient steps (:class:`Initializer`), or kernel ridge regression of
+  z* on x (:class:`KernelInitializer`: one linear solve, no gradient steps);
 * the **HyperAnderson** network proposes, at each of the first ``mixer_steps`` steps (those it
   was fitted on; later steps are plain Anderson) or at every step (``mixer_steps=None``, the
   paper's use; the fit keeps whichever needs fewer f-evaluations on held-out fitting samples),
@@ -43,8 +45,11 @@ from torch import Tensor, nn
 from .anderson import anderson
 from .base import SolveInfo, register_solver, row_norm
 
-__all__ = ["NeuralSolverConfig", "NeuralSolver", "Initializer", "HyperAnderson", "FallbackWarning",
-           "neural_solver", "FORMAT"]
+__all__ = ["NeuralSolverConfig", "NeuralSolver", "Initializer", "KernelInitializer", "HyperAnderson",
+           "FallbackWarning", "neural_solver", "FORMAT", "INITIALIZERS"]
+
+#: initializer kinds: a network fitted by gradient steps, or kernel ridge regression (closed form)
+INITIALIZERS = ("network", "kernel")
 
 FORMAT = "deqdiff-neural-solver/1"
 
@@ -69,8 +74,12 @@ class NeuralSolverConfig:
     then gets the image initializer too. ``beta_max``: β ∈ (0, beta_max)
     (1 at initialization). ``mixer_steps``: the mixer proposes the first this many steps (the
     unrolled steps it was fitted on; later steps are plain Anderson, where the network would
-    extrapolate beyond its training); None: every step. ``patience``: steps in a row that fail to lower a sample's best
-    residual by :data:`MIN_DECREASE` before it falls back to plain Anderson."""
+    extrapolate beyond its training); None: every step; 0: never (plain Anderson from the
+    initializer's start). ``patience``: steps in a row that fail to lower a sample's best
+    residual by :data:`MIN_DECREASE` before it falls back to plain Anderson. ``initializer``:
+    ``"network"`` (:class:`Initializer`) or ``"kernel"`` (:class:`KernelInitializer`, with
+    ``kernel_centers`` fitting samples as centers and inputs projected on their ``kernel_rank``
+    leading principal directions)."""
 
     state_shape: tuple[int, ...]
     input_shape: tuple[int, ...]
@@ -83,6 +92,9 @@ class NeuralSolverConfig:
     mixer_steps: int | None = None  # steps the mixer acts on (those it was fitted on); None: all
     state_layout: tuple[tuple[int, int, int], ...] | None = None  # branches of a flat multiscale state
     init_rank: int = 32  # rank of the convolutional initializer's global linear correction (0: none)
+    initializer: str = "network"  # "network" (gradient-fitted) or "kernel" (kernel ridge regression)
+    kernel_centers: int | None = None  # kernel initializer: number of centers (its fitting samples)
+    kernel_rank: int = 64  # kernel initializer: principal directions of the flattened input kept
     meta: dict = field(default_factory=dict)  # provenance (model kind, fit settings), JSON-able
 
     def __post_init__(self):
@@ -91,8 +103,17 @@ class NeuralSolverConfig:
             v = getattr(self, name)
             if v is None and name in ("init_hidden", "mixer_steps"):
                 continue
-            if isinstance(v, bool) or int(v) != v or v < 1:
+            low = 0 if name == "mixer_steps" else 1
+            if isinstance(v, bool) or int(v) != v or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.initializer not in INITIALIZERS:
+            raise ValueError(f"initializer must be one of {INITIALIZERS}, got {self.initializer!r}")
+        for name in ("kernel_centers", "kernel_rank"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.initializer == "kernel" and self.kernel_centers is None:
+            raise ValueError("the kernel initializer needs kernel_centers (the number of its fitting samples)")
         if isinstance(self.init_rank, bool) or int(self.init_rank) != self.init_rank or self.init_rank < 0:
             raise ValueError(f"init_rank must be an integer >= 0, got {self.init_rank!r}")
         if self.state_layout is not None:
@@ -228,6 +249,120 @@ class Initializer(nn.Module):
             last.bias.copy_(w[-1].to(last.bias.dtype))
 
 
+class KernelInitializer(nn.Module):
+    """``z⁰ = g(x)`` by kernel ridge regression (Saunders, Gammerman & Vovk 1998, "Ridge regression
+    learning algorithm in dual variables", ICML) of the fixed points on the injections:
+    ``g(x) = Σ_i a_i k(x, x_i) + z̄`` with the Gaussian kernel ``k(x, x') = exp(−‖P(x − x')‖²/s)``,
+    where P projects the flattened injection on the ``rank`` leading principal directions of the
+    ``centers`` fitting injections x_i (randomized SVD, Halko, Martinsson & Tropp 2011) and the
+    coefficients solve ``(K + λI) a = z* − z̄`` — one linear solve, no gradient steps. The
+    bandwidth s (a multiple of the median squared distance between centers) and λ are chosen on a
+    held-out fifth of the samples by a local search on the grids :attr:`WIDTHS` × :attr:`RIDGES`
+    from (1, 1e-2) (:meth:`fit`).
+
+    Input ``(B, *input_shape)`` → ``(B, *state_shape)``; the fitted values live in buffers, so a
+    checkpoint round-trips them (their sizes come from ``centers`` and ``rank``)."""
+
+    WIDTHS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)  # bandwidth s as multiples of the median squared distance
+    RIDGES = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # λ (the kernel matrix has unit diagonal)
+
+    def __init__(self, input_shape: tuple[int, ...], state_shape: tuple[int, ...], centers: int, rank: int = 64):
+        super().__init__()
+        self.input_shape, self.state_shape = tuple(input_shape), tuple(state_shape)
+        n_in, n = math.prod(input_shape), math.prod(state_shape)
+        self.rank = max(1, min(int(rank), n_in, int(centers)))
+        self.register_buffer("x_mean", torch.zeros(n_in))
+        self.register_buffer("proj", torch.zeros(n_in, self.rank))
+        self.register_buffer("centers", torch.zeros(int(centers), self.rank))
+        self.register_buffer("coef", torch.zeros(int(centers), n))
+        self.register_buffer("z_mean", torch.zeros(n))
+        self.register_buffer("bandwidth", torch.ones(()))
+        self.fit_info: dict = {}
+
+    def _project(self, x: Tensor) -> Tensor:
+        return (x.reshape(x.shape[0], -1).to(self.proj.dtype) - self.x_mean) @ self.proj
+
+    @staticmethod
+    def _kernel(a: Tensor, b: Tensor, s: Tensor | float) -> Tensor:
+        d2 = (a.square().sum(1, keepdim=True) - 2.0 * a @ b.T + b.square().sum(1)).clamp_min(0.0)
+        return torch.exp(-d2 / s)
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self._kernel(self._project(x), self.centers, self.bandwidth)
+        return (k @ self.coef + self.z_mean).reshape(x.shape[0], *self.state_shape).to(x.dtype)
+
+    @torch.no_grad()
+    def fit(self, x: Tensor, z: Tensor, generator: torch.Generator | None = None) -> dict:
+        """Fit to the fixed points ``z`` ``(n, *state_shape)`` of the injections ``x``
+        ``(n, *input_shape)``, n = the ``centers`` given at construction (``ValueError``
+        otherwise). Computed in float64, stored in the buffers' dtype. Returns the chosen width
+        and λ and the held-out mean ‖g(x) − z*‖/‖z*‖ of each pair (also in ``fit_info``)."""
+        n = self.centers.shape[0]
+        if x.shape[0] != n or z.shape[0] != n:
+            raise ValueError(f"the kernel initializer has {n} centers; got {x.shape[0]} inputs and {z.shape[0]} targets")
+        X, Z = x.reshape(n, -1).double(), z.reshape(n, -1).double()
+        mu = X.mean(0)
+        q = min(self.rank + 8, *X.shape)
+        with torch.random.fork_rng(devices=[]):  # the randomized SVD draws; the caller's RNG untouched
+            torch.manual_seed(0 if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            _, _, V = torch.svd_lowrank(X - mu, q=q, niter=2)
+        P = torch.zeros(X.shape[1], self.rank, dtype=X.dtype)
+        P[:, :min(self.rank, V.shape[1])] = V[:, :self.rank]
+        A = (X - mu) @ P
+        z_mean = Z.mean(0)
+        T = Z - z_mean
+        d2 = (A.square().sum(1, keepdim=True) - 2.0 * A @ A.T + A.square().sum(1)).clamp_min(0.0)
+        med = float(d2[~torch.eye(n, dtype=torch.bool)].median()) if n > 1 else 1.0
+        med = med if med > 0 else 1.0
+        errors: dict[tuple[float, float], float] = {}
+        perm = torch.randperm(n, generator=generator)
+        cut = max(1, int(0.8 * n))
+        fit_idx, val_idx = perm[:cut], perm[cut:]
+        if val_idx.numel():
+            zn = torch.linalg.vector_norm(Z[val_idx], dim=1).clamp_min(torch.finfo(Z.dtype).tiny)
+            d2f, d2v = d2[fit_idx][:, fit_idx], d2[val_idx][:, fit_idx]
+
+            def error(i: int, j: int) -> float:
+                key = (self.WIDTHS[i], self.RIDGES[j])
+                if key not in errors:
+                    s = key[0] * med
+                    a = _ridge_solve(torch.exp(-d2f / s), T[fit_idx], key[1])
+                    err = torch.linalg.vector_norm(torch.exp(-d2v / s) @ a - T[val_idx], dim=1) / zn
+                    errors[key] = float(err.mean()) if bool(torch.isfinite(err).all()) else math.inf
+                return errors[key]
+
+            best = (self.WIDTHS.index(1.0), self.RIDGES.index(1e-2))
+            while True:  # local search: move to the best neighbour on the grid while it improves
+                i, j = best
+                near = [(i + di, j + dj) for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1))
+                        if 0 <= i + di < len(self.WIDTHS) and 0 <= j + dj < len(self.RIDGES)]
+                step = min(near, key=lambda ij: error(*ij))
+                if error(*step) >= error(i, j):
+                    break
+                best = step
+            w, lam = self.WIDTHS[best[0]], self.RIDGES[best[1]]
+        else:
+            w, lam = 1.0, 1e-2
+        finite = {k: e for k, e in errors.items() if math.isfinite(e)}
+        coef = _ridge_solve(torch.exp(-d2 / (w * med)), T, lam)
+        for buf, val in ((self.x_mean, mu), (self.proj, P), (self.centers, A), (self.coef, coef),
+                         (self.z_mean, z_mean), (self.bandwidth, torch.tensor(w * med))):
+            buf.copy_(val.to(buf))
+        self.fit_info = {"width": w, "ridge": lam, "median_sq_distance": med,
+                         "held_out_error": finite.get((w, lam), math.nan),
+                         "errors": {f"{k[0]:g}/{k[1]:g}": e for k, e in errors.items()}}
+        return self.fit_info
+
+
+def _ridge_solve(K: Tensor, T: Tensor, lam: float) -> Tensor:
+    """``(K + λI)⁻¹ T`` for a positive semi-definite ``K`` (Cholesky; LU if that fails)."""
+    M = K + lam * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0:
+        return torch.cholesky_solve(T, L)
+    return torch.linalg.solve(M, T)
+
+
 def _slog(v: Tensor) -> Tensor:
     """Signed logarithm: keeps sign and order, compresses the many decades residual ratios span."""
     return torch.sign(v) * torch.log1p(v.abs())
@@ -352,8 +487,12 @@ class NeuralSolver(nn.Module):
     def __init__(self, config: NeuralSolverConfig):
         super().__init__()
         self.config = config
-        self.initializer = Initializer(config.input_shape, config.state_shape, config.init_hidden,
-                                       config.state_layout, config.init_rank)
+        if config.initializer == "kernel":
+            self.initializer = KernelInitializer(config.input_shape, config.state_shape, config.kernel_centers,
+                                                 config.kernel_rank)
+        else:
+            self.initializer = Initializer(config.input_shape, config.state_shape, config.init_hidden,
+                                           config.state_layout, config.init_rank)
         self.mixer = HyperAnderson(config.state_size, config.m, config.hidden, config.compress, config.beta_max)
 
     @property

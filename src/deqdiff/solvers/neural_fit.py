@@ -19,7 +19,15 @@ autograd through the frozen f) and minimizes the paper's three losses:
 * **α regularization** ‖α^[k] − α*^[k]‖² toward the least-squares Anderson weights, during the
   first ``alpha_fraction`` of the steps only (the paper, too, uses it early in fitting only).
 
-``time_budget_s`` bounds the whole fit's wall time (the steps taken are recorded). Only the
+With ``initializer="kernel"`` the initializer is kernel ridge regression of z* on x
+(:class:`~deqdiff.solvers.neural.KernelInitializer`): one linear solve replaces the
+initializer-only steps, the ridge choice and the refits, and the unrolled steps (if any) fit the
+HyperAnderson network alone. ``warm_start`` cuts the ground truth's cost with the initializer's
+own progress: the first ``warm_start`` samples are solved from the DEQ's default start, a kernel
+initializer fitted on them proposes the starts of the rest.
+
+``time_budget_s`` bounds the whole fit's wall time, or its CPU time with ``budget_clock="cpu"``
+(the steps taken are recorded). Only the
 solver's networks learn; f's parameters are never updated (the caller's ``cell`` closes
 over them, e.g. a ``DEQ``'s cell in eval mode).
 """
@@ -37,7 +45,7 @@ from torch import Tensor
 
 from .anderson import anderson
 from .base import row_norm
-from .neural import FallbackWarning, NeuralSolver, NeuralSolverConfig, neural_solver
+from .neural import INITIALIZERS, FallbackWarning, KernelInitializer, NeuralSolver, NeuralSolverConfig, neural_solver
 
 __all__ = ["FitConfig", "FitResult", "ground_truth", "fit_neural_solver"]
 
@@ -57,8 +65,14 @@ class FitConfig:
     ``select_tol``: keep a fifth of the inputs out of the fit (no ground truth for them: the
     initializer can interpolate its fitting samples); after fitting, solve them to this relative
     residual (at most ``select_max_iter`` iterations) with the mixer acting on the fitted
-    steps only and on every step (the paper's use), and keep the rule with fewer f-evaluations
-    (ties: the fitted steps); None: the fitted steps."""
+    steps only, on every step (the paper's use) and on none (plain Anderson from the
+    initializer's start: a fitted mixer can be worse than none), and keep the rule with the fewest
+    f-evaluations (ties: in that order); None: the fitted steps. Without unrolled steps (``steps=0``) the
+    mixer stays untrained (plain Anderson) and no input is kept out.
+    ``initializer``: ``"network"`` or ``"kernel"`` (module docstring); ``warm_start``: samples
+    whose ground truth is solved from the default start before the rest is solved from a kernel
+    initializer fitted on them (0: all from the default start); ``budget_clock``: ``"wall"`` or
+    ``"cpu"`` (this process's CPU time, steadier on a shared machine)."""
 
     steps: int = 300
     batch: int = 64
@@ -76,6 +90,9 @@ class FitConfig:
     time_budget_s: float | None = None
     select_tol: float | None = None
     select_max_iter: int = 100
+    initializer: str = "network"
+    warm_start: int = 0
+    budget_clock: str = "wall"
     seed: int = 0
 
     def __post_init__(self):
@@ -83,7 +100,15 @@ class FitConfig:
             raise ValueError(f"init_steps must be an integer >= 0, got {self.init_steps!r}")
         if self.time_budget_s is not None and not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
             raise ValueError(f"time_budget_s must be None or a finite number > 0, got {self.time_budget_s!r}")
-        for name in ("steps", "batch", "unroll", "gt_max_iter", "init_batch", "select_max_iter"):
+        for name in ("steps", "warm_start"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if self.initializer not in INITIALIZERS:
+            raise ValueError(f"initializer must be one of {INITIALIZERS}, got {self.initializer!r}")
+        if self.budget_clock not in ("wall", "cpu"):
+            raise ValueError(f"budget_clock must be 'wall' or 'cpu', got {self.budget_clock!r}")
+        for name in ("batch", "unroll", "gt_max_iter", "init_batch", "select_max_iter"):
             v = getattr(self, name)
             if isinstance(v, bool) or int(v) != v or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -114,16 +139,22 @@ class FitResult:
     init_steps_done: int = 0  # initializer-only steps taken (fewer than asked when the time budget ran out)
     steps_done: int = 0  # unrolled steps taken
     ground_truth_f_evals: float = math.nan  # mean f-evaluations per sample of the ground-truth solves
-    phases: dict = field(default_factory=dict)  # per phase: [wall s, CPU s] (ground truth, ridge, init, unrolled, final)
+    phases: dict = field(default_factory=dict)  # per phase: [wall s, CPU s] (ground truth, ridge/kernel, init, unrolled, final)
     mixer_rule: dict = field(default_factory=dict)  # select_tol: mean f-evaluations per rule, and the rule kept
+    initializer_fit: dict = field(default_factory=dict)  # kernel initializer: chosen width, λ, held-out errors
 
 
-def _flat_map(cell: Callable[[Tensor, Tensor], Tensor], x: Tensor, state_shape: tuple[int, ...]):
+def _flat_map(cell: Callable[[Tensor, Tensor], Tensor], x: Tensor, state_shape: tuple[int, ...],
+              row_subsets: bool = False):
+    """``z ↦ cell(z, x)`` on flat states; with ``row_subsets`` also ``g(z_rows, rows=idx)`` with
+    the rows' inputs (samples are independent), so the solver drops converged rows."""
     n = math.prod(state_shape)
 
-    def g(z: Tensor) -> Tensor:
-        return cell(z.reshape(z.shape[0], *state_shape), x).reshape(z.shape[0], n)
+    def g(z: Tensor, rows: Tensor | None = None) -> Tensor:
+        xs = x if rows is None else x[rows]
+        return cell(z.reshape(z.shape[0], *state_shape), xs).reshape(z.shape[0], n)
 
+    g.row_subsets = row_subsets
     return g
 
 
@@ -131,13 +162,15 @@ def ground_truth(cell: Callable[[Tensor, Tensor], Tensor], x: Tensor, z0: Tensor
                  max_iter: int = 300, chunk: int = 1024, return_evals: bool = False):
     """Fixed points ``z* = cell(z*, x)`` ``(B, *state_shape)`` by Anderson from ``z0`` to relative
     residual ``tol``, in chunks of ``chunk`` samples; returns ``(z*, converged (B,))``, and the
-    f-evaluations per sample ``(B,)`` as a third element with ``return_evals``."""
+    f-evaluations per sample ``(B,)`` as a third element with ``return_evals``. Converged samples
+    leave the batch (``cell`` must treat samples independently, as in eval mode)."""
     shape = tuple(z0.shape[1:])
     outs, oks, evals = [], [], []
     with torch.no_grad():
         for i in range(0, x.shape[0], chunk):
             xs, zs = x[i:i + chunk], z0[i:i + chunk]
-            z, info = anderson(_flat_map(cell, xs, shape), zs.reshape(zs.shape[0], -1), tol=tol, max_iter=max_iter)
+            z, info = anderson(_flat_map(cell, xs, shape, row_subsets=True), zs.reshape(zs.shape[0], -1), tol=tol,
+                               max_iter=max_iter)
             outs.append(z.reshape(zs.shape))
             oks.append(info.converged)
             evals.append(info.iterations + 1)
@@ -194,9 +227,10 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     fit = fit or FitConfig()
     t0, c0 = time.perf_counter(), time.process_time()
     budget = math.inf if fit.time_budget_s is None else fit.time_budget_s
+    kernel = fit.initializer == "kernel"
 
-    def elapsed() -> float:
-        return time.perf_counter() - t0
+    def elapsed() -> float:  # on the budget's clock
+        return time.process_time() - c0 if fit.budget_clock == "cpu" else time.perf_counter() - t0
 
     phases: dict[str, list[float]] = {}
     mark = [t0, c0]
@@ -209,13 +243,11 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     x_all = inputs.detach()
     gen = torch.Generator().manual_seed(fit.seed)
     x_select = None
-    if fit.select_tol is not None and x_all.shape[0] >= 5:  # kept out of the fit (the initializer can
+    if fit.select_tol is not None and fit.steps > 0 and x_all.shape[0] >= 5:  # kept out of the fit (the initializer can
         keep, held = _split(x_all.shape[0], gen)          # interpolate its fitting samples)
         x_all, x_select = x_all[keep.to(x_all.device)], x_all[held.to(x_all.device)]
-    z_default = init_state(x_all).detach()
-    z_star, ok, gt_evals = ground_truth(cell, x_all, z_default, tol=fit.gt_tol, max_iter=fit.gt_max_iter,
-                                        return_evals=True)
-    t_gt = elapsed()
+    z_star, ok, gt_evals = _warm_ground_truth(cell, x_all, init_state, fit, gen)
+    t_gt = time.perf_counter() - t0
     phase("ground_truth")
     if not bool(ok.any()):
         raise ValueError(f"no training sample reached the ground-truth tolerance {fit.gt_tol:g} in "
@@ -225,21 +257,29 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     base = config or NeuralSolverConfig(state_shape, input_shape)
     cfg = NeuralSolverConfig(**{**base.__dict__, "state_shape": state_shape, "input_shape": input_shape,
                                 "state_layout": state_layout if state_layout is not None else base.state_layout,
-                                "mixer_steps": fit.unroll if base.mixer_steps is None else base.mixer_steps})
+                                "mixer_steps": fit.unroll if base.mixer_steps is None else base.mixer_steps,
+                                "initializer": fit.initializer,
+                                "kernel_centers": x_all.shape[0] if kernel else base.kernel_centers})
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(fit.seed)
         net = NeuralSolver(cfg).to(device=x_all.device, dtype=x_all.dtype)
     ini = net.initializer
-    ini.set_input_stats(x_all)
-    ridge = _choose_ridge(net, x_all, z_star, gen)
-    ini.refit_output(x_all, z_star, ridge)  # a closed-form start for the output layer
-    phase("ridge")
+    if kernel:  # closed form: no initializer steps, no refits
+        kernel_info = ini.fit(x_all, z_star, gen)
+        phase("kernel")
+    else:
+        kernel_info = {}
+        ini.set_input_stats(x_all)
+        ridge = _choose_ridge(net, x_all, z_star, gen)
+        ini.refit_output(x_all, z_star, ridge)  # a closed-form start for the output layer
+        phase("ridge")
     # keep time out of the budget for the steps: the final ridge choice and refit repeat the ridge
     # phase; the mixer-rule choice solves the held-out inputs twice, each solve about as long as the
     # ground truth's per sample (same tolerance, from a better start)
     if math.isfinite(budget):
+        col = 1 if fit.budget_clock == "cpu" else 0
         n_sel = 0 if x_select is None else x_select.shape[0]
-        budget -= 2.0 * phases["ridge"][0] + 2.0 * phases["ground_truth"][0] * n_sel / max(1, int(ok.numel()))
+        budget -= (0.0 if kernel else 2.0 * phases["ridge"][col]) + 2.0 * phases["ground_truth"][col] * n_sel / max(1, int(ok.numel()))
     n = x_all.shape[0]
     history: list[dict] = []
     bar = None
@@ -250,7 +290,7 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     # initializer-only steps: the initializer loss alone, no f-evaluations
     init_done = 0
     init_until = elapsed() + 0.75 * (budget - elapsed())  # the initializer-only steps' share of what is left
-    if fit.init_steps:
+    if fit.init_steps and not kernel:
         opt = torch.optim.Adam(ini.parameters(), lr=fit.lr if fit.init_lr is None else fit.init_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fit.init_steps)
         for step in range(fit.init_steps):
@@ -264,9 +304,11 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
                 bar.set_postfix(init=f"{float(l_init.detach()):.2e}", refresh=False)
                 bar.update(1)
         ini.refit_output(x_all, z_star, ridge)
-    phase("init")
-    opt = torch.optim.Adam(net.parameters(), lr=fit.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fit.steps)
+    if not kernel:
+        phase("init")
+    if fit.steps:  # (no optimizer without steps: creating the first one costs seconds of imports)
+        opt = torch.optim.Adam(net.parameters(), lr=fit.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fit.steps)
     weights = torch.arange(1, fit.unroll + 1, dtype=x_all.dtype, device=x_all.device)
     weights = weights / weights.sum()
     done = 0
@@ -299,13 +341,40 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
         bar.close()
     phase("unrolled")
     net.eval()
-    ridge = _choose_ridge(net, x_all, z_star, gen)
-    init_error = _validation_error(net, x_all, z_star, gen, ridge)
-    ini.refit_output(x_all, z_star, ridge)  # the best output layer for the final hidden layers
-    rule = {} if x_select is None else _select_mixer_rule(net, cell, x_select, state_shape, fit)
+    if kernel:
+        init_error = float(kernel_info.get("held_out_error", math.nan))
+    else:
+        ridge = _choose_ridge(net, x_all, z_star, gen)
+        init_error = _validation_error(net, x_all, z_star, gen, ridge)
+        ini.refit_output(x_all, z_star, ridge)  # the best output layer for the final hidden layers
+    rule = {} if x_select is None or done == 0 else _select_mixer_rule(net, cell, x_select, state_shape, fit)
     phase("final")
     return FitResult(net, history, time.perf_counter() - t0, time.process_time() - c0, t_gt, n, int((~ok).sum()),
-                     init_error, init_done, done, float(gt_evals.double().mean()), phases, rule)
+                     init_error, init_done, done, float(gt_evals.double().mean()), phases, rule, kernel_info)
+
+
+def _warm_ground_truth(cell, x: Tensor, init_state: Callable[[Tensor], Tensor], fit: FitConfig,
+                       gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`ground_truth` of ``x``: all from ``init_state(x)``, or (``fit.warm_start`` below the
+    sample count) the first ``warm_start`` from it and the rest from a kernel initializer fitted on
+    those that converged (the idea of solving the ground truth with the initializer's own progress)."""
+    n, k = x.shape[0], fit.warm_start
+    if not 0 < k < n:
+        z0 = init_state(x).detach()
+        return ground_truth(cell, x, z0, tol=fit.gt_tol, max_iter=fit.gt_max_iter, return_evals=True)
+    x1, x2 = x[:k], x[k:]
+    z1, ok1, ev1 = ground_truth(cell, x1, init_state(x1).detach(), tol=fit.gt_tol, max_iter=fit.gt_max_iter,
+                                return_evals=True)
+    if int(ok1.sum()) >= 2:
+        warm = KernelInitializer(tuple(x.shape[1:]), tuple(z1.shape[1:]), int(ok1.sum())).to(x.dtype)
+        warm.fit(x1[ok1], z1[ok1], gen)
+        with torch.no_grad():
+            start = warm(x2)
+        start = torch.where(torch.isfinite(start), start, init_state(x2).detach())
+    else:  # nothing to learn from: the default start
+        start = init_state(x2).detach()
+    z2, ok2, ev2 = ground_truth(cell, x2, start, tol=fit.gt_tol, max_iter=fit.gt_max_iter, return_evals=True)
+    return torch.cat([z1, z2]), torch.cat([ok1, ok2]), torch.cat([ev1, ev2])
 
 
 def _clipped_step(opt: torch.optim.Optimizer, sched, loss: Tensor, params) -> None:
@@ -319,17 +388,18 @@ def _clipped_step(opt: torch.optim.Optimizer, sched, loss: Tensor, params) -> No
 
 def _select_mixer_rule(net: NeuralSolver, cell, x: Tensor, state_shape: tuple[int, ...], fit: FitConfig) -> dict:
     """Mean f-evaluations to ``fit.select_tol`` on the held-out inputs ``x`` with the mixer on the
-    fitted steps and on every step; sets ``net.config.mixer_steps`` to the better rule."""
+    fitted steps, on every step and on none; sets ``net.config.mixer_steps`` to the best rule."""
     g = _flat_map(cell, x, state_shape)
     fitted_steps = net.config.mixer_steps
     evals = {}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackWarning)  # counted in the f-evaluations either way
         z0 = net.initial_state(x).reshape(x.shape[0], -1)
-        for name, steps in (("fitted_steps", fitted_steps), ("every_step", None)):
+        rules = {"fitted_steps": fitted_steps, "every_step": None, "none": 0}
+        for name, steps in rules.items():
             net.config.mixer_steps = steps
             _, info = neural_solver(g, z0, tol=fit.select_tol, max_iter=fit.select_max_iter, network=net)
             evals[name] = float((info.iterations.double() + 1).mean())
-    keep = "every_step" if evals["every_step"] < evals["fitted_steps"] else "fitted_steps"
-    net.config.mixer_steps = None if keep == "every_step" else fitted_steps
+    keep = min(rules, key=lambda r: evals[r])  # ties: the first in the order above
+    net.config.mixer_steps = rules[keep]
     return {"f_evals": evals, "kept": keep, "samples": int(x.shape[0])}

@@ -1,0 +1,176 @@
+"""The neural solver's kernel initializer (kernel ridge regression of the fixed points on the
+injections, Saunders, Gammerman & Vovk 1998) against scikit-learn's KernelRidge, its held-out
+choice of bandwidth and ridge, a fit on a frozen DEQ with it (fixed points within tolerance, fewer
+f-evaluations than Anderson, unchanged gradients, checkpoint round-trip), the warm-started ground
+truth, the "no mixer" rule and the CPU-time budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deqdiff
+from deqdiff.solvers.anderson import anderson
+from deqdiff.solvers.neural import KernelInitializer, NeuralSolver, NeuralSolverConfig, neural_solver
+from deqdiff.solvers.neural_fit import FitConfig, _flat_map, _warm_ground_truth, fit_neural_solver, ground_truth
+
+from tests.conftest import contractive_matrix
+
+N, D = 8, 3
+
+
+class TanhCell(nn.Module):
+    """f(z, x) = tanh(A z + U x + b) with ‖A‖₂ = 0.9."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.A = nn.Parameter(contractive_matrix(N, 0.9, gen))
+        self.U = nn.Parameter(torch.randn(N, D, generator=gen))
+        self.b = nn.Parameter(0.1 * torch.randn(N, generator=gen))
+
+    def forward(self, z, x):
+        return torch.tanh(z @ self.A.T + x @ self.U.T + self.b)
+
+
+def _inputs(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+
+
+def _zeros(x):
+    return x.new_zeros(x.shape[0], N)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    torch.set_default_dtype(torch.float64)
+    cell = TanhCell().requires_grad_(False)
+    res = fit_neural_solver(cell, _inputs(256, 1), _zeros,
+                            fit=FitConfig(steps=0, initializer="kernel", warm_start=64, gt_tol=1e-10))
+    return cell.requires_grad_(True), res
+
+
+def test_kernel_initializer_matches_scikit_learn_kernel_ridge():
+    sklearn_kr = pytest.importorskip("sklearn.kernel_ridge")
+    gen = torch.Generator().manual_seed(3)
+    x, z = torch.randn(60, 2, 3, generator=gen), torch.randn(60, 4, generator=gen)
+    ini = KernelInitializer((2, 3), (4,), centers=60, rank=6)  # rank = input size: distances kept exactly
+    info = ini.fit(x, z, torch.Generator().manual_seed(0))
+    xt = torch.randn(7, 2, 3, generator=gen)
+    X = x.reshape(60, -1).numpy()
+    ref = sklearn_kr.KernelRidge(alpha=info["ridge"], kernel="rbf", gamma=1.0 / float(ini.bandwidth))
+    z_mean = z.mean(0)
+    ref.fit(X, (z - z_mean).numpy())
+    expected = torch.from_numpy(ref.predict(xt.reshape(7, -1).numpy())) + z_mean
+    torch.testing.assert_close(ini(xt), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_width_and_ridge_are_the_best_held_out_pair_found():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(200, 2, generator=gen) * 4 - 2
+    z = torch.stack([torch.sin(2 * x[:, 0]) * x[:, 1], torch.cos(x[:, 0] + x[:, 1])], 1)  # smooth: small λ wins
+    ini = KernelInitializer((2,), (2,), centers=200)
+    info = ini.fit(x, z, torch.Generator().manual_seed(0))
+    assert info["held_out_error"] == min(info["errors"].values())
+    assert info["ridge"] < 1e-2 and info["held_out_error"] < 0.05  # the search left its start (1, 1e-2)
+    with pytest.raises(ValueError, match="200 centers"):
+        ini.fit(x[:10], z[:10])
+
+
+def test_fitted_solver_returns_a_fixed_point_with_fewer_f_evaluations(fitted):
+    cell, res = fitted
+    ns = res.solver
+    assert ns.config.initializer == "kernel" and res.init_steps_done == 0 and res.steps_done == 0
+    assert res.init_error < 0.15 and set(res.phases) == {"ground_truth", "kernel", "unrolled", "final"}
+    x = _inputs(128, 2)  # held out
+    g = _flat_map(cell, x, (N,))
+    with torch.no_grad():
+        z, info = neural_solver(g, ns.initial_state(x), tol=1e-4, max_iter=200, network=ns)
+        _, ref = anderson(g, _zeros(x), tol=1e-4, max_iter=200)
+        gz = g(z)
+    assert info.all_converged
+    assert bool(((z - gz).norm(dim=1) <= 1e-4 * gz.norm(dim=1)).all())
+    assert float(info.iterations.double().mean()) < 0.8 * float(ref.iterations.double().mean())
+
+
+def test_gradients_through_a_deq_using_it_equal_those_with_anderson(fitted):
+    cell, res = fitted
+    ns = res.solver
+    x = _inputs(16, 5).requires_grad_(True)
+    deq = deqdiff.DEQ(cell, state_shape=N, tol=1e-11)
+    grads = []
+    for use in (False, True):
+        if use:
+            with ns.attached(deq):
+                z = deq(x)
+            assert deq.last_info.forward.solver == "neural"
+        else:
+            z = deq(x)
+        grads.append(torch.autograd.grad(z.square().sum(), [x, *cell.parameters()]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_checkpoint_round_trip_keeps_the_kernel(fitted, tmp_path):
+    _, res = fitted
+    res.solver.save(tmp_path / "ns.pt")
+    back = NeuralSolver.load(tmp_path / "ns.pt")
+    assert back.config.initializer == "kernel" and back.config.kernel_centers == res.samples
+    x = _inputs(9, 6)
+    torch.testing.assert_close(back.initial_state(x), res.solver.initial_state(x), rtol=0, atol=0)
+
+
+def test_warm_started_ground_truth_agrees_with_the_cold_one_in_fewer_f_evaluations():
+    cell = TanhCell(1).requires_grad_(False)
+    x = _inputs(300, 7)
+    cold, ok_c, ev_c = ground_truth(cell, x, _zeros(x), tol=1e-4, return_evals=True)
+    fit = FitConfig(initializer="kernel", warm_start=100, gt_tol=1e-4)
+    warm, ok_w, ev_w = _warm_ground_truth(cell, x, _zeros, fit, torch.Generator().manual_seed(0))
+    assert bool(ok_c.all()) and bool(ok_w.all())
+    g = _flat_map(cell, x, (N,))
+    assert bool(((warm - g(warm)).norm(dim=1) <= 1e-4 * g(warm).norm(dim=1)).all())
+    torch.testing.assert_close(warm, cold, rtol=0, atol=1e-3)
+    assert torch.equal(ev_w[:100], ev_c[:100])  # the first samples from the default start
+    assert float(ev_w[100:].double().mean()) < float(ev_c[100:].double().mean()) - 0.5
+
+
+def test_no_mixer_rule_is_plain_anderson_from_the_start(fitted):
+    cell, res = fitted
+    ns = NeuralSolver(NeuralSolverConfig(res.solver.config.state_shape, res.solver.config.input_shape, hidden=8,
+                                         mixer_steps=0))
+    with torch.no_grad():  # a mixer far from Anderson, which mixer_steps=0 must ignore
+        ns.mixer.net[-1].bias.fill_(0.7)
+    x = _inputs(20, 8)
+    g = _flat_map(cell, x, (N,))
+    z0 = 0.1 * torch.ones(20, N)
+    with torch.no_grad():
+        z, info = neural_solver(g, z0, tol=1e-9, max_iter=100, network=ns)
+        z_ref, ref = anderson(g, z0, tol=1e-9, max_iter=100)
+    assert torch.equal(z, z_ref) and torch.equal(info.iterations, ref.iterations)
+
+
+def test_cpu_budget_stops_the_mixer_steps():
+    cell = TanhCell().requires_grad_(False)
+    res = fit_neural_solver(cell, _inputs(64, 9), _zeros,
+                            config=NeuralSolverConfig((N,), (D,), hidden=8),
+                            fit=FitConfig(steps=100_000, batch=8, unroll=2, initializer="kernel", gt_tol=1e-8,
+                                          time_budget_s=2.0, budget_clock="cpu"))
+    assert 0 < res.steps_done < 100_000 and res.cpu_time_s < 8.0
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="initializer"):
+        FitConfig(initializer="forest")
+    with pytest.raises(ValueError, match="warm_start"):
+        FitConfig(warm_start=-1)
+    with pytest.raises(ValueError, match="budget_clock"):
+        FitConfig(budget_clock="sundial")
+    with pytest.raises(ValueError, match="steps"):
+        FitConfig(steps=-1)
+    with pytest.raises(ValueError, match="kernel_centers"):
+        NeuralSolverConfig((4,), (2,), initializer="kernel")
+    with pytest.raises(ValueError, match="initializer"):
+        NeuralSolverConfig((4,), (2,), initializer="forest")
+    with pytest.raises(ValueError, match="mixer_steps"):
+        NeuralSolverConfig((4,), (2,), mixer_steps=-1)
