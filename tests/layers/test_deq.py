@@ -60,3 +60,30 @@ def test_module_backward_accumulates_into_parameter_grads():
     unrolled(cell, x).pow(2).sum().backward()
     for a, p in zip(got, cell.parameters()):
         assert rel_err(a, p.grad) < 1e-9
+
+
+def test_tied_weights_get_the_gradient_of_every_use():
+    """A cell that uses one weight under two names (weight tying): the implicit gradient
+    equals unrolled autodiff through a strongly contractive map, so both uses are counted."""
+    class TiedCell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+            with torch.no_grad():
+                self.a.weight.mul_(0.3)
+
+        def forward(self, z, x):
+            return torch.tanh(self.a(z) + 0.5 * self.b(x))
+
+    torch.manual_seed(0)
+    cell = TiedCell()
+    x = torch.randn(3, 4)
+    deqdiff.DEQ(cell, tol=1e-12).forward(x).sum().backward()
+    implicit = cell.a.weight.grad.clone()
+    cell.zero_grad()
+    z = torch.zeros(3, 4)
+    for _ in range(200):
+        z = cell(z, x)
+    z.sum().backward()
+    torch.testing.assert_close(implicit, cell.a.weight.grad, rtol=1e-9, atol=1e-10)

@@ -100,9 +100,13 @@ class DEQ(nn.Module):
         names = [n for n, _ in self.cell.named_parameters()] + [n for n, _ in self.cell.named_buffers()]
         values = [p for _, p in self.cell.named_parameters()] + [b for _, b in self.cell.named_buffers()]
         cell = self.cell
+        # untying (functional_call's default) matters only where one tensor has several names;
+        # it costs about a third of a small cell's evaluation, and f runs dozens of times a step
+        tied = len(names) != sum(1 for _ in cell.named_parameters(remove_duplicate=False)) + sum(
+            1 for _ in cell.named_buffers(remove_duplicate=False))
 
         def f(z: Tensor, x: Tensor, *tensors: Tensor) -> Tensor:
-            return functional_call(cell, dict(zip(names, tensors)), (z, x))
+            return functional_call(cell, dict(zip(names, tensors)), (z, x), tie_weights=tied)
 
         rows = {"row_params": (0,)} if x.ndim and x.shape[0] == z0.shape[0] else {}  # x is per-sample
         masks = {id(m.mask) for m in dropout_modules(cell) if m.mask is not None and 0 not in m.shared_dims}

@@ -202,6 +202,7 @@ class Tracker:
         self.rel_residual = torch.full((S,), math.inf, dtype=z0.dtype, device=z0.device)
         self.trace = ResidualTrace(S, z0.dtype, z0.device)
         self.trajectory: list[Tensor] | None = [] if store_trajectory else None
+        self.n_done = 0  # rows frozen so far: one host sync per update answers every later question
 
     def update(self, k: int, z: Tensor, res_abs: Tensor, scale: Tensor, rows: Tensor | None = None) -> Tensor:
         """Record iterate ``z`` of iteration ``k`` (an int, or per row); return the running
@@ -210,7 +211,19 @@ class Tracker:
         ``rows`` (indices into the full batch) says which rows ``z``, ``res_abs`` and
         ``scale`` hold when a solver has compacted its state to the rows still running
         (:func:`compaction`); ``None`` means all rows."""
-        if rows is None:
+        if rows is None and self.n_done == 0:
+            # every row still runs (most iterations of most solves): no masks to apply
+            rel = _relative(res_abs, scale)
+            self.residual, self.rel_residual = res_abs.clone(), rel
+            if isinstance(k, int):
+                self.iterations.fill_(k)
+            else:
+                self.iterations = torch.as_tensor(k, device=self.iterations.device).expand_as(self.iterations).clone()
+            self.trace.append(None, self.residual, rel)
+            self.result.copy_(z)
+            self.done = self._met(res_abs, scale, None)
+            running = ~self.done
+        elif rows is None:
             running = ~self.done
             rel = _relative(res_abs, scale)
             self.residual = torch.where(running, res_abs, self.residual)
@@ -224,8 +237,7 @@ class Tracker:
                 self.result.copy_(z)
             else:
                 self.result.index_copy_(0, idx, z.index_select(0, idx))
-            newly = running & self._met(res_abs, scale, None)
-            self.done = self.done | newly
+            self.done = self.done | (running & self._met(res_abs, scale, None))
             running = ~self.done
         else:
             live = ~self.done[rows]
@@ -243,6 +255,7 @@ class Tracker:
             self.done = self.done.index_put((keep,), self._met(res_abs, scale, keep))
             self.trace.append(keep, res_abs, rel)
             running = ~self.done[rows]
+        self.n_done = int(self.done.sum())
         if self.trajectory is not None:
             self.trajectory.append(self.result.clone())
         return running
@@ -251,8 +264,10 @@ class Tracker:
         atol = self.atol
         if isinstance(atol, Tensor) and rows is not None:
             atol = atol[rows]
-        # finite first: an overflowed iterate has res = scale = inf and inf ≤ tol·inf holds
-        return torch.isfinite(res_abs) & (res_abs <= atol + self.tol * scale)
+        # capped at the largest finite number: an overflowed iterate has res = scale = inf and
+        # inf ≤ tol·inf would hold; NaN compares false either way
+        bound = self.tol * scale if isinstance(atol, float) and atol == 0.0 else atol + self.tol * scale
+        return res_abs <= bound.clamp(max=torch.finfo(bound.dtype).max)
 
     def note(self, res_abs: Tensor, scale: Tensor) -> None:
         """Record residual estimates of the running rows in the traces, without freezing
@@ -272,7 +287,7 @@ class Tracker:
 
     @property
     def finished(self) -> bool:
-        return bool(self.done.all())
+        return self.n_done == self.done.numel()
 
     def info(self, solver: str, kind: str, **extra) -> SolveInfo:
         return SolveInfo(
