@@ -251,7 +251,8 @@ def _solve(run: Run, options: dict, network: NeuralSolver | None, **overrides) -
     stats = {"f_evals_mean": float(evals.mean()), "f_evals_median": float(evals.median()),
              "f_evals_max": int(evals.max()), "converged": float(info.converged.double().mean()),
              "rel_residual_mean": float(rel.mean()), "rel_residual_median": float(rel.median()),
-             "rel_residual_max": float(rel.max()), "fallback_samples": int(info.extra.get("fallback_samples", 0))}
+             "rel_residual_max": float(rel.max()), "fallback_samples": int(info.extra.get("fallback_samples", 0)),
+             "f_evals_counts": torch.bincount(evals.long()).tolist()}  # samples per f-evaluation count
     return out, stats, wall
 
 
@@ -344,6 +345,23 @@ def initializer_cost(run: Run, network: NeuralSolver, repeats: int = 7) -> dict:
     return {"initializer_time_s": t_init, "f_eval_time_s": t_f, "initializer_cost_f_evals": t_init / t_f}
 
 
+def start_residuals(run: Run, network: NeuralSolver) -> dict:
+    """Mean relative residual ‖f(z⁰) − z⁰‖/‖f(z⁰)‖ on the held-out injections at the
+    initializer's start and at the DEQ's default start (where the f-evaluations go: the start
+    against the steps)."""
+    x = injections(run, run.test_inputs)
+    cell = run.deq.cell
+
+    def rel(a: Tensor, b: Tensor) -> float:
+        a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        return float((torch.linalg.vector_norm(a - b, dim=1) / torch.linalg.vector_norm(b, dim=1).clamp_min(1e-30)).mean())
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        z_n, z_d = network.initial_state(x), run.deq.init_state(x)
+        return {"start_rel_residual_neural": rel(z_n, cell(z_n, x)), "start_rel_residual_default": rel(z_d, cell(z_d, x))}
+
+
 def summary(run: Run, fit: FitResult, results: dict) -> dict:
     """The headline numbers: f-evaluation ratio neural/Anderson at the model's tolerance, the
     metric of each, and fitting time as a share of the run's training time (wall clock, and CPU
@@ -359,6 +377,8 @@ def summary(run: Run, fit: FitResult, results: dict) -> dict:
             "ground_truth_f_evals": fit.ground_truth_f_evals, "fit_phases_wall_cpu_s": fit.phases,
             "fit_samples_used": fit.samples, "init_steps_done": fit.init_steps_done, "steps_done": fit.steps_done,
             "mixer_rule": fit.mixer_rule, "initializer": fit.solver.config.initializer,
+            **start_residuals(run, fit.solver),
+            "f_evals_counts_neural": n.get("f_evals_counts"), "f_evals_counts_anderson": a.get("f_evals_counts"),
             "initializer_fit": fit.initializer_fit,
             "init_error": fit.init_error, **initializer_cost(run, fit.solver),
             "time_neural_s": n["time_s"], "time_anderson_s": a["time_s"],
