@@ -150,6 +150,34 @@ def test_no_mixer_rule_is_plain_anderson_from_the_start(fitted):
     assert torch.equal(z, z_ref) and torch.equal(info.iterations, ref.iterations)
 
 
+@pytest.mark.parametrize("row_subsets", [True, False])
+def test_reset_restarts_stuck_rows_from_zero_with_plain_anderson(fitted, row_subsets):
+    cell, res = fitted
+    ns = res.solver
+    x = _inputs(24, 10)
+    g = _flat_map(cell, x, (N,), row_subsets=row_subsets)
+    z0 = ns.initial_state(x) + 3.0  # a poor start: no row converges within 4 f-evaluations
+    with torch.no_grad():
+        z, info = neural_solver(g, z0, tol=1e-9, max_iter=60, network=ns, reset_after=4)
+        z_ref, ref = anderson(g, torch.zeros_like(z0), tol=1e-9, max_iter=56)  # the second pass, alone
+    assert info.extra["reset_samples"] == 24 and info.all_converged
+    torch.testing.assert_close(info.iterations, ref.iterations + 4, rtol=0, atol=0)  # 4 + (k + 1) f-evaluations
+    torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-12)
+    with torch.no_grad():  # rows that converge before the reset are left alone; 0 disables it
+        _, early = neural_solver(g, ns.initial_state(x), tol=1e-2, max_iter=60, network=ns, reset_after=4)
+        _, never = neural_solver(g, z0, tol=1e-9, max_iter=60, network=ns, reset_after=0)
+    assert early.extra["reset_samples"] == 0 and never.extra["reset_samples"] == 0
+
+
+def test_fit_sets_reset_after_from_the_default_start_ground_truth():
+    cell = TanhCell().requires_grad_(False)
+    x = _inputs(80, 11)
+    res = fit_neural_solver(cell, x, _zeros, fit=FitConfig(steps=0, initializer="kernel", warm_start=30, gt_tol=1e-6,
+                                                           reset=True))
+    _, _, evals = ground_truth(cell, x[:30], _zeros(x[:30]), tol=1e-6, return_evals=True)
+    assert res.solver.config.reset_after == int(torch.ceil(evals.double().mean()))
+
+
 def test_cpu_budget_stops_the_mixer_steps():
     cell = TanhCell().requires_grad_(False)
     res = fit_neural_solver(cell, _inputs(64, 9), _zeros,
@@ -174,3 +202,5 @@ def test_bad_settings_are_refused():
         NeuralSolverConfig((4,), (2,), initializer="forest")
     with pytest.raises(ValueError, match="mixer_steps"):
         NeuralSolverConfig((4,), (2,), mixer_steps=-1)
+    with pytest.raises(ValueError, match="reset_after"):
+        NeuralSolverConfig((4,), (2,), reset_after=0)

@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--warm-start", type=nonneg_int, default=256,
       help="ground truth of this many inputs from the default start; the rest start from a kernel fit on them "
            "(0: all from the default start)")
+    a("--reset", action="store_true",
+      help="samples still running after the mean f-evaluations of a solve from the default start (measured on the "
+           "ground truth) restart from zero with plain Anderson")
     a("--init-steps", type=nonneg_int, default=600,
       help="network initializer: Adam steps fitting it alone to the fixed points first (no f-evaluations)")
     a("--init-batch", type=positive_int, default=64, help="samples per initializer-only step")
@@ -106,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
                         select_tol=run.tol, select_max_iter=run.max_iter,
                         init_steps=args.init_steps, init_batch=args.init_batch,
                         gt_tol=args.gt_tol if args.gt_tol is not None else default_gt_tol(run),
-                        initializer=args.initializer, warm_start=args.warm_start,
+                        initializer=args.initializer, warm_start=args.warm_start, reset=args.reset,
                         time_budget_s=budget, budget_clock=clock)
         config = NeuralSolverConfig((1,), (1,), m=args.m, hidden=args.hidden, init_hidden=args.init_hidden,
                                     init_rank=args.init_rank, meta={"run": str(run_dir), "kind": run.kind})

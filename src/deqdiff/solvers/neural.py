@@ -79,7 +79,9 @@ class NeuralSolverConfig:
     residual by :data:`MIN_DECREASE` before it falls back to plain Anderson. ``initializer``:
     ``"network"`` (:class:`Initializer`) or ``"kernel"`` (:class:`KernelInitializer`, with
     ``kernel_centers`` fitting samples as centers and inputs projected on their ``kernel_rank``
-    leading principal directions)."""
+    leading principal directions). ``reset_after``: samples still running after this many
+    f-evaluations restart from the zero state (the default start of the library's DEQ layers) with
+    plain Anderson steps for the iterations left (None: never; see :func:`neural_solver`)."""
 
     state_shape: tuple[int, ...]
     input_shape: tuple[int, ...]
@@ -95,6 +97,7 @@ class NeuralSolverConfig:
     initializer: str = "network"  # "network" (gradient-fitted) or "kernel" (kernel ridge regression)
     kernel_centers: int | None = None  # kernel initializer: number of centers (its fitting samples)
     kernel_rank: int = 64  # kernel initializer: principal directions of the flattened input kept
+    reset_after: int | None = None  # f-evaluations after which running samples restart from zero
     meta: dict = field(default_factory=dict)  # provenance (model kind, fit settings), JSON-able
 
     def __post_init__(self):
@@ -108,7 +111,7 @@ class NeuralSolverConfig:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if self.initializer not in INITIALIZERS:
             raise ValueError(f"initializer must be one of {INITIALIZERS}, got {self.initializer!r}")
-        for name in ("kernel_centers", "kernel_rank"):
+        for name in ("kernel_centers", "kernel_rank", "reset_after"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -607,6 +610,7 @@ def neural_solver(
     max_restarts: int = 50,
     m: int | None = None,
     record_alpha: bool = False,
+    reset_after: int | None = None,
 ) -> tuple[Tensor, SolveInfo]:
     """Anderson acceleration whose weights and mixing come from a fitted :class:`NeuralSolver`
     ``network`` (required; its initializer is applied by the caller, see the module docstring).
@@ -616,7 +620,15 @@ def neural_solver(
     :func:`~deqdiff.solvers.anderson.anderson`; ``m`` must be None or the network's memory.
     ``info.extra["fallback_samples"]`` counts the samples that fell back (a
     :class:`FallbackWarning` says so). ``record_alpha`` (fitting) keeps the α corrections in
-    ``info.extra["alpha_terms"]``."""
+    ``info.extra["alpha_terms"]``.
+
+    ``reset_after`` (default: the network's ``config.reset_after``; 0: never): samples still
+    running after that many f-evaluations restart from the zero state with plain Anderson for
+    the ``max_iter − reset_after`` iterations left (a learned start that leads a sample into a
+    slow region is abandoned once the sample has used what a solve from the default start needs
+    on average). Their ``iterations`` count both passes (f-evaluations stay ≤ ``max_iter`` + 1);
+    the residual trace is the first pass's; ``info.extra["reset_samples"]`` counts them.
+    Not applied with ``store_trajectory``."""
     if not isinstance(network, NeuralSolver):
         raise ValueError("solver 'neural' needs a fitted deqdiff.solvers.neural.NeuralSolver as network= "
                          "(fit one with deqdiff.solvers.neural_fit.fit_neural_solver or `deqdiff fit-solver`)")
@@ -635,13 +647,49 @@ def neural_solver(
         return out
 
     g_seen.row_subsets = getattr(g, "row_subsets", False)
-    z, info = anderson(g_seen, z0, tol=tol, atol=atol, max_iter=max_iter, scale=scale, store_trajectory=store_trajectory,
+    reset_after = network.config.reset_after if reset_after is None else (int(reset_after) or None)
+    first_iter = max_iter if reset_after is None or store_trajectory or reset_after > max_iter else reset_after - 1
+    z, info = anderson(g_seen, z0, tol=tol, atol=atol, max_iter=first_iter, scale=scale, store_trajectory=store_trajectory,
                        m=network.m, beta=beta, lam=lam, restart=restart, max_restarts=max_restarts, mixer=session)
+    n_reset = 0
+    if first_iter < max_iter and not bool(info.converged.all()):
+        z, info, n_reset = _reset_stuck(g, z, info, tol=tol, atol=atol, scale=scale, max_iter=max_iter - reset_after,
+                                        m=network.m, beta=beta, lam=lam, restart=restart, max_restarts=max_restarts,
+                                        offset=reset_after)
     fallen = int(session.fallen.sum())
-    extra = {**info.extra, "fallback_samples": fallen}
+    extra = {**info.extra, "fallback_samples": fallen, "reset_samples": n_reset}
     if record_alpha:
         extra["alpha_terms"] = session.alpha_terms
     if fallen:
         warnings.warn(f"neural solver: the network's proposals stopped reducing the residual of {fallen}/"
                       f"{z0.shape[0]} samples; they were finished by plain Anderson", FallbackWarning, stacklevel=2)
     return z, replace(info, solver="neural", extra=extra)
+
+
+def _reset_stuck(g, z: Tensor, info: SolveInfo, *, tol: float, atol, scale: Tensor | None, max_iter: int,
+                 offset: int, **anderson_options) -> tuple[Tensor, SolveInfo, int]:
+    """Second pass of :func:`neural_solver`'s reset: the rows of ``z`` that did not converge
+    restart from zero with plain Anderson (``max_iter`` iterations); their statistics replace the
+    first pass's, their iterations counted after the first pass's ``offset`` f-evaluations."""
+    idx = (~info.converged).nonzero().squeeze(1)
+    start = z.new_zeros(idx.numel(), z.shape[1])
+    row_atol = atol[idx] if isinstance(atol, Tensor) and atol.ndim else atol
+    row_scale = None if scale is None else scale[idx]
+    if getattr(g, "row_subsets", False):
+        def g_rows(zz: Tensor, rows: Tensor | None = None) -> Tensor:
+            return g(zz, rows=idx if rows is None else idx[rows])
+
+        g_rows.row_subsets = True
+        z2, info2 = anderson(g_rows, start, tol=tol, atol=row_atol, max_iter=max_iter, scale=row_scale,
+                             **anderson_options)
+    else:  # g evaluates whole batches: the converged rows are frozen at once (the stopping rule holds there)
+        full = z.index_copy(0, idx, start)
+        z_all, info_all = anderson(g, full, tol=tol, atol=atol, max_iter=max_iter, scale=scale, **anderson_options)
+        z2 = z_all[idx]
+        info2 = replace(info_all, iterations=info_all.iterations[idx], residual=info_all.residual[idx],
+                        rel_residual=info_all.rel_residual[idx], converged=info_all.converged[idx])
+    merged = replace(info, iterations=info.iterations.index_copy(0, idx, info2.iterations + offset),
+                     residual=info.residual.index_copy(0, idx, info2.residual.to(info.residual)),
+                     rel_residual=info.rel_residual.index_copy(0, idx, info2.rel_residual.to(info.rel_residual)),
+                     converged=info.converged.index_copy(0, idx, info2.converged))
+    return z.index_copy(0, idx, z2.to(z)), merged, int(idx.numel())

@@ -252,7 +252,8 @@ def _solve(run: Run, options: dict, network: NeuralSolver | None, **overrides) -
              "f_evals_max": int(evals.max()), "converged": float(info.converged.double().mean()),
              "rel_residual_mean": float(rel.mean()), "rel_residual_median": float(rel.median()),
              "rel_residual_max": float(rel.max()), "fallback_samples": int(info.extra.get("fallback_samples", 0)),
-             "f_evals_counts": torch.bincount(evals.long()).tolist()}  # samples per f-evaluation count
+             "f_evals_counts": torch.bincount(evals.long()).tolist(),  # samples per f-evaluation count
+             "reset_samples": int(info.extra.get("reset_samples", 0))}
     return out, stats, wall
 
 
@@ -377,6 +378,7 @@ def summary(run: Run, fit: FitResult, results: dict) -> dict:
             "ground_truth_f_evals": fit.ground_truth_f_evals, "fit_phases_wall_cpu_s": fit.phases,
             "fit_samples_used": fit.samples, "init_steps_done": fit.init_steps_done, "steps_done": fit.steps_done,
             "mixer_rule": fit.mixer_rule, "initializer": fit.solver.config.initializer,
+            "reset_after": fit.solver.config.reset_after, "reset_samples": n.get("reset_samples", 0),
             **start_residuals(run, fit.solver),
             "f_evals_counts_neural": n.get("f_evals_counts"), "f_evals_counts_anderson": a.get("f_evals_counts"),
             "initializer_fit": fit.initializer_fit,
