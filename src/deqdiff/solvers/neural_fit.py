@@ -26,8 +26,9 @@ HyperAnderson network alone. ``warm_start`` cuts the ground truth's cost with th
 own progress: the first ``warm_start`` samples are solved from the DEQ's default start, a kernel
 initializer fitted on them proposes the starts of the rest.
 
-``time_budget_s`` bounds the whole fit's wall time, or its CPU time with ``budget_clock="cpu"``
-(the steps taken are recorded). Only the
+``time_budget_s`` stops the gradient steps once the fit's wall time (ground truth included), or
+its CPU time with ``budget_clock="cpu"``, reaches it (the steps taken are recorded; the ground
+truth and the closed-form fits always run). Only the
 solver's networks learn; f's parameters are never updated (the caller's ``cell`` closes
 over them, e.g. a ``DEQ``'s cell in eval mode).
 """
