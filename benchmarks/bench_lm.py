@@ -17,9 +17,11 @@ What is measured:
    training steps of the DEQ and of unrolled-L (same L), each setting in a fresh process: peak
    live tensor bytes of a step (``deqdiff.training.memtrace.TensorMemory``), bytes saved for
    backward by the forward, peak RSS growth with glibc's default settings and with
-   ``harness.LIVE_RSS_ENV`` (freed blocks unmapped at once). The DEQ keeps one vjp graph of its
-   cell at a time plus the solver's history; the unrolled network keeps L layers' activations
-   (attention weights grow as T²). ``--sweep-options`` passes model flags (``--d-model 128``).
+   ``harness.LIVE_RSS_ENV`` (freed blocks unmapped at once). The DEQ's backward solve recomputes
+   one vjp graph of its cell per iteration (``--no-recompute-linearization`` in ``--sweep-options``
+   holds it instead) next to the solver's history; the unrolled network keeps L layers'
+   activations (attention weights grow as T²). ``--sweep-options`` passes model flags
+   (``--d-model 128``).
 
 JSON goes to ``benchmarks/results/lm.json`` (``lm_quick.json`` with ``--quick``).
 """
