@@ -291,7 +291,12 @@ def _linearize_fixed_point(f: Callable, batch_ndim: int, z: Tensor, theta, shape
     jtu = _Pullback(f, z, theta, hold)
     jv = _PullbackOfPullback(jtu, zero_point(z), hold)
     lin = Linearization(shape, batch_ndim, lambda v: v - jv(v), lambda u: u - jtu(u), like, cmv=jv, crmv=jtu)
-    lin.prepare = jv.build
+
+    def prepare() -> None:  # both products, built outside the vmap that will use them
+        jtu.build()
+        jv.build()
+
+    lin.prepare = prepare
     lin.graphs = (jv, jtu)
     lin.singular_message = (
         "I − ∂f/∂z is singular at the fixed point z*: the implicit function theorem does not apply "
