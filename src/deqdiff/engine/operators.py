@@ -304,17 +304,24 @@ def _linearize_fixed_point(f: Callable, batch_ndim: int, z: Tensor, theta, shape
     return lin
 
 
+def _level(t: Tensor) -> int:
+    """The ``torch.func`` transform level that wraps ``t`` (-1: a plain tensor)."""
+    return torch._C._functorch.maybe_get_level(t)
+
+
 class _Pullback:
     """``u ↦ Jᵀu = (∂f/∂z)ᵀu`` at ``(z, θ)`` by a vjp of f. ``hold``: the vjp (f's graph at z:
     one evaluation's activations) is built at the first product and kept for the next ones;
     :meth:`drop` frees it (the next product builds it again). Otherwise every product
     evaluates f again and its graph is freed as the backward pass runs through it. A graph
-    first built under a transform (``vmap`` of :meth:`Linearization.blocks`) is used once,
-    never kept: it belongs to that transform's level."""
+    first built for a vector under a deeper transform than ``(z, θ)`` (``vmap`` of
+    :meth:`Linearization.blocks`, the double-vjp of ``J v``) is used once, never kept: it
+    belongs to that transform's level."""
 
     def __init__(self, f: Callable, z: Tensor, theta, hold: bool):
         self.f, self.z, self.theta, self.hold, self.pull = f, z, tuple(theta), hold, None
-        self.transformed = any(is_transformed(t) for t in (z, *self.theta))
+        self.level = max(_level(t) for t in (z, *self.theta))
+        self.transformed = self.level >= 0
 
     def _vjp(self):
         f, theta = self.f, self.theta
@@ -330,7 +337,7 @@ class _Pullback:
     def __call__(self, u: Tensor) -> Tensor:
         if self.pull is not None:
             return self.pull(u)[0]
-        if self.hold and not is_transformed(u):
+        if self.hold and _level(u) <= self.level:
             self.build()
             return self.pull(u)[0]
         if self.transformed or is_transformed(u) or torch.is_grad_enabled():
@@ -352,6 +359,7 @@ class _PullbackOfPullback:
 
     def __init__(self, jtu: Callable, zero: Tensor, hold: bool = True):
         self.jtu, self.zero, self.hold, self.pull = jtu, zero, hold, None
+        self.level = getattr(jtu, "level", _level(zero))
 
     def build(self) -> None:
         if self.hold and self.pull is None:
@@ -361,7 +369,7 @@ class _PullbackOfPullback:
         self.pull = None
 
     def __call__(self, v: Tensor) -> Tensor:
-        if self.pull is None and (not self.hold or is_transformed(v)):
+        if self.pull is None and (not self.hold or _level(v) > self.level):
             return torch.func.vjp(self.jtu, self.zero)[1](v)[0]
         self.build()
         return self.pull(v)[0]
