@@ -166,7 +166,9 @@ def test_reset_restarts_stuck_rows_from_zero_with_plain_anderson(fitted, row_sub
     with torch.no_grad():  # rows that converge before the reset are left alone; 0 disables it
         _, early = neural_solver(g, ns.initial_state(x), tol=1e-2, max_iter=60, network=ns, reset_after=4)
         _, never = neural_solver(g, z0, tol=1e-9, max_iter=60, network=ns, reset_after=0)
+        _, budget = neural_solver(g, z0, tol=0.0, max_iter=8, network=ns, reset_after=4)  # no stopping rule
     assert early.extra["reset_samples"] == 0 and never.extra["reset_samples"] == 0
+    assert budget.extra["reset_samples"] == 0 and int(budget.iterations.max()) == 8
 
 
 def test_fit_sets_reset_after_from_the_default_start_ground_truth():

@@ -628,7 +628,8 @@ def neural_solver(
     slow region is abandoned once the sample has used what a solve from the default start needs
     on average). Their ``iterations`` count both passes (f-evaluations stay ≤ ``max_iter`` + 1);
     the residual trace is the first pass's; ``info.extra["reset_samples"]`` counts them.
-    Not applied with ``store_trajectory``."""
+    Not applied with ``store_trajectory`` or without a stopping rule (``tol = atol = 0``: a solve
+    to a budget of iterations, where every sample is still running)."""
     if not isinstance(network, NeuralSolver):
         raise ValueError("solver 'neural' needs a fitted deqdiff.solvers.neural.NeuralSolver as network= "
                          "(fit one with deqdiff.solvers.neural_fit.fit_neural_solver or `deqdiff fit-solver`)")
@@ -648,7 +649,9 @@ def neural_solver(
 
     g_seen.row_subsets = getattr(g, "row_subsets", False)
     reset_after = network.config.reset_after if reset_after is None else (int(reset_after) or None)
-    first_iter = max_iter if reset_after is None or store_trajectory or reset_after > max_iter else reset_after - 1
+    no_rule = tol == 0 and not bool(torch.as_tensor(atol).ne(0).any())
+    first_iter = (max_iter if reset_after is None or store_trajectory or no_rule or reset_after > max_iter
+                  else reset_after - 1)
     z, info = anderson(g_seen, z0, tol=tol, atol=atol, max_iter=first_iter, scale=scale, store_trajectory=store_trajectory,
                        m=network.m, beta=beta, lam=lam, restart=restart, max_restarts=max_restarts, mixer=session)
     n_reset = 0
