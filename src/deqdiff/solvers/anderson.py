@@ -179,6 +179,9 @@ def anderson(
                 rhs = torch.stack([torch.linalg.vecdot(dF[j], F) for j in range(mk)], 1)
                 gram[:, col, :mk] = dots
                 gram[:, :mk, col] = dots
+                # the ring holds the new columns: no second reference may outlive a restart or a
+                # compaction, which rebuild the history (one state-sized column pair more at the peak)
+                del dF_col, dM_col
                 gamma = anderson_weights(gram[:, :mk, :mk], rhs, lam, running)  # (S, m_k)
                 if mixer is not None:
                     gamma, b = mixer(k, F, res, torch.stack(dF, 1), gram[:, :mk, :mk], rhs, gamma, rows, col)
