@@ -18,8 +18,9 @@ import json
 import math
 from pathlib import Path
 
-from ._common import (UsageError, check_solver, flag_of, nonneg_float, nonneg_int, one_line, out_dir,
-                      positive_float, positive_int, resume_checkpoint, seed, user_errors)
+from ._common import (UsageError, add_run_flags, check_solver, config_defaults_help, disk_errors, distributed_job,
+                      flagged, given_settings, nonneg_float, one_line, optional, out_dir, positive_float, positive_int,
+                      resumed_settings, set_threads, user_errors)
 
 #: LMConfig fields set from flags of the same name
 _FIELDS = ("model", "d_model", "n_heads", "d_ff", "init_std", "text", "seq_len", "train_windows", "valid_windows",
@@ -28,24 +29,17 @@ _FIELDS = ("model", "d_model", "n_heads", "d_ff", "init_std", "text", "seq_len",
            "max_steps", "trace_memory")
 
 
-def _opt_int(s: str) -> int | None:
-    return None if s.lower() in ("none", "all") else positive_int(s)
+_opt_int = optional(positive_int, ("none", "all"), "an integer ≥ 1 or 'all'")
 
 
-_opt_int.__name__ = "an integer ≥ 1 or 'all'"
+def _defaults():
+    from ..training.lm import LMConfig
+
+    return LMConfig()
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each setting's ``LMConfig`` default (the flags default to "not given" for --resume)."""
-
-    def _get_help_string(self, action):
-        from ..training.lm import LMConfig
-
-        text = action.help or ""
-        default = getattr(LMConfig(), action.dest, None) if action.default is argparse.SUPPRESS else action.default
-        if "%(default)" in text or default is None or default is False or action.dest == "help":
-            return text
-        return f"{text} (default: {default})"
+#: shows each setting's ``LMConfig`` default (the flags default to "not given" for --resume)
+_Help = config_defaults_help(_defaults)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -91,15 +85,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", action="store_true", default=False,
                    help="continue from OUT/checkpoint.pt (with --compare: from the checkpoints in OUT/deq, OUT/unrolled-L) "
                         "with its settings; only --max-steps, --checkpoint-every, --text, --trace-memory and --no-progress may be given anew")
-    g.add_argument("--dtype", choices=("float32", "float64"), help="parameters and states")
-    g.add_argument("--seed", type=seed, help="seeds the model and the data order")
-    g.add_argument("--checkpoint-every", type=nonneg_int, help="steps (0: every epoch)")
+    add_run_flags(g.add_argument, dtype="parameters and states", seed="seeds the model and the data order",
+                  checkpoint_every="steps (0: every epoch)")
     g.add_argument("--max-steps", type=_opt_int, help="stop after this many steps in total ('all': no limit)")
-    g.add_argument("--threads", type=nonneg_int, default=1, help="torch CPU threads (0: torch's default)")
+    add_run_flags(g.add_argument, threads=None)
     g.add_argument("--trace-memory", action="store_true",
                    help="also count each step's tensor memory: peak live tensor bytes of forward + backward and the "
                         "bytes saved for backward (deqdiff.training.memtrace), besides the resident set")
-    g.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
+    add_run_flags(g.add_argument, no_progress=None)
     p.set_defaults(func=_run)
 
 
@@ -108,32 +101,20 @@ def _config(args: argparse.Namespace, out: Path, model: str | None = None, resum
     from ..training import read_checkpoint
     from ..training.lm import LM_FORMAT, LM_RESUMABLE, LMConfig
 
-    given = {k: getattr(args, k) for k in _FIELDS if hasattr(args, k)}
+    given = given_settings(args, _FIELDS)
     if model is not None:
         given["model"] = model
     if not resume:
         try:
             return LMConfig(**given, out=str(out), progress=not args.no_progress), None
         except ValueError as err:
-            raise _flagged(err) from err
-    ckpt = resume_checkpoint(out)
-    with user_errors("--resume"):
-        saved = dict(read_checkpoint(ckpt, format=LM_FORMAT)["config"])
-    changed = sorted(k for k, v in given.items() if k not in LM_RESUMABLE and k in saved and saved[k] != v)
-    if changed:
-        what = ", ".join(f"{flag_of(k)} {given[k]} (checkpoint: {saved[k]})" for k in changed)
-        raise UsageError(f"--resume: {what} would not continue the run in {out}; a resumed run keeps its settings "
-                         "(only --max-steps, --checkpoint-every, --text, --trace-memory and --no-progress may change)")
+            raise flagged(err, _FIELDS) from err
+    saved, ckpt = resumed_settings(
+        out, given, lambda path: read_checkpoint(path, format=LM_FORMAT), LM_RESUMABLE,
+        note=" (only --max-steps, --checkpoint-every, --text, --trace-memory and --no-progress may change)")
     with user_errors("--resume"):
         return LMConfig.from_dict({**saved, "max_steps": None, **given, "out": str(out),
                                    "progress": not args.no_progress}), ckpt
-
-
-def _flagged(err: ValueError) -> UsageError:
-    """LMConfig's messages start with the setting's name: name its flag."""
-    field = str(err).split(" ", 1)[0]
-    msg = one_line(err)
-    return UsageError(f"{flag_of(field)}: {msg}" if field in _FIELDS else msg)
 
 
 def _check(config, args):
@@ -154,15 +135,8 @@ def _check(config, args):
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-    import torch.distributed as dist
-
-    from ..training import init_from_env
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ctx = init_from_env("cpu")
-    try:
+    set_threads(args.threads)
+    with distributed_job("cpu") as ctx:
         if args.compare:
             if ctx.active:
                 raise UsageError("--compare: run the comparison in one process (it starts its own per model), not under torchrun")
@@ -183,18 +157,14 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps({k: summary[k] for k in ("model", "test_bpc", "steps", "peak_rss_above_start_mib",
                                                         "time_per_epoch_s")}, indent=1))
         return 0
-    finally:
-        if ctx.active and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _train(config, corpus, resume: bool):
     from ..training.lm import train_lm
 
     try:
-        return train_lm(config, corpus, resume=resume)
-    except OSError as err:  # e.g. the disk filled up while writing a checkpoint
-        raise UsageError(f"--out {config.out}: {one_line(err)}") from err
+        with disk_errors(config.out):
+            return train_lm(config, corpus, resume=resume)
     except ValueError as err:  # a checkpoint that does not fit this run (other text); bugs propagate
         if str(err).startswith("cannot resume"):
             raise UsageError(f"--resume: {one_line(err)}") from err

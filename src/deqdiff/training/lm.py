@@ -29,7 +29,6 @@ import math
 import numbers
 import random
 import re
-import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -40,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.loader import ShardedBatches
 from ..data.text import CharCorpus, load_corpus
 from ..solvers import ConvergenceWarning
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistContext
+from .loop import ResumableRun, eval_shards, evaluating, train_epochs
 from .memtrace import SavedTensors, TensorMemory, current_rss_mib, peak_rss_mib, reset_peak_rss
 
 __all__ = ["LMConfig", "LMResult", "LM_FORMAT", "build_lm", "parse_model", "train_lm", "evaluate_bpc",
@@ -255,21 +254,16 @@ def evaluate_bpc(model: nn.Module, windows: Tensor, *, batch_size: int = 64, ctx
     """Bits per character of ``model`` on ``windows`` ``(n, T + 1)`` (inputs ``w[:, :-1]``,
     targets ``w[:, 1:]``), with the DEQ's solve statistics; sharded over the ranks of ``ctx``."""
     ctx = ctx or DistContext.current()
-    batches = ShardedBatches(windows.shape[0], batch_size, shuffle=False, rank=ctx.rank, world_size=ctx.world_size)
     sums = _Sums()
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for _, idx in batches.epoch():
-            if idx.numel():
-                w = windows[idx]
-                logits = model(w[:, :-1], **overrides)
-                sums.add("nats", float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
-                                                       reduction="sum")))
-                sums.add("chars", w[:, 1:].numel())
-                sums.add("windows", w.shape[0])
-                sums.add_solves(model, backward=False)
-    model.train(was_training)
+    with evaluating(model):
+        for idx in eval_shards(windows.shape[0], batch_size, ctx):
+            w = windows[idx]
+            logits = model(w[:, :-1], **overrides)
+            sums.add("nats", float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
+                                                   reduction="sum")))
+            sums.add("chars", w[:, 1:].numel())
+            sums.add("windows", w.shape[0])
+            sums.add_solves(model, backward=False)
     return sums.reduce(ctx).summary()
 
 
@@ -312,11 +306,14 @@ def _digest(corpus: CharCorpus) -> str:
     return h.hexdigest()
 
 
-class _Run:
+class _Run(ResumableRun):
     """The mutable state of one run (everything a checkpoint holds)."""
+
+    meter_class, meter_key = _Sums, "sums"
 
     def __init__(self, config: LMConfig, corpus: CharCorpus, ctx: DistContext):
         self.config, self.corpus, self.ctx = config, corpus, ctx
+        self.label = f"{config.model} "
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
@@ -324,27 +321,19 @@ class _Run:
         ctx.broadcast_parameters(self.model)
         self.train = _train_windows(corpus, config)
         self.valid = _valid_windows(corpus, config)
-        self.batches = ShardedBatches(self.train.shape[0], config.batch_size, rank=ctx.rank,
-                                      world_size=ctx.world_size, seed=config.seed)
-        self.steps_per_epoch = len(self.batches)
+        self.start(self.train.shape[0])
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         total = max(config.epochs * self.steps_per_epoch, 1)
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total)
                           if config.scheduler == "cosine" else torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0))
-        self.epoch = self.step = self.step_in_epoch = 0
-        self.epoch_loader_state = self.batches.get_state()
-        self.sums = _Sums()
-        self.epoch_time = 0.0
-        self.history: dict = {"epochs": [], "steps": []}
+        self.memory = None
 
     def state(self) -> dict:
         return {
             "config": self.config.to_dict(), "vocab": "".join(self.corpus.vocab), "corpus_sha256": _digest(self.corpus),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
-            "loader": {"epoch_start": self.epoch_loader_state, "current": self.batches.get_state()},
-            "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
-            "sums": self.sums.state(), "epoch_time": self.epoch_time, "history": self.history,
+            **self.position_state(), "epoch_time": self.epoch_time,
         }
 
     def restore(self, state: dict) -> None:
@@ -359,12 +348,8 @@ class _Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        self.epoch_loader_state = state["loader"]["epoch_start"]
-        self.batches.set_state(state["loader"]["current"])
-        self.epoch, self.step, self.step_in_epoch = int(state["epoch"]), int(state["step"]), int(state["step_in_epoch"])
-        self.sums = _Sums.from_state(state["sums"])
+        self.restore_position(state)
         self.epoch_time = float(state["epoch_time"])
-        self.history = state["history"]
 
     def save(self) -> None:
         if self.config.out is None or not self.ctx.is_main:
@@ -374,6 +359,28 @@ class _Run:
         tmp = out / "metrics.json.tmp"
         tmp.write_text(json.dumps({"config": self.config.to_dict(), **self.history}, indent=1))
         tmp.replace(out / "metrics.json")
+
+    # -- the loop's hooks (deqdiff.training.loop) ------------------------------------------------
+    def step_record(self, lr: float, seconds: float, summary: dict) -> dict:
+        return {"step": self.step, "epoch": self.epoch + 1, "lr": lr, "time_s": seconds, **summary, **(self.memory or {})}
+
+    def begin_epoch(self) -> None:
+        self.tracked = reset_peak_rss() and self.tracked  # the peak of training steps, not of evaluation
+
+    def end_steps(self) -> None:
+        self.peak = peak_rss_mib()
+        if self.tracked:
+            self.train_peak = max(self.train_peak, self.peak)
+
+    def end_epoch(self) -> dict:
+        valid = evaluate_bpc(self.model, self.valid, batch_size=self.config.eval_batch_size, ctx=self.ctx)
+        return {"valid": valid, "peak_rss_above_start_mib": (self.peak - self.base) if self.tracked else None}
+
+    def postfix(self, summary: dict) -> dict:
+        return _postfix(summary)
+
+    def epoch_line(self, record: dict) -> str:
+        return _epoch_line(record)
 
     def train_step(self, global_size: int, idx: Tensor) -> _Sums:
         model, sums = self.model, _Sums()
@@ -396,11 +403,7 @@ class _Run:
             sums.add("chars", w[:, 1:].numel())
             sums.add("windows", w.shape[0])
             sums.add_solves(model, backward=True)
-        self.ctx.all_reduce_gradients(model)
-        if self.config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        self.optimizer_step()
         return sums
 
 
@@ -452,60 +455,9 @@ def _train(run: "_Run", config: LMConfig, corpus: CharCorpus, ctx: DistContext) 
     rng = rng_state()  # the warm-up must not move any random state
     _warm_up(run.model, run.train)
     set_rng_state(rng)
-    base = current_rss_mib()
-    tracked = reset_peak_rss()
-    train_peak = 0.0
-    total = config.epochs * run.steps_per_epoch
-    limit = min(total, config.max_steps) if config.max_steps is not None else total
-    show = config.progress and ctx.is_main
-    if show:
-        from tqdm import tqdm
-    while run.epoch < config.epochs and run.step < limit:
-        if run.step_in_epoch == 0:
-            run.epoch_loader_state = run.batches.get_state()
-        else:  # resumed mid-epoch: replay this epoch's permutation
-            run.batches.set_state(run.epoch_loader_state)
-        plan = run.batches.epoch()
-        tracked = reset_peak_rss() and tracked  # the peak of training steps, not of evaluation
-        bar = tqdm(total=len(plan), initial=run.step_in_epoch, desc=f"{config.model} epoch {run.epoch + 1}/{config.epochs}",
-                   leave=True, dynamic_ncols=True) if show else None
-        while run.step_in_epoch < len(plan) and run.step < limit:
-            global_size, idx = plan[run.step_in_epoch]
-            lr = run.optimizer.param_groups[0]["lr"]
-            t0 = time.perf_counter()
-            step_sums = run.train_step(global_size, idx).reduce(ctx)
-            dt = time.perf_counter() - t0
-            run.epoch_time += dt
-            run.sums.merge(step_sums)
-            run.step += 1
-            run.step_in_epoch += 1
-            s = step_sums.summary()
-            run.history["steps"].append({"step": run.step, "epoch": run.epoch + 1, "lr": lr, "time_s": dt, **s,
-                                         **(run.memory or {})})
-            if bar is not None:
-                bar.set_postfix(_postfix(s), refresh=False)
-                bar.update(1)
-            if config.checkpoint_every and run.step % config.checkpoint_every == 0:
-                run.save()
-        if bar is not None:
-            bar.close()
-        peak = peak_rss_mib()
-        if tracked:
-            train_peak = max(train_peak, peak)
-        if run.step_in_epoch < len(plan):  # stopped by max_steps mid-epoch
-            break
-        valid = evaluate_bpc(run.model, run.valid, batch_size=config.eval_batch_size, ctx=ctx)
-        record = {"epoch": run.epoch + 1, "step": run.step, "time_s": run.epoch_time,
-                  "train": run.sums.summary(), "valid": valid,
-                  "peak_rss_above_start_mib": (peak - base) if tracked else None}
-        run.history["epochs"].append(record)
-        if show:
-            tqdm.write(_epoch_line(record))
-        run.epoch += 1
-        run.step_in_epoch = 0
-        run.sums = _Sums()
-        run.epoch_time = 0.0
-        run.save()
+    run.base, run.tracked, run.train_peak = current_rss_mib(), reset_peak_rss(), 0.0
+    train_epochs(run, run.save, show=config.progress and ctx.is_main)
+    base, tracked, train_peak = run.base, run.tracked, run.train_peak
     run.history["memory"] = {
         "rss_start_mib": base, "peak_rss_mib": train_peak if tracked and train_peak else None,
         "peak_rss_above_start_mib": (train_peak - base) if tracked and train_peak else None,
