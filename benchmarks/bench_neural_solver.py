@@ -66,7 +66,8 @@ def main() -> None:
     p.add_argument("--fit-samples", type=int, default=2048)
     p.add_argument("--initializer", choices=("kernel", "network"), default="kernel")
     p.add_argument("--warm-start", type=int, default=256)
-    p.add_argument("--reset", action="store_true", help="restart stuck samples from zero (FitConfig.reset)")
+    p.add_argument("--no-reset", dest="reset", action="store_false",
+                   help="never restart stuck samples from zero (FitConfig.reset=False)")
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--init-steps", type=int, default=600)
     p.add_argument("--init-batch", type=int, default=64)

@@ -169,6 +169,14 @@ def test_reset_restarts_stuck_rows_from_zero_with_plain_anderson(fitted, row_sub
         _, budget = neural_solver(g, z0, tol=0.0, max_iter=8, network=ns, reset_after=4)  # no stopping rule
     assert early.extra["reset_samples"] == 0 and never.extra["reset_samples"] == 0
     assert budget.extra["reset_samples"] == 0 and int(budget.iterations.max()) == 8
+    need = ns.config.reset_need
+    try:  # a restart that could not finish in the iterations left is not made
+        ns.config.reset_need = 57
+        with torch.no_grad():
+            _, short = neural_solver(g, z0, tol=1e-9, max_iter=60, network=ns, reset_after=4)
+        assert short.extra["reset_samples"] == 0
+    finally:
+        ns.config.reset_need = need
 
 
 def test_fit_sets_reset_after_from_the_default_start_ground_truth():
@@ -178,6 +186,9 @@ def test_fit_sets_reset_after_from_the_default_start_ground_truth():
                                                            reset=True))
     _, _, evals = ground_truth(cell, x[:30], _zeros(x[:30]), tol=1e-6, return_evals=True)
     assert res.solver.config.reset_after == int(torch.ceil(evals.double().mean()))
+    assert res.solver.config.reset_need == int(evals.max())
+    off = fit_neural_solver(cell, x, _zeros, fit=FitConfig(steps=0, initializer="kernel", gt_tol=1e-6, reset=False))
+    assert off.solver.config.reset_after is None and off.solver.config.reset_need is None
 
 
 def test_cpu_budget_stops_the_mixer_steps():

@@ -47,9 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--warm-start", type=nonneg_int, default=256,
       help="ground truth of this many inputs from the default start; the rest start from a kernel fit on them "
            "(0: all from the default start)")
-    a("--reset", action="store_true",
-      help="samples still running after the mean f-evaluations of a solve from the default start (measured on the "
-           "ground truth) restart from zero with plain Anderson")
+    a("--no-reset", dest="reset", action="store_false",
+      help="never restart samples from zero (by default a sample still running after the mean f-evaluations of a "
+           "ground-truth solve from the default start restarts from zero with plain Anderson, when the longest "
+           "such solve fits in the iterations left)")
     a("--init-steps", type=nonneg_int, default=600,
       help="network initializer: Adam steps fitting it alone to the fixed points first (no f-evaluations)")
     a("--init-batch", type=positive_int, default=64, help="samples per initializer-only step")

@@ -81,7 +81,8 @@ class NeuralSolverConfig:
     ``kernel_centers`` fitting samples as centers and inputs projected on their ``kernel_rank``
     leading principal directions). ``reset_after``: samples still running after this many
     f-evaluations restart from the zero state (the default start of the library's DEQ layers) with
-    plain Anderson steps for the iterations left (None: never; see :func:`neural_solver`)."""
+    plain Anderson steps for the iterations left (None: never; see :func:`neural_solver`), when at
+    least ``reset_need`` iterations are left (None: always)."""
 
     state_shape: tuple[int, ...]
     input_shape: tuple[int, ...]
@@ -98,6 +99,7 @@ class NeuralSolverConfig:
     kernel_centers: int | None = None  # kernel initializer: number of centers (its fitting samples)
     kernel_rank: int = 64  # kernel initializer: principal directions of the flattened input kept
     reset_after: int | None = None  # f-evaluations after which running samples restart from zero
+    reset_need: int | None = None  # ... only when at least this many iterations are left
     meta: dict = field(default_factory=dict)  # provenance (model kind, fit settings), JSON-able
 
     def __post_init__(self):
@@ -111,7 +113,7 @@ class NeuralSolverConfig:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if self.initializer not in INITIALIZERS:
             raise ValueError(f"initializer must be one of {INITIALIZERS}, got {self.initializer!r}")
-        for name in ("kernel_centers", "kernel_rank", "reset_after"):
+        for name in ("kernel_centers", "kernel_rank", "reset_after", "reset_need"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -626,7 +628,8 @@ def neural_solver(
     running after that many f-evaluations restart from the zero state with plain Anderson for
     the ``max_iter − reset_after`` iterations left (a learned start that leads a sample into a
     slow region is abandoned once the sample has used what a solve from the default start needs
-    on average). Their ``iterations`` count both passes (f-evaluations stay ≤ ``max_iter`` + 1);
+    on average) — only when that leaves at least the network's ``config.reset_need`` iterations
+    (the longest solve from the default start its fit saw), so a restart can finish. Their ``iterations`` count both passes (f-evaluations stay ≤ ``max_iter`` + 1);
     the residual trace is the first pass's; ``info.extra["reset_samples"]`` counts them.
     Not applied with ``store_trajectory`` or without a stopping rule (``tol = atol = 0``: a solve
     to a budget of iterations, where every sample is still running)."""
@@ -650,7 +653,8 @@ def neural_solver(
     g_seen.row_subsets = getattr(g, "row_subsets", False)
     reset_after = network.config.reset_after if reset_after is None else (int(reset_after) or None)
     no_rule = tol == 0 and not bool(torch.as_tensor(atol).ne(0).any())
-    first_iter = (max_iter if reset_after is None or store_trajectory or no_rule or reset_after > max_iter
+    need = network.config.reset_need or 0
+    first_iter = (max_iter if reset_after is None or store_trajectory or no_rule or max_iter - reset_after < need
                   else reset_after - 1)
     z, info = anderson(g_seen, z0, tol=tol, atol=atol, max_iter=first_iter, scale=scale, store_trajectory=store_trajectory,
                        m=network.m, beta=beta, lam=lam, restart=restart, max_restarts=max_restarts, mixer=session)

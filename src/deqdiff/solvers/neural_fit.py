@@ -75,8 +75,9 @@ class FitConfig:
     initializer fitted on them (0: all from the default start); ``budget_clock``: ``"wall"`` or
     ``"cpu"`` (this process's CPU time, steadier on a shared machine). ``reset``: set the
     solver's ``reset_after`` to the mean f-evaluations of the ground-truth solves from the
-    default start, rounded up (a sample that has spent that much from the learned start restarts
-    from zero; :func:`~deqdiff.solvers.neural.neural_solver`)."""
+    default start, rounded up, and its ``reset_need`` to their maximum (a sample that has spent
+    the mean from the learned start restarts from zero when the longest default-start solve still
+    fits in the iterations left; :func:`~deqdiff.solvers.neural.neural_solver`)."""
 
     steps: int = 300
     batch: int = 64
@@ -97,7 +98,7 @@ class FitConfig:
     initializer: str = "network"
     warm_start: int = 0
     budget_clock: str = "wall"
-    reset: bool = False
+    reset: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -253,7 +254,11 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
         x_all, x_select = x_all[keep.to(x_all.device)], x_all[held.to(x_all.device)]
     z_star, ok, gt_evals = _warm_ground_truth(cell, x_all, init_state, fit, gen)
     n_default = fit.warm_start if 0 < fit.warm_start < x_all.shape[0] else x_all.shape[0]  # solved from the default start
-    reset_after = math.ceil(float(gt_evals[:n_default].double().mean())) if fit.reset else None
+    default_evals = gt_evals[:n_default][ok[:n_default]]
+    reset_after = reset_need = None
+    if fit.reset and default_evals.numel():
+        reset_after = math.ceil(float(default_evals.double().mean()))
+        reset_need = int(default_evals.max())
     t_gt = time.perf_counter() - t0
     phase("ground_truth")
     if not bool(ok.any()):
@@ -265,7 +270,7 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
     cfg = NeuralSolverConfig(**{**base.__dict__, "state_shape": state_shape, "input_shape": input_shape,
                                 "state_layout": state_layout if state_layout is not None else base.state_layout,
                                 "mixer_steps": fit.unroll if base.mixer_steps is None else base.mixer_steps,
-                                "initializer": fit.initializer, "reset_after": reset_after,
+                                "initializer": fit.initializer, "reset_after": reset_after, "reset_need": reset_need,
                                 "kernel_centers": x_all.shape[0] if kernel else base.kernel_centers})
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(fit.seed)
