@@ -63,15 +63,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--m", type=positive_int, default=5, help="Anderson memory of the neural solver")
     a("--hidden", type=positive_int, default=64, help="width of the HyperAnderson network")
     a("--init-hidden", type=positive_int, default=None,
-      help="width of the initializer's random-feature layer (vector states; default 1024) or its channels "
+      help="network initializer: width of its random-feature layer (vector states; default 1024) or its channels "
            "(image states; default 32)")
     a("--init-rank", type=nonneg_int, default=32,
-      help="rank of the image initializer's global linear correction (0: none)")
+      help="network initializer on images: rank of its global linear correction (0: none)")
     a("--gt-tol", type=positive_float, default=None,
       help="relative residual of the ground-truth fixed points (default: the model's tolerance)")
     a("--budget-share", type=positive_float, default=None,
-      help="stop fitting once its time reaches this share of the run's training time (e.g. 0.05): CPU time where "
-           "the run recorded it, else wall time; None: no limit")
+      help="stop the fit's gradient steps once its time reaches this share of the run's training time (e.g. "
+           "0.05): CPU time where the run recorded it, else wall time; None: no limit")
     a("--budgets", type=int_list(_budget), default=[2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32],
       help="f-evaluation budgets of the residual/metric comparison (comma-separated)")
     a("--seed", type=seed, default=0, help="seeds the fitting inputs and the networks")
