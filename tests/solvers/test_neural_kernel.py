@@ -82,6 +82,7 @@ def test_fitted_solver_returns_a_fixed_point_with_fewer_f_evaluations(fitted):
     cell, res = fitted
     ns = res.solver
     assert ns.config.initializer == "kernel" and res.init_steps_done == 0 and res.steps_done == 0
+    assert ns.config.mixer_steps == 0  # no mixer steps: plain Anderson from the learned start
     assert res.init_error < 0.15 and set(res.phases) == {"ground_truth", "kernel", "unrolled", "final"}
     x = _inputs(128, 2)  # held out
     g = _flat_map(cell, x, (N,))

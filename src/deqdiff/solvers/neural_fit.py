@@ -360,6 +360,8 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
         init_error = _validation_error(net, x_all, z_star, gen, ridge)
         ini.refit_output(x_all, z_star, ridge)  # the best output layer for the final hidden layers
     rule = {} if x_select is None or done == 0 else _select_mixer_rule(net, cell, x_select, state_shape, fit)
+    if done == 0:  # an untrained mixer is plain Anderson: skip its evaluation at every step
+        net.config.mixer_steps = 0
     phase("final")
     return FitResult(net, history, time.perf_counter() - t0, time.process_time() - c0, t_gt, n, int((~ok).sum()),
                      init_error, init_done, done, float(gt_evals.double().mean()), phases, rule, kernel_info)
