@@ -198,6 +198,16 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """``ArgumentDefaultsHelpFormatter`` without the uninformative "(default: None)" and
+    "(default: False)" of optional values and switches."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def config_defaults_help(config: Callable[[], object], skip: tuple[str, ...] = ()) -> type:
     """A help formatter that shows each setting's default from ``config()`` (a fresh config of
     the job; called only when help is printed, so the job's module loads lazily): its flags

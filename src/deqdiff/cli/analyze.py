@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from ._common import (UsageError, check_solver, finite_float, float_list, int_list, nonneg_float, nonneg_int,
+from ._common import (DefaultsHelp, UsageError, check_solver, finite_float, float_list, int_list, nonneg_float, nonneg_int,
                       out_dir, positive_float, positive_int, seed, str_list, user_errors)
 
 TOOLS = ("residuals", "trajectories", "ntk", "hessian", "landscape")
@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         g.add_argument("--no-progress", action="store_true")
         q.set_defaults(func=_run, _parser=q)
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelp
     q = tools.add_parser("residuals", help="relative residual curves (eq. 4.2, Fig. 4.1)", formatter_class=fmt)
     q.add_argument("--model", default="conv", help="conv | mon | mon-conv")
     q.add_argument("--samples", type=positive_int, default=64)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import UsageError, int_list, nonneg_int, out_dir, positive_float, positive_int, seed, user_errors
+from ._common import DefaultsHelp, UsageError, int_list, nonneg_int, out_dir, positive_float, positive_int, seed, user_errors
 
 
 def _budget(text: str) -> int:
@@ -33,7 +33,7 @@ _budget.__name__ = "an integer ≥ 2"
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit-solver", help="fit a neural solver (learned initializer + Anderson mixing) to a trained DEQ",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=__doc__, formatter_class=DefaultsHelp)
     a = p.add_argument
     a("--from", dest="run_dir", required=True, metavar="RUN_DIR",
       help="run directory of `deqdiff train` or `deqdiff pinn vdp` (checkpoint.pt and its metrics)")
