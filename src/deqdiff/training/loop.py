@@ -1,4 +1,4 @@
-"""The resumable epoch loop every trainer shares (``deqdiff train``, ``deqdiff inverse``).
+"""The resumable epoch loop every trainer shares (``deqdiff train``, ``deqdiff inverse``, ``deqdiff lm``).
 
 One loop, written once: each epoch draws its permutation from the run's seeded data-order
 generator (:class:`~deqdiff.data.loader.ShardedBatches`, sharded over the ranks of a
