@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from tests.conftest import contractive_matrix
 
 FORWARD = ["fixed_point", "anderson", "broyden", "newton_krylov"]
 LINEAR = ["richardson", "anderson", "gmres", "bicgstab", "dense"]
@@ -71,3 +74,27 @@ def make_map(kind: str, A: torch.Tensor, c: torch.Tensor):
     if kind == "affine":
         return lambda z: rowmv(A, z) + c
     return lambda z: torch.tanh(rowmv(A, z) + c)
+
+
+# --- the neural-solver tests' DEQ cell ------------------------------------------------------
+
+NEURAL_N, NEURAL_D = 8, 3
+
+
+class NeuralTanhCell(nn.Module):
+    """f(z, x) = tanh(A z + U x + b) with ‖A‖₂ = 0.9 (slow enough that acceleration matters): the
+    neural-solver tests' cell, on N = 8 states and D = 3 inputs."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.A = nn.Parameter(contractive_matrix(NEURAL_N, 0.9, gen))
+        self.U = nn.Parameter(torch.randn(NEURAL_N, NEURAL_D, generator=gen))
+        self.b = nn.Parameter(0.1 * torch.randn(NEURAL_N, generator=gen))
+
+    def forward(self, z, x):
+        return torch.tanh(z @ self.A.T + x @ self.U.T + self.b)
+
+
+def neural_inputs(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, NEURAL_D, generator=torch.Generator().manual_seed(seed))

@@ -8,34 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import deqdiff
 from deqdiff.solvers.anderson import anderson
 from deqdiff.solvers.neural import KernelInitializer, NeuralSolver, NeuralSolverConfig, neural_solver
 from deqdiff.solvers.neural_fit import FitConfig, _flat_map, _warm_ground_truth, fit_neural_solver, ground_truth
 
-from tests.conftest import contractive_matrix
 
-N, D = 8, 3
-
-
-class TanhCell(nn.Module):
-    """f(z, x) = tanh(A z + U x + b) with ‖A‖₂ = 0.9."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.A = nn.Parameter(contractive_matrix(N, 0.9, gen))
-        self.U = nn.Parameter(torch.randn(N, D, generator=gen))
-        self.b = nn.Parameter(0.1 * torch.randn(N, generator=gen))
-
-    def forward(self, z, x):
-        return torch.tanh(z @ self.A.T + x @ self.U.T + self.b)
-
-
-def _inputs(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+from solver_problems import NEURAL_D as D, NEURAL_N as N, NeuralTanhCell as TanhCell, neural_inputs as _inputs
 
 
 def _zeros(x):
