@@ -107,6 +107,32 @@ def test_initial_guess_used(linear_name):
         assert info.iterations.tolist() == [0, 0] and torch.equal(x, x_star)
 
 
+@pytest.mark.parametrize("name", ["richardson", "anderson"])
+def test_start_rescaled_per_row_when_only_the_right_hand_side_scale_changed(name):
+    """A start that solved the system for b, given for s·b (a per-row scale of either sign, as
+    the right-hand sides of warm-started derivative solves carry per-sample loss residuals), is
+    scaled by s: the solve stops at iteration 0 where a plain start would iterate."""
+    A, b = system(name, 4, 8, seed=6)
+    x_star = torch.linalg.solve(A, b)
+    s = torch.tensor([[-2.0], [0.5], [3.0], [-0.1]], dtype=torch.float64)
+    x, info = lsolve(name, DenseOp(A), s * b, x_star.clone(), tol=1e-8)
+    assert info.all_converged and info.iterations.tolist() == [0, 0, 0, 0]
+    torch.testing.assert_close(x, s * x_star, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["richardson", "anderson"])
+def test_a_poor_start_is_never_worse_than_zero(name):
+    """The first residual from any start is at most ‖b‖ (the zero start's) and at most the
+    start's own residual."""
+    A, b = system(name, 5, 8, seed=7)
+    x0 = 10 * torch.randn(5, 8, generator=gen(8), dtype=torch.float64)
+    _, info = lsolve(name, DenseOp(A), b, x0, tol=1e-8)
+    first = info.abs_trace[0]
+    assert bool((first <= row_norm(b) * (1 + 1e-12)).all())
+    assert bool((first <= row_norm(b - DenseOp(A).mv(x0)) * (1 + 1e-12)).all())
+    assert info.all_converged
+
+
 def test_traces(linear_name):
     A, b = system(linear_name, 3, 10, seed=5)
     _, info = lsolve(linear_name, DenseOp(A), b, tol=1e-10)

@@ -30,6 +30,23 @@ def linear_start(op, b: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor, Tens
     return x, r, bnorm
 
 
+def scaled_start(op, b: Tensor, x0: Tensor, bound: Tensor) -> tuple[Tensor, Tensor]:
+    """``(α x0, A(α x0))`` with α per row minimizing ‖b − α A x0‖ (α = 0 on rows with b = 0 or a
+    non-finite x0), except on rows where ``x0`` already meets ``‖b − A x0‖ ≤ bound`` (kept as
+    given). The residual is at most ‖b‖ and ‖b − A x0‖, so the start is never worse than zero or
+    than ``x0`` itself, and it is exact when only the right-hand side's per-row scale changed
+    since ``x0`` solved the system — the derivative solves of a training step warm-started from
+    the previous step carry per-sample loss residuals in their right-hand sides, which change
+    magnitude and sign from step to step. One product with A, which the first iteration reuses."""
+    x0 = x0.to(b)
+    Ax = op.mv(x0)
+    num, den = torch.linalg.vecdot(b, Ax), torch.linalg.vecdot(Ax, Ax)
+    alpha = num / torch.where(den > 0, den, 1.0)
+    alpha = torch.where(torch.isfinite(alpha) & (den > 0), alpha, 0.0)
+    alpha = torch.where(row_norm(b - Ax) <= bound, 1.0, alpha)[:, None]
+    return alpha * x0, alpha * Ax
+
+
 #: iterations before a linear solve shrinks to its running rows: restricting the operator
 #: re-linearizes it there (an evaluation of f and its pullback), which pays only on solves that
 #: run longer (measured: the PIDEQ setup's derivative solves take ~7
@@ -58,11 +75,14 @@ def forward_as_linear(forward: Callable, name: str) -> Callable:
     ) -> tuple[Tensor, SolveInfo]:
         if not omega > 0:
             raise ValueError(f"{name}: relaxation omega must be > 0, got {omega}")
-        x, _, bnorm = linear_start(op, b, x0)
+        bnorm = row_norm(b)
+        if x0 is None:  # the first step from x = 0 is g(0) = ωb exactly: no product with A
+            x = torch.zeros_like(b)
+            first = [(x, b.clone() if omega == 1.0 else omega * b)]
+        else:  # a given start, scaled per row to the least residual; its product serves g
+            x, Ax = scaled_start(op, b, x0, atol + tol * bnorm)
+            first = [(x, x + omega * (b - Ax))]
         restricted: dict = {}
-        # from x = 0 the first step is g(0) = ωb exactly: no product with A (one of the ~3
-        # products a well-conditioned derivative solve needs)
-        zero_start = [x] if x0 is None else []
 
         def step(A, rhs: Tensor, v: Tensor) -> Tensor:
             if omega == 1.0 and hasattr(A, "complement_mv"):
@@ -70,10 +90,10 @@ def forward_as_linear(forward: Callable, name: str) -> Callable:
             return v + omega * (rhs - A.mv(v))
 
         def g(v: Tensor, rows: Tensor | None = None) -> Tensor:
-            if zero_start:
-                start = zero_start.pop()
+            if first:
+                start, g_start = first.pop()
                 if rows is None and v is start:
-                    return b.clone() if omega == 1.0 else omega * b
+                    return g_start
             if rows is None:
                 return step(op, b, v)
             if restricted.get("rows") is not rows:  # the solver compacted: restrict A once
