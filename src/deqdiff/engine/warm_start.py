@@ -27,7 +27,10 @@ class WarmStart:
     iterations. The batch structure that ``fixed_point`` finds by probing ``f`` (which dims
     are samples, which params are per sample) is kept too, and probed again only when ``f``
     or a shape or dtype changes. ``reset()`` forgets everything (e.g. when the samples
-    change). ``extrapolate=False`` starts from the last solutions themselves. Memory: two
+    change). ``extrapolate=False`` starts from the last solutions themselves. Richardson and
+    Anderson linear solves scale a given start per row to the least residual
+    (:func:`deqdiff.solvers.linear.scaled_start`): the right-hand sides of derivative solves
+    behind a loss on derivatives change scale and sign with the per-sample loss residuals. Memory: two
     states per stored solve (one without ``extrapolate``), detached."""
 
     def __init__(self, extrapolate: bool = True) -> None:
