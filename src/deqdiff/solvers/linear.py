@@ -30,21 +30,26 @@ def linear_start(op, b: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor, Tens
     return x, r, bnorm
 
 
-def scaled_start(op, b: Tensor, x0: Tensor, bound: Tensor) -> tuple[Tensor, Tensor]:
-    """``(α x0, A(α x0))`` with α per row minimizing ‖b − α A x0‖ (α = 0 on rows with b = 0 or a
-    non-finite x0), except on rows where ``x0`` already meets ``‖b − A x0‖ ≤ bound`` (kept as
-    given). The residual is at most ‖b‖ and ‖b − A x0‖, so the start is never worse than zero or
-    than ``x0`` itself, and it is exact when only the right-hand side's per-row scale changed
-    since ``x0`` solved the system — the derivative solves of a training step warm-started from
-    the previous step carry per-sample loss residuals in their right-hand sides, which change
-    magnitude and sign from step to step. One product with A, which the first iteration reuses."""
+def scaled_start(op, b: Tensor, x0: Tensor, bound: Tensor, omega: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``(x, g(x))``: the start ``x = α x0`` with α per row minimizing ‖b − α A x0‖ (α = 0 on rows
+    with b = 0 or a non-finite x0), except on rows where ``x0`` already meets ``‖b − A x0‖ ≤
+    bound`` (α = 1, kept as given), and the Richardson step from it, g(x) = x + ω(b − A x). The
+    residual is at most ‖b‖ and ‖b − A x0‖, so the start is never worse than zero or than ``x0``
+    itself, and it is exact when only the right-hand side's per-row scale changed since ``x0``
+    solved the system — the derivative solves of a training step warm-started from the previous
+    step carry per-sample loss residuals in their right-hand sides, which change magnitude and
+    sign from step to step. One product with A (with ``I − A`` where the operator has it, so a
+    row with α = 1 or 0 takes the step a plain start would, to the bit)."""
     x0 = x0.to(b)
-    Ax = op.mv(x0)
+    complement = omega == 1.0 and hasattr(op, "complement_mv")
+    Jx = op.complement_mv(x0) if complement else None  # (I − A) x0
+    Ax = x0 - Jx if complement else op.mv(x0)
     num, den = torch.linalg.vecdot(b, Ax), torch.linalg.vecdot(Ax, Ax)
     alpha = num / torch.where(den > 0, den, 1.0)
     alpha = torch.where(torch.isfinite(alpha) & (den > 0), alpha, 0.0)
     alpha = torch.where(row_norm(b - Ax) <= bound, 1.0, alpha)[:, None]
-    return alpha * x0, alpha * Ax
+    x = alpha * x0
+    return x, (b + alpha * Jx if complement else x + omega * (b - alpha * Ax))
 
 
 #: iterations before a linear solve shrinks to its running rows: restricting the operator
@@ -80,8 +85,8 @@ def forward_as_linear(forward: Callable, name: str) -> Callable:
             x = torch.zeros_like(b)
             first = [(x, b.clone() if omega == 1.0 else omega * b)]
         else:  # a given start, scaled per row to the least residual; its product serves g
-            x, Ax = scaled_start(op, b, x0, atol + tol * bnorm)
-            first = [(x, x + omega * (b - Ax))]
+            x, gx = scaled_start(op, b, x0, atol + tol * bnorm, omega)
+            first = [(x, gx)]
         restricted: dict = {}
 
         def step(A, rhs: Tensor, v: Tensor) -> Tensor:
