@@ -240,9 +240,10 @@ class Tracker:
             self.done = self.done | (running & self._met(res_abs, scale, None))
             running = ~self.done
         else:
-            live = ~self.done[rows]
-            keep = rows[live]
-            res_abs, scale = res_abs[live], scale[live]
+            # one nonzero (one host sync) for the rows of z still live; gathers by index from there
+            live = (~self.done[rows]).nonzero().squeeze(1)
+            keep = rows.index_select(0, live)
+            res_abs, scale = res_abs.index_select(0, live), scale.index_select(0, live)
             rel = _relative(res_abs, scale)
             self.residual = self.residual.index_put((keep,), res_abs)
             self.rel_residual = self.rel_residual.index_put((keep,), rel)
@@ -250,8 +251,8 @@ class Tracker:
                 self.iterations = self.iterations.index_fill(0, keep, k)
             else:
                 kk = torch.as_tensor(k, device=keep.device)
-                self.iterations = self.iterations.index_put((keep,), kk[live] if kk.ndim else kk)
-            self.result.index_copy_(0, keep, z[live])
+                self.iterations = self.iterations.index_put((keep,), kk.index_select(0, live) if kk.ndim else kk)
+            self.result.index_copy_(0, keep, z.index_select(0, live))
             self.done = self.done.index_put((keep,), self._met(res_abs, scale, keep))
             self.trace.append(keep, res_abs, rel)
             running = ~self.done[rows]
