@@ -131,6 +131,8 @@ def test_a_poor_start_is_never_worse_than_zero(name):
     assert bool((first <= row_norm(b) * (1 + 1e-12)).all())
     assert bool((first <= row_norm(b - DenseOp(A).mv(x0)) * (1 + 1e-12)).all())
     assert info.all_converged
+    x, info = lsolve(name, DenseOp(A), b, torch.full_like(b, float("nan")), tol=1e-8)  # a useless start
+    assert info.all_converged and bool(torch.isfinite(x).all())
 
 
 def test_traces(linear_name):

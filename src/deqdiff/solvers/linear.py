@@ -48,8 +48,10 @@ def scaled_start(op, b: Tensor, x0: Tensor, bound: Tensor, omega: float = 1.0) -
     alpha = num / torch.where(den > 0, den, 1.0)
     alpha = torch.where(torch.isfinite(alpha) & (den > 0), alpha, 0.0)
     alpha = torch.where(row_norm(b - Ax) <= bound, 1.0, alpha)[:, None]
-    x = alpha * x0
-    return x, (b + alpha * Jx if complement else x + omega * (b - alpha * Ax))
+    zero = alpha == 0  # a zero start exactly, even where x0 is not finite
+    x = torch.where(zero, 0.0, alpha * x0)
+    g = b + alpha * Jx if complement else x + omega * (b - alpha * Ax)
+    return x, torch.where(zero, omega * b, g)
 
 
 #: iterations before a linear solve shrinks to its running rows: restricting the operator
