@@ -45,3 +45,22 @@ def make_problem(gen, n=5, m=3, batch=None, rho=0.4):
     b = (0.1 * torch.randn(n, generator=gen)).requires_grad_()
     z0 = torch.zeros(*shape[:-1], n)
     return z0, (A, B, x, b)
+
+
+def track_linearizations(monkeypatch) -> list:
+    """Weak references to every linearization of a fixed point built from now on (the engine's
+    ``_linearize_fixed_point`` wrapped for the test), to check which are still held."""
+    import weakref
+
+    import deqdiff.engine.operators as operators
+
+    lins: list = []
+    original = operators._linearize_fixed_point
+
+    def linearize(*args, **kw):
+        lin = original(*args, **kw)
+        lins.append(weakref.ref(lin))
+        return lin
+
+    monkeypatch.setattr(operators, "_linearize_fixed_point", linearize)
+    return lins

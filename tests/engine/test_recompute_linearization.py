@@ -5,14 +5,13 @@ backward frees the full graph before a solver restricts the operator to the rows
 
 from __future__ import annotations
 
-import weakref
 
 import pytest
 import torch
 
 import deqdiff
 import deqdiff.engine.operators as operators
-from tests.conftest import make_problem, rel_err, tanh_cell
+from tests.conftest import make_problem, rel_err, tanh_cell, track_linearizations
 
 
 def _dense_gradient(z0, A, B, x, b):
@@ -114,15 +113,7 @@ def test_first_order_backward_frees_the_full_graph_before_restricting_to_rows(ge
     """Anderson's linear solve shrinks to its running rows after 8 iterations; the restricted
     linearization is built after the full one is freed, so two graphs of f are never held."""
     z0, (A, B, x, b) = _spread_problem(gen)
-    lins = []
-    original = operators._linearize_fixed_point
-
-    def linearize(*args, **kw):
-        lin = original(*args, **kw)
-        lins.append(weakref.ref(lin))
-        return lin
-
-    monkeypatch.setattr(operators, "_linearize_fixed_point", linearize)
+    lins = track_linearizations(monkeypatch)
     held_at_build = []
 
     def f(z, *p):

@@ -4,14 +4,12 @@ are never held together; higher orders (create_graph) and dense factorizations k
 
 from __future__ import annotations
 
-import weakref
 
 import pytest
 import torch
 
 import deqdiff
-import deqdiff.engine.operators as operators
-from tests.conftest import make_problem, rel_err, tanh_cell
+from tests.conftest import make_problem, rel_err, tanh_cell, track_linearizations
 
 
 def _dense_gradient(z0, A, B, x, b):
@@ -32,15 +30,7 @@ def _dense_gradient(z0, A, B, x, b):
 def _tracked(monkeypatch):
     """Weak references to every linearization of a fixed point built from now on, and a cell
     that records, at each call under gradient recording, whether they are all freed."""
-    lins: list[weakref.ref] = []
-    original = operators._linearize_fixed_point
-
-    def linearize(*args, **kw):
-        lin = original(*args, **kw)
-        lins.append(weakref.ref(lin))
-        return lin
-
-    monkeypatch.setattr(operators, "_linearize_fixed_point", linearize)
+    lins = track_linearizations(monkeypatch)
     calls: list[tuple[int, bool]] = []
 
     def f(z, *params):
