@@ -1,6 +1,6 @@
 """``deqdiff fit-solver``: fits a neural solver to tiny trained runs (conv DEQ on digits, the
-physics-informed Van der Pol DEQ), writes it next to the model with JSON and PNG results, and
-answers bad input with one line naming the flag or file."""
+physics-informed Van der Pol DEQ, the PIDEQ of ``deqdiff pinn poisson2d``), writes it next to the
+model with JSON and PNG results, and answers bad input with one line naming the flag or file."""
 
 from __future__ import annotations
 
@@ -36,7 +36,17 @@ def vdp_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("which", ["conv_run", "vdp_run"])
+@pytest.fixture(scope="module")
+def poisson_run(tmp_path_factory):
+    from deqdiff.physics.pde_jobs import JobConfig, run_job
+
+    out = tmp_path_factory.mktemp("runs") / "poisson2d"
+    run_job(JobConfig(problem="poisson2d", models=("deq",), epochs=2, collocation=32, boundary_points=8, width=8), out,
+            progress=False)
+    return out
+
+
+@pytest.mark.parametrize("which", ["conv_run", "vdp_run", "poisson_run"])
 def test_fit_solver_writes_solver_json_and_png(which, request, capsys):
     run_dir = request.getfixturevalue(which)
     out = run_dir / "report"

@@ -1,9 +1,10 @@
 """Neural solvers for trained runs (``deqdiff fit-solver``): load a run, fit, compare solvers.
 
 :func:`load_run` rebuilds the frozen model of a run directory written by ``deqdiff train``
-(conv DEQ, monotone DEQs, and any DEQ family ``build_model`` knows) or ``deqdiff pinn vdp`` (the
-physics-informed DEQ), with fitting inputs, held-out inputs, the downstream metric and the run's
-own training time. :func:`fit_run` fits a neural solver (Bai, Koltun & Kolter 2022) to the run's
+(conv DEQ, monotone DEQs, and any DEQ family ``build_model`` knows), ``deqdiff pinn vdp`` (the
+physics-informed DEQ) or ``deqdiff pinn poisson2d|kdv`` (the implicit PIDEQ of a PDE), with
+fitting inputs, held-out inputs, the downstream metric and the run's own training time.
+:func:`fit_run` fits a neural solver (Bai, Koltun & Kolter 2022) to the run's
 DEQ; :func:`compare_solvers` measures, on the held-out inputs, the forward evaluations each solver
 needs to reach the model's tolerance and the residual and downstream metric at fixed budgets of
 f-evaluations.
@@ -85,8 +86,11 @@ def load_run(run_dir: str | Path, *, fit_samples: int = 512, seed: int = 0) -> R
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
     ckpt = run_dir / "checkpoint.pt"
+    if not ckpt.is_file() and (run_dir / "checkpoint_deq.pt").is_file():  # `deqdiff pinn poisson2d|kdv`
+        ckpt = run_dir / "checkpoint_deq.pt"
     if not ckpt.is_file():
-        raise FileNotFoundError(f"no checkpoint.pt in {run_dir} (a run written by `deqdiff train` or `deqdiff pinn vdp`)")
+        raise FileNotFoundError(f"no checkpoint.pt in {run_dir} (a run written by `deqdiff train` or `deqdiff pinn vdp`; "
+                                "checkpoint_deq.pt for `deqdiff pinn poisson2d|kdv`)")
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, struct.error) as err:  # truncated or foreign
@@ -99,7 +103,10 @@ def load_run(run_dir: str | Path, *, fit_samples: int = 512, seed: int = 0) -> R
         config = state.get("config") or {}
         if config.get("setup") in ("conditioned", "pideq") and "mu" in config:
             return _vdp_run(run_dir, state, fit_samples, seed)
-        raise ValueError(f"{ckpt}: unknown model kind (a physics-informed run other than `deqdiff pinn vdp`)")
+        if config.get("problem") in PDE_JOB_PROBLEMS and ckpt.name == "checkpoint_deq.pt":
+            return _pde_job_run(run_dir, state, fit_samples, seed)
+        raise ValueError(f"{ckpt}: unknown model kind (a physics-informed run other than `deqdiff pinn vdp`, "
+                         f"`deqdiff pinn poisson2d` or `deqdiff pinn kdv`)")
     raise ValueError(f"{ckpt}: unknown model kind (checkpoint format {tag!r})")
 
 
@@ -180,6 +187,48 @@ def _vdp_run(run_dir: Path, state: dict, fit_samples: int, seed: int) -> Run:
                training_time_s=float(results["training"]["train_time_s"]), tol=cfg.tol, max_iter=cfg.max_iter,
                own_solver=cfg.solver if cfg.solver not in SOLVERS else None,
                training_cpu_time_s=_positive_or_none(results["training"].get("train_cpu_time_s")))
+
+
+#: problems of ``deqdiff pinn`` trained through :mod:`deqdiff.physics.pde_jobs` (the implicit PIDEQ's run)
+PDE_JOB_PROBLEMS = ("poisson2d", "kdv")
+
+
+def _pde_job_run(run_dir: Path, state: dict, fit_samples: int, seed: int) -> Run:
+    """The implicit PIDEQ of a ``deqdiff pinn poisson2d|kdv`` run (``checkpoint_deq.pt``): fitting
+    inputs uniform in the problem's box, held-out inputs its evaluation grid, metric the relative
+    L2 error against the problem's reference there (as the run's own ``results.json``); training
+    time from the checkpoint's per-step history (wall and CPU time of every optimizer step)."""
+    from ..physics.pde_jobs import DEFAULTS, JobConfig, build_model, build_problem
+
+    fields = JobConfig.__dataclass_fields__
+    try:
+        cfg = JobConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items() if k in fields})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{run_dir}: unreadable PDE run configuration ({err})") from err
+    problem = build_problem(cfg)
+    model = build_model(cfg, "deq", problem)
+    model.load_state_dict(state["model"])
+    model.eval()
+    dtype = cfg.torch_dtype
+    train = problem.domain.sample(fit_samples, torch.Generator().manual_seed(10_000 + seed))
+    _, grid = problem.domain.grid(DEFAULTS[cfg.problem][3])
+    ref = np.asarray(problem.reference(grid), dtype=np.float64).reshape(grid.shape[0], -1)
+
+    def metric(pred: Tensor) -> float:
+        err = pred.detach().double().numpy().reshape(ref.shape) - ref
+        return float(np.linalg.norm(err) / max(np.linalg.norm(ref), 1e-300))
+
+    history = state.get("history") or []
+    steps = [h for h in history if isinstance(h, dict) and "time" in h]
+    wall = float(sum(h["time"] for h in steps))
+    cpu = [h.get("cpu_time") for h in steps]
+    train_cpu = float(sum(cpu)) if cpu and all(isinstance(c, (int, float)) for c in cpu) else None
+    return Run(kind=f"pinn-{cfg.problem}", model=model, train_inputs=train.to(dtype),
+               test_inputs=torch.as_tensor(grid, dtype=dtype), metric=metric,
+               metric_name="relative L2 error on the evaluation grid", higher_is_better=False,
+               training_time_s=wall, tol=cfg.tol, max_iter=cfg.max_iter,
+               own_solver=cfg.solver if cfg.solver not in SOLVERS else None,
+               training_cpu_time_s=_positive_or_none(train_cpu))
 
 
 def _positive_or_none(v) -> float | None:
