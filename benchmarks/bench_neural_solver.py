@@ -1,7 +1,8 @@
 """Neural DEQ solvers (Bai, Koltun & Kolter 2022) on trained runs: f-evaluations to the model's
 tolerance on held-out inputs, neural vs Anderson (target ≤ 0.5× at equal downstream metric), and
 fitting time as a share of the model's training time (target ≤ 5 %; CPU time where the run
-records it, as ``deqdiff train`` and ``deqdiff pinn vdp`` do, and wall time).
+records it, as ``deqdiff train``, ``deqdiff pinn vdp`` and ``deqdiff pinn poisson2d|kdv`` (per
+step, in the checkpoint's history) do, and wall time).
 
 Train the base models first with the CLI defaults, e.g.::
 
@@ -9,6 +10,8 @@ Train the base models first with the CLI defaults, e.g.::
     deqdiff pinn vdp --out /tmp/nsolver/vdp
     deqdiff train --model mon --out /tmp/nsolver/mon
     deqdiff train --model mdeq --out /tmp/nsolver/mdeq
+    deqdiff pinn poisson2d --models deq --out /tmp/nsolver/poisson2d
+    deqdiff pinn kdv --models deq --out /tmp/nsolver/kdv
 
 then::
 
