@@ -58,6 +58,29 @@ def test_width_and_ridge_are_the_best_held_out_pair_found():
         ini.fit(x[:10], z[:10])
 
 
+def test_width_and_ridge_are_chosen_for_the_dtype_the_initializer_predicts_in():
+    """A smooth target: in float64 the search goes to a tiny λ, whose large coefficients of
+    alternating sign float32 cannot sum; a float32 initializer validates in float32 and keeps a
+    λ it resolves — on fresh inputs far better than the float64 choice cast to float32."""
+    gen = torch.Generator().manual_seed(4)
+
+    def target(x):
+        return torch.stack([torch.sin(2 * x[:, 0]) * x[:, 1], torch.cos(x[:, 0] + x[:, 1])], 1) + 2.0
+
+    x, xt = (torch.rand(n, 2, generator=gen, dtype=torch.float64) * 4 - 2 for n in (400, 500))
+
+    def rel(a):
+        return float(((a.double() - target(xt)).norm(dim=1) / target(xt).norm(dim=1)).mean())
+
+    i64 = KernelInitializer((2,), (2,), centers=400).double()
+    info64 = i64.fit(x, target(x), torch.Generator().manual_seed(0))
+    i32 = KernelInitializer((2,), (2,), centers=400).float()
+    info32 = i32.fit(x.float(), target(x).float(), torch.Generator().manual_seed(0))
+    assert info64["ridge"] <= 1e-9 and info32["ridge"] > info64["ridge"]
+    assert rel(i64(xt)) < 1e-4  # float64 resolves its tiny λ
+    assert rel(i32(xt.float())) < 1e-3 < rel(i64.float()(xt.float()))
+
+
 def test_fitted_solver_returns_a_fixed_point_with_fewer_f_evaluations(fitted):
     cell, res = fitted
     ns = res.solver
