@@ -24,7 +24,8 @@ def _config(**kw) -> InverseConfig:
 
 
 def _strip_times(history: dict) -> dict:
-    return {k: {"steps": h["steps"], "epochs": [{a: b for a, b in e.items() if a != "time_s"} for e in h["epochs"]]}
+    times = ("time_s", "cpu_time_s")
+    return {k: {"steps": h["steps"], "epochs": [{a: b for a, b in e.items() if a not in times} for e in h["epochs"]]}
             for k, h in history.items()}
 
 

@@ -2,8 +2,8 @@
 trained run and compare it with Anderson, Broyden and plain iteration on held-out inputs.
 
 Reads a run written by ``deqdiff train`` (conv, monotone and other DEQ classifiers),
-``deqdiff pinn vdp`` (the physics-informed DEQ) or ``deqdiff pinn poisson2d|kdv`` (the implicit
-PIDEQ of a PDE, ``checkpoint_deq.pt``); writes the fitted solver next to the model
+``deqdiff pinn vdp`` (the physics-informed DEQ), ``deqdiff pinn poisson2d|kdv`` (the implicit
+PIDEQ of a PDE, ``checkpoint_deq.pt``) or ``deqdiff inverse`` (the reconstruction DEQ); writes the fitted solver next to the model
 (``RUN_DIR/neural_solver.pt``), and ``fit_solver.json`` and ``fit_solver.png`` (residual and
 downstream metric vs f-evaluations) to ``--out``. The fitting time is reported as a share of the
 run's own training time (wall clock, and CPU time where the run recorded it).
@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=DefaultsHelp)
     a = p.add_argument
     a("--from", dest="run_dir", required=True, metavar="RUN_DIR",
-      help="run directory of `deqdiff train` or `deqdiff pinn vdp` (checkpoint.pt and its metrics), or of "
-           "`deqdiff pinn poisson2d|kdv` (checkpoint_deq.pt)")
+      help="run directory of `deqdiff train`, `deqdiff pinn vdp` or `deqdiff inverse` (checkpoint.pt and its "
+           "metrics), or of `deqdiff pinn poisson2d|kdv` (checkpoint_deq.pt)")
     a("--out", default=None, help="folder for fit_solver.json and fit_solver.png (default: RUN_DIR/fit_solver)")
     a("--fit-samples", type=positive_int, default=2048,
       help="training inputs drawn for the fit (at most the training split; with --steps > 0 a fifth of them is "

@@ -2,8 +2,9 @@
 
 :func:`load_run` rebuilds the frozen model of a run directory written by ``deqdiff train``
 (conv DEQ, monotone DEQs, and any DEQ family ``build_model`` knows), ``deqdiff pinn vdp`` (the
-physics-informed DEQ) or ``deqdiff pinn poisson2d|kdv`` (the implicit PIDEQ of a PDE), with
-fitting inputs, held-out inputs, the downstream metric and the run's own training time.
+physics-informed DEQ), ``deqdiff pinn poisson2d|kdv`` (the implicit PIDEQ of a PDE) or
+``deqdiff inverse`` (the deblurring/denoising DEQ), with fitting inputs, held-out inputs, the
+downstream metric and the run's own training time.
 :func:`fit_run` fits a neural solver (Bai, Koltun & Kolter 2022) to the run's
 DEQ; :func:`compare_solvers` measures, on the held-out inputs, the forward evaluations each solver
 needs to reach the model's tolerance and the residual and downstream metric at fixed budgets of
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from ..solvers.neural import FallbackWarning, NeuralSolver, NeuralSolverConfig
 from ..solvers.neural_fit import FitConfig, FitResult, fit_neural_solver
 from .checkpoint import FORMAT, PINN_FORMAT
+from .inverse import INVERSE_FORMAT
 from .jacobian import capture_equilibrium
 
 __all__ = ["Run", "load_run", "fit_run", "compare_solvers", "SOLVERS"]
@@ -99,6 +101,8 @@ def load_run(run_dir: str | Path, *, fit_samples: int = 512, seed: int = 0) -> R
     tag = state.get("format") if isinstance(state, dict) else None
     if tag == FORMAT:
         return _classification_run(run_dir, fit_samples, seed)
+    if tag == INVERSE_FORMAT:
+        return _inverse_run(run_dir, state, fit_samples, seed)
     if tag == PINN_FORMAT:
         config = state.get("config") or {}
         if config.get("setup") in ("conditioned", "pideq") and "mu" in config:
@@ -187,6 +191,43 @@ def _vdp_run(run_dir: Path, state: dict, fit_samples: int, seed: int) -> Run:
                training_time_s=float(results["training"]["train_time_s"]), tol=cfg.tol, max_iter=cfg.max_iter,
                own_solver=cfg.solver if cfg.solver not in SOLVERS else None,
                training_cpu_time_s=_positive_or_none(results["training"].get("train_cpu_time_s")))
+
+
+def _inverse_run(run_dir: Path, state: dict, fit_samples: int, seed: int) -> Run:
+    """The DEQ of a ``deqdiff inverse deblur|denoise`` run (Gilton, Ongie & Willett 2021): fitting
+    inputs the measurements y of training images, held-out inputs those of the held-out split,
+    metric the mean PSNR (dB, peak 1) of the reconstructions, training time (wall, and CPU where
+    recorded) from the checkpoint's per-epoch history of the DEQ."""
+    from ..models.inverse import psnr
+    from .inverse import InverseConfig, build_inverse_model, load_task_data
+
+    try:
+        config = InverseConfig.from_dict(state["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{run_dir}: unreadable inverse-problem run configuration ({err})") from err
+    runs = state.get("runs") or {}
+    if "deq" not in runs:
+        raise ValueError(f"{run_dir}: model kind 'unrolled' (the inverse-problem run trained no DEQ) has no "
+                         "equilibrium layer")
+    data = load_task_data(config)
+    model = build_inverse_model(InverseConfig.from_dict({**config.to_dict(), "device": "cpu"}), "deq",
+                                data.image_shape[0])
+    model.load_state_dict(runs["deq"]["model"])
+    model.eval()
+    dtype = getattr(torch, config.dtype)
+    train_idx = torch.randperm(data.size("train"), generator=torch.Generator().manual_seed(seed))[:fit_samples]
+    y_train, _ = data.batch("train", train_idx, dtype=dtype)
+    y_test, x_test = data.batch("test", torch.arange(data.size("test")), dtype=dtype)
+    epochs = (runs["deq"].get("history") or {}).get("epochs", [])
+    cpu = [e.get("cpu_time_s") for e in epochs]
+    opts = _deq_options(model)
+    own = opts.get("solver", "anderson")
+    return Run(kind=f"inverse-{config.task}", model=model, train_inputs=y_train, test_inputs=y_test,
+               metric=lambda out: float(psnr(out.detach(), x_test).double().mean()), metric_name="test PSNR (dB)",
+               higher_is_better=True, training_time_s=float(sum(e["time_s"] for e in epochs)),
+               tol=float(opts.get("tol", 1e-4)), max_iter=int(opts.get("max_iter", 50)),
+               own_solver=own if own not in SOLVERS else None,
+               training_cpu_time_s=float(sum(cpu)) if cpu and all(c is not None for c in cpu) else None)
 
 
 #: problems of ``deqdiff pinn`` trained through :mod:`deqdiff.physics.pde_jobs` (the implicit PIDEQ's run)

@@ -253,6 +253,9 @@ class _ModelRun(ResumableRun):
     def summarize(self, meter: Meter) -> dict:
         return _summary(meter)
 
+    def epoch_times(self, wall: float, cpu: float) -> dict:
+        return {"time_s": self.epoch_time, "cpu_time_s": cpu}  # cpu: this process's CPU time of the epoch's steps
+
     def end_epoch(self) -> dict:
         return {"test": evaluate_inverse(self.model, self.data, self.config, ctx=self.ctx, device=self.device)}
 
