@@ -46,7 +46,8 @@ from deqdiff.training.fit_solver import (compare_solvers, default_gt_tol, fit_bu
 
 KEYS = {"fit_samples": int, "steps": int, "batch": int, "unroll": int, "lr": float, "m": int, "hidden": int,
         "init_hidden": int, "gt_tol": float, "init_steps": int, "init_batch": int, "init_rank": int,
-        "budget_share": float, "initializer": str, "warm_start": int, "reset": lambda v: v.lower() in ("1", "true", "yes")}
+        "budget_share": float, "initializer": str, "warm_start": int, "reset": lambda v: v.lower() in ("1", "true", "yes"),
+        "learned_steps": int}
 
 
 def _run_arg(text: str) -> tuple[str, str, dict]:
@@ -71,6 +72,7 @@ def main() -> None:
     p.add_argument("--warm-start", type=int, default=256)
     p.add_argument("--no-reset", dest="reset", action="store_false",
                    help="never restart stuck samples from zero (FitConfig.reset=False)")
+    p.add_argument("--learned-steps", type=int, default=1)
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--init-steps", type=int, default=600)
     p.add_argument("--init-batch", type=int, default=64)
@@ -108,7 +110,8 @@ def main() -> None:
                         select_tol=run.tol, select_max_iter=run.max_iter,
                         init_steps=s["init_steps"], init_batch=s["init_batch"],
                         gt_tol=s.get("gt_tol") or default_gt_tol(run), initializer=s["initializer"],
-                        warm_start=s["warm_start"], reset=s["reset"], time_budget_s=budget, budget_clock=clock)
+                        warm_start=s["warm_start"], reset=s["reset"], time_budget_s=budget, budget_clock=clock,
+                        learned_steps=s["learned_steps"])
         config = NeuralSolverConfig((1,), (1,), m=s["m"], hidden=s["hidden"], init_hidden=s["init_hidden"],
                                     init_rank=s["init_rank"])
         load = os.getloadavg()

@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
       help="never restart samples from zero (by default a sample still running after the mean f-evaluations of a "
            "ground-truth solve from the default start restarts from zero with plain Anderson, when the longest "
            "such solve fits in the iterations left)")
+    a("--learned-steps", type=nonneg_int, default=1,
+      help="kernel initializer: learned residual-correction steps before the Anderson loop (each a ridge map from "
+           "the residual to the error, fitted on the kernel's leave-one-out starts; one f-evaluation each)")
     a("--init-steps", type=nonneg_int, default=600,
       help="network initializer: Adam steps fitting it alone to the fixed points first (no f-evaluations)")
     a("--init-batch", type=positive_int, default=64, help="samples per initializer-only step")
@@ -113,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
                         init_steps=args.init_steps, init_batch=args.init_batch,
                         gt_tol=args.gt_tol if args.gt_tol is not None else default_gt_tol(run),
                         initializer=args.initializer, warm_start=args.warm_start, reset=args.reset,
-                        time_budget_s=budget, budget_clock=clock)
+                        time_budget_s=budget, budget_clock=clock, learned_steps=args.learned_steps)
         config = NeuralSolverConfig((1,), (1,), m=args.m, hidden=args.hidden, init_hidden=args.init_hidden,
                                     init_rank=args.init_rank, meta={"run": str(run_dir), "kind": run.kind})
     t0 = time.perf_counter()

@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from .anderson import anderson
 from .base import SolveInfo, register_solver, row_norm
 
-__all__ = ["NeuralSolverConfig", "NeuralSolver", "Initializer", "KernelInitializer", "HyperAnderson",
-           "FallbackWarning", "neural_solver", "FORMAT", "INITIALIZERS"]
+__all__ = ["NeuralSolverConfig", "NeuralSolver", "Initializer", "KernelInitializer", "HyperAnderson", "LearnedSteps",
+           "FallbackWarning", "neural_solver", "fit_learned_steps", "FORMAT", "INITIALIZERS"]
 
 #: initializer kinds: a network fitted by gradient steps, or kernel ridge regression (closed form)
 INITIALIZERS = ("network", "kernel")
@@ -82,7 +82,8 @@ class NeuralSolverConfig:
     leading principal directions). ``reset_after``: samples still running after this many
     f-evaluations restart from the zero state (the default start of the library's DEQ layers) with
     plain Anderson steps for the iterations left (None: never; see :func:`neural_solver`), when at
-    least ``reset_need`` iterations are left (None: always)."""
+    least ``reset_need`` iterations are left (None: always). ``learned_steps``: steps of
+    :class:`LearnedSteps` (each on ``step_samples`` training residuals) before the Anderson loop."""
 
     state_shape: tuple[int, ...]
     input_shape: tuple[int, ...]
@@ -100,6 +101,8 @@ class NeuralSolverConfig:
     kernel_rank: int = 64  # kernel initializer: principal directions of the flattened input kept
     reset_after: int | None = None  # f-evaluations after which running samples restart from zero
     reset_need: int | None = None  # ... only when at least this many iterations are left
+    learned_steps: int = 0  # learned residual-correction steps before Anderson (LearnedSteps)
+    step_samples: int | None = None  # ... the number of training residuals each step's map holds
     meta: dict = field(default_factory=dict)  # provenance (model kind, fit settings), JSON-able
 
     def __post_init__(self):
@@ -113,7 +116,11 @@ class NeuralSolverConfig:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if self.initializer not in INITIALIZERS:
             raise ValueError(f"initializer must be one of {INITIALIZERS}, got {self.initializer!r}")
-        for name in ("kernel_centers", "kernel_rank", "reset_after", "reset_need"):
+        if isinstance(self.learned_steps, bool) or int(self.learned_steps) != self.learned_steps or self.learned_steps < 0:
+            raise ValueError(f"learned_steps must be an integer >= 0, got {self.learned_steps!r}")
+        if self.learned_steps and self.step_samples is None:
+            raise ValueError("learned steps need step_samples (the number of training residuals of each step's map)")
+        for name in ("kernel_centers", "kernel_rank", "reset_after", "reset_need", "step_samples"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -270,8 +277,9 @@ class KernelInitializer(nn.Module):
     checkpoint round-trips them (their sizes come from ``centers`` and ``rank``)."""
 
     # bandwidth s as multiples of the median squared distance (down to 1/64: the PIDEQ of KdV, whose
-    # fixed points vary sharply with the coordinates, chose 1/32)
-    WIDTHS = (0.015625, 0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+    # fixed points vary sharply with the coordinates, chose 1/32; up to 64: the deblurring DEQ, whose
+    # fixed points are nearly linear in the measurements, chose 16–64)
+    WIDTHS = (0.015625, 0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
     RIDGES = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # λ (the kernel matrix has unit diagonal)
 
     def __init__(self, input_shape: tuple[int, ...], state_shape: tuple[int, ...], centers: int, rank: int = 64):
@@ -303,7 +311,8 @@ class KernelInitializer(nn.Module):
         return (k @ self.coef + self.z_mean).reshape(x.shape[0], *self.state_shape).to(x.dtype)
 
     @torch.no_grad()
-    def fit(self, x: Tensor, z: Tensor, generator: torch.Generator | None = None) -> dict:
+    def fit(self, x: Tensor, z: Tensor, generator: torch.Generator | None = None, *,
+            leave_one_out: bool = False) -> dict:
         """Fit to the fixed points ``z`` ``(n, *state_shape)`` of the injections ``x``
         ``(n, *input_shape)``, n = the ``centers`` given at construction (``ValueError``
         otherwise). Computed in float64, stored in the buffers' dtype. Returns the chosen width
@@ -311,7 +320,10 @@ class KernelInitializer(nn.Module):
         held-out predictions computed as :meth:`forward` will compute them, in the buffers'
         dtype: a small λ gives large coefficients of alternating sign whose sum float32 cannot
         resolve (measured on a float32 PIDEQ: λ = 1e-10, held-out error 6e-6 in float64 but a
-        start residual of 0.39 in float32), so such a pair is not chosen where it would fail."""
+        start residual of 0.39 in float32), so such a pair is not chosen where it would fail.
+        ``leave_one_out``: also set ``loo_predictions`` ``(n, N)`` (float64), the prediction for
+        each fitting sample by the fit on all others (closed form: ``z*_i − a_i / [(K + λI)⁻¹]_ii``),
+        the training starts :func:`fit_learned_steps` needs."""
         n = self.centers.shape[0]
         if x.shape[0] != n or z.shape[0] != n:
             raise ValueError(f"the kernel initializer has {n} centers; got {x.shape[0]} inputs and {z.shape[0]} targets")
@@ -364,7 +376,13 @@ class KernelInitializer(nn.Module):
         else:
             w, lam = 1.0, 1e-2
         finite = {k: e for k, e in errors.items() if math.isfinite(e)}
-        coef = _ridge_solve(torch.exp(-d2 / (w * med)), T, lam)
+        K = torch.exp(-d2 / (w * med))
+        coef = _ridge_solve(K, T, lam)
+        if leave_one_out:
+            M = K + lam * torch.eye(n, dtype=K.dtype)
+            L, bad = torch.linalg.cholesky_ex(M)
+            diag = (torch.cholesky_inverse(L) if int(bad) == 0 else torch.linalg.inv(M)).diagonal()
+            self.loo_predictions = Z - coef / diag[:, None]
         for buf, val in ((self.x_mean, mu), (self.proj, P), (self.centers, A), (self.coef, coef),
                          (self.z_mean, z_mean), (self.bandwidth, torch.tensor(w * med))):
             buf.copy_(val.to(buf))
@@ -372,6 +390,98 @@ class KernelInitializer(nn.Module):
                          "held_out_error": finite.get((w, lam), math.nan),
                          "errors": {f"{k[0]:g}/{k[1]:g}": e for k, e in errors.items()}}
         return self.fit_info
+
+
+class LearnedSteps(nn.Module):
+    """Learned residual-correction steps ``z ← z + r + Σ_i ⟨r, r_i⟩ c_i``, r = f(z) − z: per step,
+    kernel ridge regression with the linear kernel (Saunders, Gammerman & Vovk 1998) of the error
+    left after a plain fixed-point step, ``z* − z − r``, on the residual r, fitted on the
+    residuals ``r_i`` of training starts — a learned approximation of the Newton step
+    ``(I − ∂f/∂z)⁻¹ r`` around the data's fixed points, where a plain step only removes the
+    fast-contracting part of the error (:func:`fit_learned_steps`). Each step costs one
+    f-evaluation (of ``f(z)``), counted by :func:`neural_solver` like an iteration.
+
+    ``steps`` maps over ``samples`` training residuals of ``size`` unknowns; ``step(k, r)``
+    ``(B, size)`` → the update ``(B, size)``. The fitted values live in buffers (a checkpoint
+    round-trips them)."""
+
+    def __init__(self, steps: int, samples: int, size: int):
+        super().__init__()
+        self.register_buffer("residuals", torch.zeros(int(steps), int(samples), int(size)))
+        self.register_buffer("coef", torch.zeros(int(steps), int(samples), int(size)))
+
+    @property
+    def steps(self) -> int:
+        return int(self.residuals.shape[0])
+
+    def step(self, k: int, r: Tensor) -> Tensor:
+        rr = r.to(self.coef.dtype)
+        return (rr + (rr @ self.residuals[k].T) @ self.coef[k]).to(r.dtype)
+
+
+#: ridge μ of the learned steps, relative to the mean squared residual norm
+STEP_RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+@torch.no_grad()
+def fit_learned_steps(g: Callable[[Tensor], Tensor], z0: Tensor, z_star: Tensor, steps: int,
+                      chunk: int = 1024) -> tuple[LearnedSteps, dict]:
+    """Fit ``steps`` :class:`LearnedSteps` maps on training starts ``z0`` ``(n, N)`` (held-out
+    predictions of the initializer, e.g. its leave-one-out predictions) whose fixed points of
+    the flat map ``g`` are ``z_star`` ``(n, N)`` (``g`` with ``row_subsets``: evaluated in
+    chunks of ``chunk`` rows). Step k's map is fitted on the residuals at the
+    starts after k steps, each start moved by the leave-one-out prediction of the maps before it
+    (closed form, so the next map trains on starts as good as unseen inputs get); its ridge μ is
+    the one of :data:`STEP_RIDGES` with the least leave-one-out error (one eigendecomposition of
+    the residuals' Gram matrix serves every μ). Steps are kept while the learned step's
+    leave-one-out error is below that of a plain fixed-point step (the step the Anderson loop
+    takes first): the first that is not ends the fit. Returns the module of the kept steps
+    (buffers cast to ``z0``'s dtype) and per step tried the chosen μ, the mean relative errors
+    ‖z* − z‖/‖z*‖ at the start, after a plain fixed-point step and after the learned step, and
+    whether it was kept."""
+    n, N = z0.shape
+    Z = z_star.reshape(n, -1).double()
+    zn = torch.linalg.vector_norm(Z, dim=1).clamp_min(torch.finfo(Z.dtype).tiny)
+    z = z0.double()
+    mod = LearnedSteps(steps, n, N)
+    info = []
+    for k in range(steps):
+        if getattr(g, "row_subsets", False):  # in chunks of rows (g(z_rows, rows=idx))
+            fz = torch.cat([g(z[i:i + chunk].to(z0.dtype), rows=torch.arange(i, min(i + chunk, n), device=z0.device))
+                            for i in range(0, n, chunk)])
+        else:
+            fz = g(z.to(z0.dtype))
+        r = fz.double() - z
+        T = Z - z - r  # the error a plain step leaves
+        G = r @ r.T
+        s = float(G.diagonal().mean()) or 1.0
+        lam, U = torch.linalg.eigh(G)  # once for every μ: (G + μ s I)⁻¹ = U diag(1/(λ + μ s)) Uᵀ
+        lam = lam.clamp_min(0.0)
+        UT, U2 = U.T @ T, U.square()
+        best = None
+        for mu in STEP_RIDGES:
+            inv = 1.0 / (lam + mu * s)
+            a = U @ (inv[:, None] * UT)
+            loo = T - a / (U2 @ inv)[:, None]  # leave-one-out predictions of T (closed form)
+            err = float((torch.linalg.vector_norm(T - loo, dim=1) / zn).mean())
+            if math.isfinite(err) and (best is None or err < best[0]):
+                best = (err, mu, a, loo)
+        if best is None:
+            raise ValueError("learned steps: no finite fit (non-finite residuals at the training starts)")
+        err, mu, a, loo = best
+        plain = float((torch.linalg.vector_norm(T, dim=1) / zn).mean())
+        info.append({"ridge": mu, "error_start": float((torch.linalg.vector_norm(Z - z, dim=1) / zn).mean()),
+                     "error_plain_step": plain, "error_learned_step": err, "kept": err < plain})
+        if not err < plain:  # no better than the plain step the Anderson loop takes anyway: stop here
+            break
+        mod.residuals[k] = r
+        mod.coef[k] = a
+        z = z + r + loo
+    kept = sum(st["kept"] for st in info)
+    out = LearnedSteps(kept, n, N)
+    out.residuals.copy_(mod.residuals[:kept])
+    out.coef.copy_(mod.coef[:kept])
+    return out.to(z0.dtype), {"steps": info, "kept": kept}
 
 
 def _ridge_solve(K: Tensor, T: Tensor, lam: float) -> Tensor:
@@ -514,6 +624,8 @@ class NeuralSolver(nn.Module):
             self.initializer = Initializer(config.input_shape, config.state_shape, config.init_hidden,
                                            config.state_layout, config.init_rank)
         self.mixer = HyperAnderson(config.state_size, config.m, config.hidden, config.compress, config.beta_max)
+        self.steps = (LearnedSteps(config.learned_steps, config.step_samples, config.state_size)
+                      if config.learned_steps else None)
 
     @property
     def m(self) -> int:
@@ -647,7 +759,12 @@ def neural_solver(
     (the longest solve from the default start its fit saw), so a restart can finish. Their ``iterations`` count both passes (f-evaluations stay ≤ ``max_iter`` + 1);
     the residual trace is the first pass's; ``info.extra["reset_samples"]`` counts them.
     Not applied with ``store_trajectory`` or without a stopping rule (``tol = atol = 0``: a solve
-    to a budget of iterations, where every sample is still running)."""
+    to a budget of iterations, where every sample is still running).
+
+    A network with :class:`LearnedSteps` (``config.learned_steps``) takes those steps first, each
+    one f-evaluation counted in ``iterations`` (a row that meets the rule during them stops there),
+    then the Anderson loop continues from their result; ``info.extra["learned_steps"]`` says how
+    many were taken (none with ``store_trajectory``)."""
     if not isinstance(network, NeuralSolver):
         raise ValueError("solver 'neural' needs a fitted deqdiff.solvers.neural.NeuralSolver as network= "
                          "(fit one with deqdiff.solvers.neural_fit.fit_neural_solver or `deqdiff fit-solver`)")
@@ -671,21 +788,58 @@ def neural_solver(
     need = network.config.reset_need or 0
     first_iter = (max_iter if reset_after is None or store_trajectory or no_rule or max_iter - reset_after < need
                   else reset_after - 1)
-    z, info = anderson(g_seen, z0, tol=tol, atol=atol, max_iter=first_iter, scale=scale, store_trajectory=store_trajectory,
-                       m=network.m, beta=beta, lam=lam, restart=restart, max_restarts=max_restarts, mixer=session)
+    n_steps = 0 if network.steps is None or store_trajectory else min(network.steps.steps, first_iter)
+    start, done_at = z0, None
+    if n_steps:
+        start, done_at = _learned_steps(g, z0, network.steps, n_steps, tol=tol, atol=atol, scale=scale)
+    z, info = anderson(g_seen, start, tol=tol, atol=atol, max_iter=first_iter - n_steps, scale=scale,
+                       store_trajectory=store_trajectory, m=network.m, beta=beta, lam=lam, restart=restart,
+                       max_restarts=max_restarts, mixer=session)
+    if n_steps:  # count the steps' f-evaluations; rows that met the rule during them stop there
+        done = done_at >= 0
+        info = replace(info, iterations=torch.where(done, done_at, info.iterations + n_steps),
+                       converged=info.converged | done)
     n_reset = 0
     if first_iter < max_iter and not bool(info.converged.all()):
         z, info, n_reset = _reset_stuck(g, z, info, tol=tol, atol=atol, scale=scale, max_iter=max_iter - reset_after,
                                         m=network.m, beta=beta, lam=lam, restart=restart, max_restarts=max_restarts,
                                         offset=reset_after)
     fallen = int(session.fallen.sum())
-    extra = {**info.extra, "fallback_samples": fallen, "reset_samples": n_reset}
+    extra = {**info.extra, "fallback_samples": fallen, "reset_samples": n_reset, "learned_steps": n_steps}
     if record_alpha:
         extra["alpha_terms"] = session.alpha_terms
     if fallen:
         warnings.warn(f"neural solver: the network's proposals stopped reducing the residual of {fallen}/"
                       f"{z0.shape[0]} samples; they were finished by plain Anderson", FallbackWarning, stacklevel=2)
     return z, replace(info, solver="neural", extra=extra)
+
+
+def _learned_steps(g, z: Tensor, steps: LearnedSteps, n: int, *, tol: float, atol, scale: Tensor | None
+                   ) -> tuple[Tensor, Tensor]:
+    """The first ``n`` steps of :func:`neural_solver` with a fitted :class:`LearnedSteps`: each
+    evaluates f at the rows still running (one f-evaluation each), stops the rows whose residual
+    meets the solve's rule ``‖f(z) − z‖ ≤ atol + tol·(scale or ‖f(z)‖)`` there, and moves the
+    others by the learned update (a row whose update is not finite stays). Returns the states and
+    per row the step at which it met the rule (−1: still running)."""
+    done_at = torch.full((z.shape[0],), -1, dtype=torch.long, device=z.device)
+    subsets = getattr(g, "row_subsets", False)
+    for k in range(n):
+        run = (done_at < 0).nonzero().squeeze(1)
+        if run.numel() == 0:
+            break
+        zr = z[run]
+        with torch.no_grad():
+            fz = g(zr, rows=run) if subsets else g(z)[run]
+        r = fz - zr
+        res = row_norm(r)
+        sc = row_norm(fz) if scale is None else scale[run]
+        row_atol = atol[run] if isinstance(atol, Tensor) and atol.ndim else atol
+        ok = torch.isfinite(res) & (res <= row_atol + tol * sc)
+        done_at[run[ok]] = k
+        update = steps.step(k, r)
+        move = ~ok & torch.isfinite(update).all(1)
+        z = z.index_copy(0, run[move], (zr + update)[move])
+    return z, done_at
 
 
 def _reset_stuck(g, z: Tensor, info: SolveInfo, *, tol: float, atol, scale: Tensor | None, max_iter: int,

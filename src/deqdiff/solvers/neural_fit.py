@@ -46,7 +46,8 @@ from torch import Tensor
 
 from .anderson import anderson
 from .base import row_norm
-from .neural import INITIALIZERS, FallbackWarning, KernelInitializer, NeuralSolver, NeuralSolverConfig, neural_solver
+from .neural import (INITIALIZERS, FallbackWarning, KernelInitializer, NeuralSolver, NeuralSolverConfig, fit_learned_steps,
+                     neural_solver)
 
 __all__ = ["FitConfig", "FitResult", "ground_truth", "fit_neural_solver"]
 
@@ -77,7 +78,10 @@ class FitConfig:
     solver's ``reset_after`` to the mean f-evaluations of the ground-truth solves from the
     default start, rounded up, and its ``reset_need`` to their maximum (a sample that has spent
     the mean from the learned start restarts from zero when the longest default-start solve still
-    fits in the iterations left; :func:`~deqdiff.solvers.neural.neural_solver`)."""
+    fits in the iterations left; :func:`~deqdiff.solvers.neural.neural_solver`).
+    ``learned_steps``: fit this many :class:`~deqdiff.solvers.neural.LearnedSteps` (kernel
+    initializer only) on its leave-one-out starts of the fitting inputs; the solver takes them
+    before the Anderson loop."""
 
     steps: int = 300
     batch: int = 64
@@ -99,6 +103,7 @@ class FitConfig:
     warm_start: int = 0
     budget_clock: str = "wall"
     reset: bool = True
+    learned_steps: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -106,12 +111,15 @@ class FitConfig:
             raise ValueError(f"init_steps must be an integer >= 0, got {self.init_steps!r}")
         if self.time_budget_s is not None and not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
             raise ValueError(f"time_budget_s must be None or a finite number > 0, got {self.time_budget_s!r}")
-        for name in ("steps", "warm_start"):
+        for name in ("steps", "warm_start", "learned_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or int(v) != v or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         if self.initializer not in INITIALIZERS:
             raise ValueError(f"initializer must be one of {INITIALIZERS}, got {self.initializer!r}")
+        if self.learned_steps and self.initializer != "kernel":
+            raise ValueError("learned_steps need the kernel initializer (its leave-one-out predictions are their "
+                             "training starts)")
         if self.budget_clock not in ("wall", "cpu"):
             raise ValueError(f"budget_clock must be 'wall' or 'cpu', got {self.budget_clock!r}")
         for name in ("batch", "unroll", "gt_max_iter", "init_batch", "select_max_iter"):
@@ -148,6 +156,7 @@ class FitResult:
     phases: dict = field(default_factory=dict)  # per phase: [wall s, CPU s] (ground truth, ridge/kernel, init, unrolled, final)
     mixer_rule: dict = field(default_factory=dict)  # select_tol: mean f-evaluations per rule, and the rule kept
     initializer_fit: dict = field(default_factory=dict)  # kernel initializer: chosen width, λ, held-out errors
+    learned_steps_fit: dict = field(default_factory=dict)  # learned steps: per step μ and leave-one-out errors
 
 
 def _flat_map(cell: Callable[[Tensor, Tensor], Tensor], x: Tensor, state_shape: tuple[int, ...],
@@ -271,14 +280,26 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
                                 "state_layout": state_layout if state_layout is not None else base.state_layout,
                                 "mixer_steps": fit.unroll if base.mixer_steps is None else base.mixer_steps,
                                 "initializer": fit.initializer, "reset_after": reset_after, "reset_need": reset_need,
-                                "kernel_centers": x_all.shape[0] if kernel else base.kernel_centers})
+                                "kernel_centers": x_all.shape[0] if kernel else base.kernel_centers,
+                                "learned_steps": 0, "step_samples": None})
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(fit.seed)
         net = NeuralSolver(cfg).to(device=x_all.device, dtype=x_all.dtype)
     ini = net.initializer
+    steps_info: dict = {}
     if kernel:  # closed form: no initializer steps, no refits
-        kernel_info = ini.fit(x_all, z_star, gen)
+        kernel_info = ini.fit(x_all, z_star, gen, leave_one_out=bool(fit.learned_steps))
         phase("kernel")
+        if fit.learned_steps:
+            n_fit = x_all.shape[0]
+            steps, steps_info = fit_learned_steps(_flat_map(cell, x_all, state_shape, row_subsets=True),
+                                                  ini.loo_predictions.to(x_all.dtype), z_star.reshape(n_fit, -1),
+                                                  fit.learned_steps)
+            if steps.steps:  # the steps kept (those that beat a plain step on held-out starts)
+                net.config.learned_steps, net.config.step_samples = steps.steps, n_fit
+                net.steps = steps
+            del ini.loo_predictions
+            phase("learned_steps")
     else:
         kernel_info = {}
         ini.set_input_stats(x_all)
@@ -364,7 +385,7 @@ def fit_neural_solver(cell: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, 
         net.config.mixer_steps = 0
     phase("final")
     return FitResult(net, history, time.perf_counter() - t0, time.process_time() - c0, t_gt, n, int((~ok).sum()),
-                     init_error, init_done, done, float(gt_evals.double().mean()), phases, rule, kernel_info)
+                     init_error, init_done, done, float(gt_evals.double().mean()), phases, rule, kernel_info, steps_info)
 
 
 def _warm_ground_truth(cell, x: Tensor, init_state: Callable[[Tensor], Tensor], fit: FitConfig,
