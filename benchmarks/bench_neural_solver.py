@@ -111,7 +111,7 @@ def main() -> None:
                         init_steps=s["init_steps"], init_batch=s["init_batch"],
                         gt_tol=s.get("gt_tol") or default_gt_tol(run), initializer=s["initializer"],
                         warm_start=s["warm_start"], reset=s["reset"], time_budget_s=budget, budget_clock=clock,
-                        learned_steps=s["learned_steps"])
+                        learned_steps=s["learned_steps"] if s["initializer"] == "kernel" else 0)
         config = NeuralSolverConfig((1,), (1,), m=s["m"], hidden=s["hidden"], init_hidden=s["init_hidden"],
                                     init_rank=s["init_rank"])
         load = os.getloadavg()

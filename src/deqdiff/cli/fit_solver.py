@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
            "such solve fits in the iterations left)")
     a("--learned-steps", type=nonneg_int, default=1,
       help="kernel initializer: learned residual-correction steps before the Anderson loop (each a ridge map from "
-           "the residual to the error, fitted on the kernel's leave-one-out starts; one f-evaluation each)")
+           "the residual to the error, fitted on the kernel's leave-one-out starts, kept while it beats a plain "
+           "step; one f-evaluation each; ignored with --initializer network)")
     a("--init-steps", type=nonneg_int, default=600,
       help="network initializer: Adam steps fitting it alone to the fixed points first (no f-evaluations)")
     a("--init-batch", type=positive_int, default=64, help="samples per initializer-only step")
@@ -116,7 +117,8 @@ def _run(args: argparse.Namespace) -> int:
                         init_steps=args.init_steps, init_batch=args.init_batch,
                         gt_tol=args.gt_tol if args.gt_tol is not None else default_gt_tol(run),
                         initializer=args.initializer, warm_start=args.warm_start, reset=args.reset,
-                        time_budget_s=budget, budget_clock=clock, learned_steps=args.learned_steps)
+                        time_budget_s=budget, budget_clock=clock,
+                        learned_steps=args.learned_steps if args.initializer == "kernel" else 0)
         config = NeuralSolverConfig((1,), (1,), m=args.m, hidden=args.hidden, init_hidden=args.init_hidden,
                                     init_rank=args.init_rank, meta={"run": str(run_dir), "kind": run.kind})
     t0 = time.perf_counter()
