@@ -24,7 +24,8 @@ With ``initializer="kernel"`` the initializer is kernel ridge regression of z* o
 initializer-only steps, the ridge choice and the refits, and the unrolled steps (if any) fit the
 HyperAnderson network alone. ``warm_start`` cuts the ground truth's cost with the initializer's
 own progress: the first ``warm_start`` samples are solved from the DEQ's default start, a kernel
-initializer fitted on them proposes the starts of the rest.
+initializer fitted on them proposes the starts of the rest. ``learned_steps`` fits residual-correction
+steps (:func:`~deqdiff.solvers.neural.fit_learned_steps`) on the kernel's leave-one-out starts.
 
 ``time_budget_s`` stops the gradient steps once the fit's wall time (ground truth included), or
 its CPU time with ``budget_clock="cpu"``, reaches it (the steps taken are recorded; the ground
