@@ -12,9 +12,12 @@ A fitted solver has two small networks, trained on a frozen DEQ (:mod:`deqdiff.s
   history. Here it predicts a
   *correction* to the least-squares weights of Anderson acceleration, so the untrained network is
   Anderson itself and the paper's regularization toward the least-squares weights is the size of
-  the correction.
+  the correction;
+* optionally, **learned steps** (:class:`LearnedSteps`) between the two: the first steps move z by
+  a ridge map of the residual fitted to the error left after a plain step (a learned Newton-like
+  step, one f-evaluation each), then the Anderson loop continues.
 
-Both act only on the forward solve: the state the solve returns still satisfies
+All act only on the forward solve: the state the solve returns still satisfies
 ``‖f(z) − z‖ ≤ atol + tol·‖f(z)‖`` and every derivative of z* is an implicit solve at z*, so
 derivatives do not depend on the solver that found z*.
 
