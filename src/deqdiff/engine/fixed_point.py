@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..solvers.base import SolveInfo, get_solver, report_failure
 from ..solvers.scaling import solve_forward_rescaled
-from .functional import forbid_nested_forward, jvp_by_vjp, partial_in
+from .functional import forbid_nested_forward, jvp_by_vjp, vjp
 from .linear_solve import solve_with_operator
 from .operators import FixedPointJacobian
 from .phantom import PhantomGrad, backward_mode
@@ -93,7 +93,8 @@ def _forward_solve(spec: FixedPointSpec, z0: Tensor, params) -> Tensor:
     S = math.prod(shape[: spec.batch_ndim])
     N = math.prod(shape[spec.batch_ndim :])
     solver = get_solver(spec.solver, "forward")
-    params = tuple(p.detach() for p in params)
+    # the iterations run under no_grad on the tensors as given (not detached copies: a map may
+    # recognise its own tensors, as DEQ does to skip swapping module parameters in)
 
     def g(z: Tensor, rows: Tensor | None = None) -> Tensor:
         if rows is None:
@@ -144,8 +145,8 @@ class _FixedPoint(torch.autograd.Function):
         idx = [i for i, n in enumerate(ctx.needs_input_grad[2:]) if n]
         grads: list[Tensor | None] = [None] * len(params)
         if idx:
-            _, pull = torch.func.vjp(partial_in(ctx.spec.f, (z, *params), [i + 1 for i in idx]), *(params[i] for i in idx))
-            for i, g in zip(idx, pull(w)):
+            pulled = vjp(ctx.spec.f, (z, *params), [i + 1 for i in idx], w)
+            for i, g in zip(idx, pulled):
                 grads[i] = g
         return (None, None, *grads)
 
@@ -156,10 +157,7 @@ class _FixedPoint(torch.autograd.Function):
         idx = [i for i, t in enumerate(p_dot) if t is not None]
         if not idx:
             return torch.zeros_like(z)
-        rhs = jvp_by_vjp(
-            partial_in(ctx.spec.f, (z, *params), [i + 1 for i in idx]),
-            [params[i] for i in idx], [p_dot[i] for i in idx],
-        )
+        rhs = jvp_by_vjp(ctx.spec.f, (z, *params), [i + 1 for i in idx], [p_dot[i] for i in idx])
         return solve_with_operator(_operator(ctx, z, params), rhs, (z, *params))  # (I − J) ż = ∂f/∂θ·θ̇
 
     @staticmethod

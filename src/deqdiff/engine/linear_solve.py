@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..solvers.base import ResidualTrace, SolveInfo, concat_rows, get_solver, merge_rows, report_failure, row_norm
 from ..solvers.scaling import solve_linear_rescaled
-from .functional import forbid_nested_forward, jvp_by_vjp, partial_in
+from .functional import forbid_nested_forward, jvp_by_vjp, vjp
 from .validation import check_solve_options
 from .operators import BoundOperator, FunctionOperator, LinearOperator, VmappedOperator
 
@@ -322,9 +322,8 @@ def _param_cotangent(op, u, x, params, needs) -> list[Tensor | None]:
     idx = [i for i, n in enumerate(needs) if n]
     if not idx:
         return [None] * len(params)
-    form = partial_in(lambda *p: -op.bilinear(u, x, *p), params, idx)
-    _, pullback = torch.func.vjp(form, *(params[i] for i in idx))
-    grads = pullback(torch.ones((), dtype=x.dtype, device=x.device))
+    form = lambda u, x, *p: -op.bilinear(u, x, *p)  # noqa: E731
+    grads = vjp(form, (u, x, *params), [2 + i for i in idx], torch.ones((), dtype=x.dtype, device=x.device))
     out: list[Tensor | None] = [None] * len(params)
     for i, g in zip(idx, grads):
         out[i] = g
@@ -334,8 +333,7 @@ def _param_cotangent(op, u, x, params, needs) -> list[Tensor | None]:
 def _operator_tangent(op, x, params, p_dot) -> Tensor:
     """``(∂_p A(p) x)·ṗ`` (with ``Aᵀ`` for a transposed operator)."""
     idx = [i for i, t in enumerate(p_dot) if t is not None]
-    oriented = partial_in(lambda *p: op.oriented_apply(x, *p), params, idx)
-    return jvp_by_vjp(oriented, [params[i] for i in idx], [p_dot[i] for i in idx])
+    return jvp_by_vjp(op.oriented_apply, (x, *params), [1 + i for i in idx], [p_dot[i] for i in idx])
 
 
 def solve_with_operator(op: LinearOperator, b: Tensor, params: Sequence[Tensor]) -> Tensor:

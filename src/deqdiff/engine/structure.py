@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .validation import is_transformed
+from .validation import all_finite, is_transformed
 
 __all__ = ["infer_rows"]
 
@@ -65,7 +65,7 @@ def infer_rows(f: Callable[..., Tensor], z0: Tensor, params: Sequence[Tensor], f
     z_leaf = zp.clone().requires_grad_()
     with torch.enable_grad():
         out = f(z_leaf, *args)
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         return (0 if want_batch else 1), None
     confined = [True] * len(params)  # per param: gradients stay in the probed row
     independent = True
@@ -75,7 +75,7 @@ def infer_rows(f: Callable[..., Tensor], z0: Tensor, params: Sequence[Tensor], f
         u = torch.zeros_like(out)
         u[r] = torch.randn(out[r].shape, generator=gen, dtype=torch.float64).to(out)
         grads = torch.autograd.grad(out, [z_leaf, *leaves], u, allow_unused=True, retain_graph=True)
-        if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+        if not all_finite(*(g for g in grads if g is not None)):
             return (0 if want_batch else 1), None  # an overflowing probe decides nothing
         for k, i in enumerate(diff):
             g = grads[1 + k]

@@ -106,6 +106,8 @@ class DEQ(nn.Module):
             1 for _ in cell.named_buffers(remove_duplicate=False))
 
         def f(z: Tensor, x: Tensor, *tensors: Tensor) -> Tensor:
+            if len(tensors) == len(values) and all(t is v for t, v in zip(tensors, values)):
+                return cell(z, x)  # the cell's own tensors (forward iterations): nothing to swap in
             return functional_call(cell, dict(zip(names, tensors)), (z, x), tie_weights=tied)
 
         rows = {"row_params": (0,)} if x.ndim and x.shape[0] == z0.shape[0] else {}  # x is per-sample

@@ -40,6 +40,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from ..engine.validation import all_finite
+
 __all__ = ["output_gradient", "output_tangent", "ode_residual", "hutchinson_frobenius", "jacobian_penalty",
            "PhysicsLoss", "LossTerms", "check_finite"]
 
@@ -47,7 +49,7 @@ __all__ = ["output_gradient", "output_tangent", "ode_residual", "hutchinson_frob
 def check_finite(name: str, *tensors: Tensor) -> None:
     """Raise ``ValueError`` naming ``name`` when a tensor holds NaN or Inf."""
     for t in tensors:
-        if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+        if t is not None and t.is_floating_point() and not all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(f"{name} contains {bad} NaN/Inf value(s) (shape {tuple(t.shape)})")
 

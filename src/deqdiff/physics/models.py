@@ -327,7 +327,7 @@ class FlowMap(nn.Module):
         f0 = F(y0)
         # (∂F/∂y)·F by two reverse passes, not torch.func.jvp: it must also run inside the
         # forward-mode pass that gives ∂y/∂Δ (PyTorch has no nested forward levels)
-        return [f0, jvp_by_vjp(F, (y0,), (f0,))]
+        return [f0, jvp_by_vjp(F, (y0,), [0], (f0,))]
 
     def skip(self, x: Tensor) -> Tensor:
         """The Taylor polynomial ``Σ_k Δ^k/k! · y^{(k)}(0)`` (``k ≤ order``) alone."""

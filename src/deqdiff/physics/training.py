@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..engine.validation import all_finite
 from ..training.checkpoint import PINN_FORMAT, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .losses import LossTerms
 
@@ -48,7 +49,7 @@ class Phase:
 
 
 def _grads_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+    return all_finite(*(p.grad for p in model.parameters() if p.grad is not None))
 
 
 class Trainer:

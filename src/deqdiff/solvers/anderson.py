@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .base import SolveInfo, Tracker, compact_now, compaction, register_solver, row_norm
+from .base import SolveInfo, Tracker, compact_now, compaction, register_solver, row_norm, static_rows
 
 
 def solve_small(G: Tensor, r: Tensor) -> Tensor:
@@ -139,7 +139,7 @@ def anderson(
     dF: list[Tensor] = []
     dM: list[Tensor] = []
     gram = z0.new_zeros(S, m, m)
-    track = Tracker(z0, tol, atol, store_trajectory)
+    track = Tracker(z0, tol, atol, store_trajectory, static=static_rows(g))
     compact = compaction(g)
     z, z_prev, F_prev, res_prev = z0, z0, z0, None
     restarts = torch.zeros(S, dtype=torch.long, device=z0.device)
@@ -150,7 +150,7 @@ def anderson(
         recorded = recorded or gz.requires_grad
         F = gz - z
         sc = row_norm(gz) if scale is None else (scale if rows is None else scale[rows])
-        res = row_norm(F)
+        res = row_norm(F, track.static if rows is None else None)
         running = track.update(k, z, res, sc, rows)
         if track.finished or k == max_iter:
             break

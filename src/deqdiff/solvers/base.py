@@ -37,6 +37,7 @@ __all__ = [
     "compaction",
     "compact_rows_",
     "compact_now",
+    "static_rows",
     "merge_rows",
     "concat_rows",
 ]
@@ -59,15 +60,26 @@ class ResidualTrace:
 
     Iteration ``k`` records the residuals of only the rows it updated (a converged row keeps
     its last value), so memory is Σ_s iterations_s instead of K·S; :meth:`dense` expands to
-    the ``(K, S)`` table (rows not yet recorded hold ``inf``)."""
+    the ``(K, S)`` table (rows not yet recorded hold ``inf``). A step may store the scale of
+    its relative residuals instead of their values; they are divided out on access."""
 
     def __init__(self, S: int, dtype: torch.dtype, device: torch.device):
         self.S, self.dtype, self.device = S, dtype, device
-        self._steps: list[tuple[Tensor | None, Tensor, Tensor]] = []
+        # (rows or None, absolute residuals, relative residuals or None, their scale or None)
+        self._steps: list[tuple[Tensor | None, Tensor, Tensor | None, Tensor | None]] = []
 
-    def append(self, rows: Tensor | None, res_abs: Tensor, res_rel: Tensor) -> None:
-        """Record iteration residuals of ``rows`` (indices; ``None`` = every row)."""
-        self._steps.append((None if rows is None else rows.to(torch.int32), res_abs, res_rel))
+    def append(self, rows: Tensor | None, res_abs: Tensor, res_rel: Tensor | None = None,
+               scale: Tensor | None = None) -> None:
+        """Record iteration residuals of ``rows`` (indices; ``None`` = every row): the relative
+        ones as ``res_rel``, or as ``res_abs / scale`` computed when read."""
+        if res_rel is None and scale is None:
+            raise ValueError("ResidualTrace.append needs res_rel or scale")
+        self._steps.append((None if rows is None else rows.to(torch.int32), res_abs, res_rel, scale))
+
+    def step(self, k: int) -> tuple[Tensor | None, Tensor, Tensor]:
+        """``(rows, absolute, relative)`` residuals recorded at step ``k``."""
+        rows, a, q, sc = self._steps[k]
+        return rows, a, (_relative(a, sc) if q is None else q)
 
     @classmethod
     def from_dense(cls, abs_trace: Tensor, rel_trace: Tensor) -> "ResidualTrace":
@@ -82,14 +94,14 @@ class ResidualTrace:
     def dense(self, which: int = 0) -> Tensor:
         """``(K, S)`` table of absolute (``which=0``) or relative (``which=1``) residuals."""
         out = torch.full((len(self._steps), self.S), math.inf, dtype=self.dtype, device=self.device)
-        for k, step in enumerate(self._steps):
+        for k in range(len(self._steps)):
             if k:
                 out[k] = out[k - 1]
-            rows, vals = step[0], step[1 + which]
+            rows, *vals = self.step(k)
             if rows is None:
-                out[k] = vals
+                out[k] = vals[which]
             else:
-                out[k].index_copy_(0, rows.long(), vals)
+                out[k].index_copy_(0, rows.long(), vals[which])
         return out
 
     def first(self, which: int = 0) -> Tensor:
@@ -97,7 +109,8 @@ class ResidualTrace:
         relative (``which=1``); ``inf`` for rows never recorded. Reads only the steps it needs."""
         out = torch.full((self.S,), math.inf, dtype=self.dtype, device=self.device)
         seen = torch.zeros(self.S, dtype=torch.bool, device=self.device)
-        for rows, *vals in self._steps:
+        for k in range(len(self._steps)):
+            rows, *vals = self.step(k)
             if rows is None:
                 return torch.where(seen, out, vals[which])
             idx = rows.long()
@@ -112,18 +125,19 @@ class ResidualTrace:
         """This trace followed by ``other``, a trace over the subset ``rows`` of the batch."""
         trace = ResidualTrace(self.S, self.dtype, self.device)
         rows32 = rows.to(torch.int32)
-        trace._steps = self._steps + [(rows32 if r is None else rows32[r.long()], a, q) for r, a, q in other._steps]
+        trace._steps = self._steps + [(rows32 if r is None else rows32[r.long()], a, q, sc)
+                                      for r, a, q, sc in other._steps]
         return trace
 
     def scaled(self, factor: float | Tensor) -> "ResidualTrace":
         """The same trace with absolute residuals divided by ``factor`` (a number, or one
-        per row of the batch)."""
+        per row of the batch); relative residuals are unchanged."""
+        if not isinstance(factor, Tensor) and factor == 1.0:
+            return self
         trace = ResidualTrace(self.S, self.dtype, self.device)
-        if not isinstance(factor, Tensor):
-            trace._steps = [(rows, a / factor, r) for rows, a, r in self._steps]
-        else:
-            trace._steps = [(rows, a / (factor if rows is None else factor[rows.long()]), r)
-                            for rows, a, r in self._steps]
+        for rows, a, q, sc in self._steps:
+            f = factor if not isinstance(factor, Tensor) or rows is None else factor[rows.long()]
+            trace._steps.append((rows, a / f, q, None if sc is None else sc / f))
         return trace
 
 
@@ -187,22 +201,41 @@ class Tracker:
 
     ``update(k, z, res_abs, scale)`` records the residual of iterate ``z`` (iteration
     ``k``), freezes rows that just met ``atol + tol·scale`` (their answer is copied into
-    ``best``) and returns the boolean mask of rows still running. ``atol`` is a number or
+    ``result``) and returns the boolean mask of rows still running. ``atol`` is a number or
     one per row ``(S,)`` (a problem rescaled row by row, :mod:`deqdiff.solvers.scaling`).
+
+    ``static`` (optional, ``(S,)`` bool): rows known to sit at their answer from the start,
+    whatever the iterations do to them — the rows with ``b = 0`` of a linear solve started
+    at 0. They count as converged at iteration 0 with residual 0 and return their start,
+    and they do not keep the other rows off the fast path below.
+
+    While no other row has converged (most iterations of most solves), an update costs no
+    masks and no copies: the result, iteration count and relative residuals refer to the
+    latest iterate and are written out only when a row freezes or the statistics are read.
+    Solvers therefore never modify an iterate in place after handing it to ``update``.
     """
 
-    def __init__(self, z0: Tensor, tol: float, atol: float | Tensor, store_trajectory: bool = False):
+    def __init__(self, z0: Tensor, tol: float, atol: float | Tensor, store_trajectory: bool = False,
+                 static: Tensor | None = None):
         S = z0.shape[0]
         self.tol = float(tol)
         self.atol = atol if isinstance(atol, Tensor) else float(atol)
-        self.result = z0.clone()
-        self.done = torch.zeros(S, dtype=torch.bool, device=z0.device)
-        self.iterations = torch.zeros(S, dtype=torch.long, device=z0.device)
-        self.residual = torch.full((S,), math.inf, dtype=z0.dtype, device=z0.device)
-        self.rel_residual = torch.full((S,), math.inf, dtype=z0.dtype, device=z0.device)
+        self._z0 = z0
+        self._result, self._owned = z0, False  # a reference to the latest iterate until a row freezes
+        self.static = static
+        self.n_static = 0 if static is None else int(static.sum())
+        if not self.n_static:
+            self.static = None
+        self.done = torch.zeros(S, dtype=torch.bool, device=z0.device) if self.static is None else self.static.clone()
+        self._iterations = torch.zeros(S, dtype=torch.long, device=z0.device)
+        self._residual = torch.full((S,), math.inf, dtype=z0.dtype, device=z0.device)
+        self._rel = torch.full((S,), math.inf, dtype=z0.dtype, device=z0.device)
+        self._k: int | Tensor | None = None  # iteration of a whole-batch update not yet in _iterations
+        self._scale: Tensor | None = None  # its scale: relative residuals not yet in _rel
+        self._bound: tuple[Tensor, Tensor] | None = None  # (scale, atol + tol·scale) of the last update
         self.trace = ResidualTrace(S, z0.dtype, z0.device)
         self.trajectory: list[Tensor] | None = [] if store_trajectory else None
-        self.n_done = 0  # rows frozen so far: one host sync per update answers every later question
+        self.n_done = self.n_static  # rows frozen so far: one host sync per update answers every later question
 
     def update(self, k: int, z: Tensor, res_abs: Tensor, scale: Tensor, rows: Tensor | None = None) -> Tensor:
         """Record iterate ``z`` of iteration ``k`` (an int, or per row); return the running
@@ -211,48 +244,47 @@ class Tracker:
         ``rows`` (indices into the full batch) says which rows ``z``, ``res_abs`` and
         ``scale`` hold when a solver has compacted its state to the rows still running
         (:func:`compaction`); ``None`` means all rows."""
-        if rows is None and self.n_done == 0:
-            # every row still runs (most iterations of most solves): no masks to apply
-            rel = _relative(res_abs, scale)
-            self.residual, self.rel_residual = res_abs.clone(), rel
-            if isinstance(k, int):
-                self.iterations.fill_(k)
-            else:
-                self.iterations = torch.as_tensor(k, device=self.iterations.device).expand_as(self.iterations).clone()
-            self.trace.append(None, self.residual, rel)
-            self.result.copy_(z)
-            self.done = self._met(res_abs, scale, None)
+        if rows is None and self.n_done == self.n_static:
+            # every row still runs: keep references, write nothing out
+            self._result, self._owned = z, False
+            self._residual, self._scale, self._k = res_abs, scale, k
+            self.trace.append(None, res_abs, scale=scale)
+            met = self._met(res_abs, scale, None)
+            self.done = met if self.static is None else met | self.static
             running = ~self.done
         elif rows is None:
+            self._settle(own=True)
             running = ~self.done
             rel = _relative(res_abs, scale)
-            self.residual = torch.where(running, res_abs, self.residual)
-            self.rel_residual = torch.where(running, rel, self.rel_residual)
+            self._residual = torch.where(running, res_abs, self._residual)
+            self._rel = torch.where(running, rel, self._rel)
             if isinstance(k, int):
-                self.iterations = self.iterations.masked_fill(running, k)
+                self._iterations = self._iterations.masked_fill(running, k)
             else:
-                self.iterations = torch.where(running, torch.as_tensor(k, device=self.iterations.device), self.iterations)
+                self._iterations = torch.where(running, torch.as_tensor(k, device=self._iterations.device),
+                                               self._iterations)
             idx = self._record(running, res_abs, rel)
             if idx is None:
-                self.result.copy_(z)
+                self._result.copy_(z)
             else:
-                self.result.index_copy_(0, idx, z.index_select(0, idx))
+                self._result.index_copy_(0, idx, z.index_select(0, idx))
             self.done = self.done | (running & self._met(res_abs, scale, None))
             running = ~self.done
         else:
+            self._settle(own=True)
             # one nonzero (one host sync) for the rows of z still live; gathers by index from there
             live = (~self.done[rows]).nonzero().squeeze(1)
             keep = rows.index_select(0, live)
             res_abs, scale = res_abs.index_select(0, live), scale.index_select(0, live)
             rel = _relative(res_abs, scale)
-            self.residual = self.residual.index_put((keep,), res_abs)
-            self.rel_residual = self.rel_residual.index_put((keep,), rel)
+            self._residual = self._residual.index_put((keep,), res_abs)
+            self._rel = self._rel.index_put((keep,), rel)
             if isinstance(k, int):
-                self.iterations = self.iterations.index_fill(0, keep, k)
+                self._iterations = self._iterations.index_fill(0, keep, k)
             else:
                 kk = torch.as_tensor(k, device=keep.device)
-                self.iterations = self.iterations.index_put((keep,), kk.index_select(0, live) if kk.ndim else kk)
-            self.result.index_copy_(0, keep, z.index_select(0, live))
+                self._iterations = self._iterations.index_put((keep,), kk.index_select(0, live) if kk.ndim else kk)
+            self._result.index_copy_(0, keep, z.index_select(0, live))
             self.done = self.done.index_put((keep,), self._met(res_abs, scale, keep))
             self.trace.append(keep, res_abs, rel)
             running = ~self.done[rows]
@@ -261,14 +293,35 @@ class Tracker:
             self.trajectory.append(self.result.clone())
         return running
 
+    def _settle(self, own: bool = False) -> None:
+        """Write the last whole-batch update's iteration count and relative residuals out and,
+        with ``own``, take a copy of the result (rows are about to be frozen in it)."""
+        if self._k is not None:
+            if isinstance(self._k, int):
+                self._iterations.fill_(self._k)
+            else:
+                self._iterations = torch.as_tensor(self._k, device=self._iterations.device).expand_as(
+                    self._iterations).clone()
+            self._k = None
+        if self._scale is not None:
+            self._rel = _relative(self._residual, self._scale)
+            self._scale = None
+        if own and not self._owned:
+            self._result, self._owned = self._result.clone(), True
+
     def _met(self, res_abs: Tensor, scale: Tensor, rows: Tensor | None) -> Tensor:
+        if self._bound is not None and self._bound[0] is scale and rows is None:
+            return res_abs <= self._bound[1]  # a fixed scale (linear solves): the bound is known
         atol = self.atol
         if isinstance(atol, Tensor) and rows is not None:
             atol = atol[rows]
         # capped at the largest finite number: an overflowed iterate has res = scale = inf and
         # inf ≤ tol·inf would hold; NaN compares false either way
         bound = self.tol * scale if isinstance(atol, float) and atol == 0.0 else atol + self.tol * scale
-        return res_abs <= bound.clamp(max=torch.finfo(bound.dtype).max)
+        bound = bound.clamp(max=torch.finfo(bound.dtype).max)
+        if rows is None:
+            self._bound = (scale, bound)
+        return res_abs <= bound
 
     def note(self, res_abs: Tensor, scale: Tensor) -> None:
         """Record residual estimates of the running rows in the traces, without freezing
@@ -285,6 +338,34 @@ class Tracker:
             return None
         self.trace.append(idx, res_abs[idx], rel[idx])
         return idx
+
+    def _static_rows(self, t: Tensor, value) -> Tensor:
+        return t if self.static is None else t.masked_fill(self.static, value)
+
+    @property
+    def result(self) -> Tensor:
+        """The answer per row: the iterate at which each row met the rule (the latest for rows
+        still running); static rows keep their start."""
+        r = self._result
+        if r is self._z0 and not self._owned:
+            r = r.clone()  # never hand the caller's own start back as the answer
+        if self.static is not None:
+            r = torch.where(self.static.reshape(-1, *[1] * (r.ndim - 1)), self._z0, r)
+        return r
+
+    @property
+    def residual(self) -> Tensor:
+        return self._static_rows(self._residual, 0.0)
+
+    @property
+    def rel_residual(self) -> Tensor:
+        self._settle()
+        return self._static_rows(self._rel, 0.0)
+
+    @property
+    def iterations(self) -> Tensor:
+        self._settle()
+        return self._static_rows(self._iterations, 0)
 
     @property
     def finished(self) -> bool:
@@ -313,6 +394,13 @@ def compaction(g: Callable) -> bool:
     once a quarter of them have converged, so converged samples cost nothing more (the
     engine offers it when it knows which parameters are per-row: ``row_params``)."""
     return bool(getattr(g, "row_subsets", False))
+
+
+def static_rows(g: Callable) -> Tensor | None:
+    """Rows of ``g``'s state that stay at their answer whatever the iterations do (``(S,)``
+    bool, or ``None``): a linear solve started at 0 marks its rows with ``b = 0`` so, and the
+    solver's :class:`Tracker` then skips them (:func:`deqdiff.solvers.linear.forward_as_linear`)."""
+    return getattr(g, "static_rows", None)
 
 
 #: shrink the state when fewer than this share of its rows is still running
@@ -372,7 +460,7 @@ def concat_rows(infos: list[SolveInfo]) -> SolveInfo:
     for k in range(len(first.trace)):
         idx, a, q = [], [], []
         for info, off, n in zip(infos, offsets, sizes):
-            r, ak, qk = info.trace._steps[k]
+            r, ak, qk = info.trace.step(k)
             idx.append(torch.arange(n, device=ak.device) + off if r is None else r.long() + off)
             a.append(ak)
             q.append(qk)
@@ -467,23 +555,34 @@ def available_solvers(kind: str = "forward") -> list[str]:
     return sorted(_REGISTRY[kind])
 
 
-def row_norm(v: Tensor) -> Tensor:
+def row_norm(v: Tensor, ignore: Tensor | None = None) -> Tensor:
     """Euclidean norm of each row of an ``(S, N)`` tensor, accurate at every representable
     scale: a sum of squares underflows below √(tiny/ε) and overflows above √max, so rows
     whose norm falls outside that band are recomputed as ``m·‖v/m‖`` with ``m = max|v|``
-    (LAPACK's nrm2 idea; the common case costs one comparison)."""
+    (LAPACK's nrm2 idea). The common case costs one reduction of the norms; only the rows
+    outside the band are gathered and recomputed, and exactly zero rows (a zero start, a
+    zero right-hand side) keep their norm 0 without rescaling. ``ignore`` (``(S,)`` bool,
+    optional) marks rows whose norm the caller does not use (e.g. a :class:`Tracker`'s static
+    rows): they are not recomputed, whatever their scale."""
     n = torch.linalg.vector_norm(v, dim=1)
     if not v.is_floating_point() or v.numel() == 0:
         return n
     lo, hi = _norm_band(v.dtype)
-    least, most = torch.aminmax(n)  # one reduction: this runs at every iteration of every solve
-    if float(least) >= lo and float(most) <= hi:
+    # one reduction: this runs at every iteration of every solve
+    band = n if ignore is None else n.masked_fill(ignore, lo)
+    least, most = torch.aminmax(band.detach() if band.requires_grad else band)
+    least, most = float(least), float(most)
+    if least >= lo and most <= hi:
+        return n
+    if most == 0.0 and not bool(v.any()):  # all zero (a zero start); else squares underflowed to 0
         return n
     bad = (n < lo) | (n > hi)
-    m = v.abs().amax(dim=1)
-    ok = torch.isfinite(m) & (m > 0)
-    safe = m * torch.linalg.vector_norm(v / torch.where(ok, m, 1.0)[:, None], dim=1)
-    return torch.where(bad & ok, safe, n)
+    bad = (bad if ignore is None else bad & ~ignore).nonzero().squeeze(1)
+    vb = v.index_select(0, bad)
+    m = vb.abs().amax(dim=1)
+    ok = torch.isfinite(m) & (m > 0)  # 0: an exactly zero row; inf/NaN: the norm is already inf/NaN
+    safe = m * torch.linalg.vector_norm(vb / torch.where(ok, m, 1.0)[:, None], dim=1)
+    return n.index_put((bad,), torch.where(ok, safe, n.index_select(0, bad)))
 
 
 def _norm_band(dtype: torch.dtype) -> tuple[float, float]:

@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from .base import SolveInfo, Tracker, compact_now, compaction, register_solver, row_norm
+from .base import SolveInfo, Tracker, compact_now, compaction, register_solver, row_norm, static_rows
 
 
 @register_solver("fixed_point")
@@ -27,14 +27,14 @@ def fixed_point_iteration(
     the rows still running only."""
     if not 0.0 < damping <= 1.0:
         raise ValueError(f"damping must be in (0, 1], got {damping}")
-    track = Tracker(z0, tol, atol, store_trajectory)
+    track = Tracker(z0, tol, atol, store_trajectory, static=static_rows(g))
     compact = compaction(g)
     z, rows = z0, None  # rows: indices of the rows z holds (None: all)
     for k in range(max_iter + 1):
         gz = g(z) if rows is None else g(z, rows=rows)
         F = gz - z
         sc = row_norm(gz) if scale is None else (scale if rows is None else scale[rows])
-        running = track.update(k, z, row_norm(F), sc, rows)
+        running = track.update(k, z, row_norm(F, track.static if rows is None else None), sc, rows)
         if track.finished or k == max_iter:
             break
         z = gz if damping == 1.0 else z + damping * F

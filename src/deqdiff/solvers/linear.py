@@ -109,6 +109,8 @@ def forward_as_linear(forward: Callable, name: str) -> Callable:
 
         g.row_subsets = getattr(op, "can_restrict", False)
         g.compact_from = LINEAR_COMPACT_FROM
+        # from x = 0, rows with b = 0 stay at their answer 0 (g(0) = ωb): the loop need not watch them
+        g.static_rows = (bnorm == 0) if x0 is None else None
         x, info = forward(
             g,
             x,
