@@ -130,3 +130,20 @@ def test_singular_jacobian_at_the_fixed_point_says_the_ift_does_not_apply():
 def test_singular_linear_operator_is_named():
     with pytest.raises(deqdiff.SingularOperatorError, match="linear operator A is singular"):
         deqdiff.linear_solve(lambda v: v * torch.tensor([1.0, 0.0]), torch.ones(2), solver="dense")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_finds_any_nan_or_inf_and_passes_huge_finite_values(dtype):
+    from deqdiff.engine.validation import all_finite
+
+    fi = torch.finfo(dtype)
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 7, 33, 4000):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for pos in {0, n // 2, n - 1}:
+                t = torch.randn(n, generator=gen).to(dtype)
+                t[pos] = bad
+                assert not all_finite(torch.ones(3, dtype=dtype), t)
+                assert not all_finite(t.reshape(1, -1).expand(2, -1).t())  # strided
+    assert all_finite(torch.full((5,), fi.max, dtype=dtype), torch.full((2, 2), -fi.max, dtype=dtype))
+    assert all_finite() and all_finite(torch.empty(0, dtype=dtype))

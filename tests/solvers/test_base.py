@@ -123,3 +123,88 @@ def test_residual_trace_first_matches_the_dense_table():
         assert torch.equal(t.first(which), expected)
     empty = ResidualTrace(3, torch.float32, torch.device("cpu"))
     assert torch.isinf(empty.first()).all()
+
+
+def test_tracker_returns_each_rows_iterate_and_never_the_callers_start():
+    """While every row runs the tracker keeps a reference to the latest iterate; a row that
+    converges keeps the iterate it converged at, and a solve that stops at once hands back a
+    copy of its start, not the caller's tensor."""
+    z0 = torch.zeros(3, 2)
+    track = Tracker(z0, tol=0.0, atol=0.5)
+    track.update(0, z0, torch.tensor([1.0, 1.0, 1.0]), torch.ones(3))
+    z1 = torch.full((3, 2), 1.0)
+    track.update(1, z1, torch.tensor([0.1, 1.0, 1.0]), torch.ones(3))  # row 0 converges at z1
+    z2 = torch.full((3, 2), 2.0)
+    track.update(2, z2, torch.tensor([9.0, 0.1, 1.0]), torch.ones(3))
+    info = track.info("t", "forward")
+    assert torch.equal(track.result, torch.tensor([[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]))
+    assert info.iterations.tolist() == [1, 2, 2] and info.converged.tolist() == [True, True, False]
+    assert torch.equal(info.rel_residual, torch.tensor([0.1, 0.1, 1.0]))
+    once = Tracker(z0, tol=0.0, atol=0.5)
+    once.update(0, z0, torch.zeros(3), torch.ones(3))
+    assert once.finished and once.result is not z0 and torch.equal(once.result, z0)
+
+
+def test_tracker_static_rows_are_converged_at_zero_whatever_the_iterates_do():
+    """Static rows (b = 0 of a linear solve from 0) count as converged at iteration 0 with
+    residual 0 and return their start, even if an iterate turns them non-finite, and the other
+    rows get exactly the statistics they get without them."""
+    z0 = torch.zeros(3, 2)
+    static = torch.tensor([False, True, False])
+    track, alone = Tracker(z0, 0.0, 0.5, static=static), Tracker(z0[[0, 2]], 0.0, 0.5)
+    for k, (z, r) in enumerate([(torch.ones(3, 2), torch.tensor([2.0, 0.0, 3.0])),
+                                (torch.tensor([[1.5] * 2, [math.nan] * 2, [1.5] * 2]), torch.tensor([0.2, math.nan, 3.0])),
+                                (torch.full((3, 2), 5.0), torch.tensor([9.0, math.nan, 0.4]))]):
+        track.update(k, z, r, torch.ones(3))
+        alone.update(k, z[[0, 2]], r[[0, 2]], torch.ones(2))
+    info, ref = track.info("t", "linear"), alone.info("t", "linear")
+    assert track.finished and info.converged.all()
+    assert info.iterations.tolist() == [ref.iterations[0], 0, ref.iterations[1]]
+    assert info.residual[1] == 0 and info.rel_residual[1] == 0 and torch.equal(track.result[1], z0[1])
+    assert torch.equal(track.result[[0, 2]], alone.result)
+
+
+def test_linear_solve_rows_with_zero_right_hand_side_cost_no_masks_and_return_zero():
+    from deqdiff.solvers.base import get_solver
+
+    gen = torch.Generator().manual_seed(0)
+    J = torch.randn(6, 6, generator=gen) * 0.1
+
+    class Op:
+        rows, row_size = 5, 6
+
+        def mv(self, v):
+            return v - v @ J.T
+
+        def complement_mv(self, v):
+            return v @ J.T
+
+    b = torch.randn(5, 6, generator=gen)
+    b[[1, 3]] = 0.0
+    for name in ("richardson", "anderson"):
+        x, info = get_solver(name, "linear")(Op(), b, None, tol=1e-10, max_iter=100)
+        x_ref, info_ref = get_solver(name, "linear")(Op(), b[[0, 2, 4]], None, tol=1e-10, max_iter=100)
+        assert torch.equal(x[[1, 3]], torch.zeros(2, 6)) and info.converged.all()
+        assert info.iterations[[1, 3]].tolist() == [0, 0]
+        assert torch.allclose(x[[0, 2, 4]], x_ref, rtol=0, atol=1e-12)
+        assert torch.equal(info.iterations[[0, 2, 4]], info_ref.iterations)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_norm_is_exact_for_zero_tiny_and_huge_rows_and_ignores_what_it_is_told(dtype):
+    from deqdiff.solvers.base import row_norm
+
+    fi = torch.finfo(dtype)
+    v = torch.zeros(5, 4, dtype=dtype)
+    v[1] = 3.0 * fi.tiny * 4  # squares underflow: the norm comes from the rescaled row
+    v[2] = torch.tensor([3.0, 4.0, 0.0, 0.0], dtype=dtype)
+    v[3] = fi.max / 4  # squares overflow
+    v[4, 0] = math.inf
+    n = row_norm(v)
+    assert n[0] == 0 and n[4] == math.inf and n[2] == 5
+    assert torch.isclose(n[1], torch.tensor(3.0 * fi.tiny * 4 * 2, dtype=dtype), rtol=1e-5)
+    assert torch.isclose(n[3], torch.tensor(fi.max / 2, dtype=dtype), rtol=1e-5)
+    assert row_norm(torch.zeros(3, 2, dtype=dtype)).eq(0).all()
+    ignore = torch.tensor([False, True, False, True, False])
+    m = row_norm(v, ignore)
+    assert torch.equal(m[~ignore], n[~ignore])
