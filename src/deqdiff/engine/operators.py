@@ -392,7 +392,8 @@ class _PullbackOfPullback:
         if self.graph is not None:
             return self.graph
         with torch.enable_grad():
-            u0 = torch.zeros(self.zero.shape, dtype=self.zero.dtype, device=self.zero.device, requires_grad=True)
+            # one stored zero, expanded: autograd may save it, so it must not cost a full state
+            u0 = self.zero.new_zeros(()).requires_grad_().expand(self.zero.shape)
             graph = (u0, self.jtu.plain(u0, create_graph=True))
         if self.hold:
             self.graph = graph
