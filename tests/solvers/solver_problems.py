@@ -98,3 +98,8 @@ class NeuralTanhCell(nn.Module):
 
 def neural_inputs(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, NEURAL_D, generator=torch.Generator().manual_seed(seed))
+
+
+def neural_zeros(x: torch.Tensor) -> torch.Tensor:
+    """The zero start of :class:`NeuralTanhCell`'s state for inputs ``x``."""
+    return x.new_zeros(x.shape[0], NEURAL_N)

@@ -12,11 +12,8 @@ from deqdiff.solvers.anderson import anderson
 from deqdiff.solvers.neural import KernelInitializer, NeuralSolver, fit_learned_steps, neural_solver
 from deqdiff.solvers.neural_fit import FitConfig, _flat_map, fit_neural_solver, ground_truth
 
-from solver_problems import NEURAL_N as N, NeuralTanhCell as TanhCell, neural_inputs as _inputs
+from solver_problems import NEURAL_N as N, NeuralTanhCell as TanhCell, neural_inputs as _inputs, neural_zeros as _zeros
 
-
-def _zeros(x):
-    return x.new_zeros(x.shape[0], N)
 
 
 @pytest.fixture(scope="module")

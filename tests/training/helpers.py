@@ -24,3 +24,20 @@ def tiny_config(**kw) -> TrainConfig:
                 tol=1e-4, max_iter=30, progress=False, lr=None if str(kw.get("model", "")).startswith("mon") else 1e-2)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def fit_and_compare(run_dir, fit_samples: int):
+    """Fit a kernel-initialized neural solver to a run directory (ground truth at the model's
+    tolerance) and compare it with Anderson on the run's held-out inputs: ``(run, summary row)``."""
+    import warnings
+
+    from deqdiff.solvers.neural import FallbackWarning
+    from deqdiff.solvers.neural_fit import FitConfig
+    from deqdiff.training.fit_solver import compare_solvers, fit_run, load_run, summary
+
+    run = load_run(run_dir, fit_samples=fit_samples)
+    fitted = fit_run(run, fit=FitConfig(steps=0, initializer="kernel", gt_tol=run.tol, warm_start=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        results = compare_solvers(run, fitted.solver, [2])
+    return run, summary(run, fitted, results)

@@ -5,14 +5,12 @@ fitted to it reaches the model's tolerance in fewer f-evaluations than Anderson.
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 
-from deqdiff.solvers.neural import FallbackWarning
-from deqdiff.solvers.neural_fit import FitConfig
 from deqdiff.training.checkpoint import save_checkpoint
-from deqdiff.training.fit_solver import compare_solvers, fit_run, load_run, summary
+from tests.training.helpers import fit_and_compare
+from deqdiff.training.fit_solver import load_run
 from deqdiff.training.inverse import (INVERSE_FORMAT, InverseConfig, evaluate_inverse, load_task_data,
                                       read_inverse_checkpoint, train_inverse)
 
@@ -43,12 +41,7 @@ def test_load_run_rebuilds_the_deq_with_the_trainers_own_psnr(inverse_run):
 
 
 def test_fitted_solver_reaches_the_models_tolerance(inverse_run):
-    run = load_run(inverse_run[0], fit_samples=32)
-    fitted = fit_run(run, fit=FitConfig(steps=0, initializer="kernel", gt_tol=run.tol, warm_start=16))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FallbackWarning)
-        results = compare_solvers(run, fitted.solver, [2])
-    head = summary(run, fitted, results)
+    run, head = fit_and_compare(inverse_run[0], 32)
     assert head["converged_neural"] == 1.0 and head["converged_anderson"] == 1.0
     assert head["f_evals_neural"] < head["f_evals_anderson"]
     assert head["metric_neural"] == pytest.approx(head["metric_anderson"], abs=0.05)  # dB

@@ -6,16 +6,14 @@ checkpoint's per-step history; then a neural solver fitted to it reaches the mod
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
 
 from deqdiff.physics.pde_jobs import JobConfig, run_job
-from deqdiff.solvers.neural import FallbackWarning
-from deqdiff.solvers.neural_fit import FitConfig
 from deqdiff.training.checkpoint import PINN_FORMAT, save_checkpoint
-from deqdiff.training.fit_solver import compare_solvers, fit_run, load_run, summary
+from tests.training.helpers import fit_and_compare
+from deqdiff.training.fit_solver import load_run
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +41,7 @@ def test_load_run_rebuilds_the_pideq_with_the_runs_own_metric(poisson_run):
 
 
 def test_fitted_solver_reaches_the_models_tolerance_on_the_grid(poisson_run):
-    run = load_run(poisson_run, fit_samples=64)
-    fitted = fit_run(run, fit=FitConfig(steps=0, initializer="kernel", gt_tol=run.tol, warm_start=16))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FallbackWarning)
-        results = compare_solvers(run, fitted.solver, [2])
-    head = summary(run, fitted, results)
+    run, head = fit_and_compare(poisson_run, 64)
     assert head["converged_neural"] == 1.0 and head["converged_anderson"] == 1.0
     assert head["f_evals_neural"] < head["f_evals_anderson"]
     assert head["metric_neural"] == pytest.approx(head["metric_anderson"], rel=1e-2)
