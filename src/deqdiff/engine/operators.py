@@ -343,9 +343,9 @@ class _Pullback:
             self.graph = graph
         return graph
 
-    def plain(self, u: Tensor, graph: tuple[Tensor, Tensor] | None = None, create_graph: bool = False) -> Tensor:
-        """``Jᵀu`` by ``torch.autograd.grad`` through ``graph`` (default :meth:`record`)."""
-        zz, out = self.record() if graph is None else graph
+    def by_autograd(self, u: Tensor, create_graph: bool = False) -> Tensor:
+        """``Jᵀu`` by ``torch.autograd.grad`` through the graph of :meth:`record`."""
+        zz, out = self.record()
         if not out.requires_grad:
             return torch.zeros_like(self.z)
         (g,) = torch.autograd.grad(out, zz, u, retain_graph=self.hold or create_graph, create_graph=create_graph,
@@ -366,7 +366,7 @@ class _Pullback:
 
     def __call__(self, u: Tensor) -> Tensor:
         if not self.transformed and plain(u):
-            return self.plain(u, create_graph=torch.is_grad_enabled())
+            return self.by_autograd(u, create_graph=torch.is_grad_enabled())
         if self.pull is not None:
             return self.pull(u)[0]
         if self.hold and _level(u) <= self.level:
@@ -394,7 +394,7 @@ class _PullbackOfPullback:
         with torch.enable_grad():
             # one stored zero, expanded: autograd may save it, so it must not cost a full state
             u0 = self.zero.new_zeros(()).requires_grad_().expand(self.zero.shape)
-            graph = (u0, self.jtu.plain(u0, create_graph=True))
+            graph = (u0, self.jtu.by_autograd(u0, create_graph=True))
         if self.hold:
             self.graph = graph
         return graph
