@@ -9,6 +9,8 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
+from .validation import is_transformed
+
 __all__ = ["jvp_by_vjp", "vjp", "plain", "partial_in", "forbid_nested_forward", "zero_point"]
 
 
@@ -24,7 +26,7 @@ def plain(*tensors: Tensor) -> bool:
     legacy vmap of PyTorch's batched-gradient entry points."""
     fc = torch._C._functorch
     return fc.maybe_current_level() is None and not any(
-        fc.is_functorch_wrapped_tensor(t) or fc.is_legacy_batchedtensor(t) for t in tensors)
+        is_transformed(t) or fc.is_legacy_batchedtensor(t) for t in tensors)
 
 
 def _dual(*tensors: Tensor) -> bool:

@@ -380,12 +380,11 @@ class KernelInitializer(nn.Module):
             w, lam = 1.0, 1e-2
         finite = {k: e for k, e in errors.items() if math.isfinite(e)}
         K = torch.exp(-d2 / (w * med))
-        coef = _ridge_solve(K, T, lam)
         if leave_one_out:
-            M = K + lam * torch.eye(n, dtype=K.dtype)
-            L, bad = torch.linalg.cholesky_ex(M)
-            diag = (torch.cholesky_inverse(L) if int(bad) == 0 else torch.linalg.inv(M)).diagonal()
+            coef, diag = _ridge_solve(K, T, lam, inverse_diagonal=True)
             self.loo_predictions = Z - coef / diag[:, None]
+        else:
+            coef = _ridge_solve(K, T, lam)
         for buf, val in ((self.x_mean, mu), (self.proj, P), (self.centers, A), (self.coef, coef),
                          (self.z_mean, z_mean), (self.bandwidth, torch.tensor(w * med))):
             buf.copy_(val.to(buf))
@@ -487,13 +486,17 @@ def fit_learned_steps(g: Callable[[Tensor], Tensor], z0: Tensor, z_star: Tensor,
     return out.to(z0.dtype), {"steps": info, "kept": kept}
 
 
-def _ridge_solve(K: Tensor, T: Tensor, lam: float) -> Tensor:
-    """``(K + λI)⁻¹ T`` for a positive semi-definite ``K`` (Cholesky; LU if that fails)."""
+def _ridge_solve(K: Tensor, T: Tensor, lam: float, inverse_diagonal: bool = False):
+    """``(K + λI)⁻¹ T`` for a positive semi-definite ``K`` (Cholesky; LU if that fails); with
+    ``inverse_diagonal`` also the diagonal of ``(K + λI)⁻¹`` from the same factorization (the
+    closed-form leave-one-out predictions need it): ``(coef, diagonal)``."""
     M = K + lam * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
     L, info = torch.linalg.cholesky_ex(M)
     if int(info) == 0:
-        return torch.cholesky_solve(T, L)
-    return torch.linalg.solve(M, T)
+        coef = torch.cholesky_solve(T, L)
+        return (coef, torch.cholesky_inverse(L).diagonal()) if inverse_diagonal else coef
+    coef = torch.linalg.solve(M, T)
+    return (coef, torch.linalg.inv(M).diagonal()) if inverse_diagonal else coef
 
 
 def _slog(v: Tensor) -> Tensor:
