@@ -36,23 +36,23 @@ def _dual(*tensors: Tensor) -> bool:
 
 def _autograd_inputs(args: Sequence[Tensor], idx: Sequence[int], cotangents: Sequence[Tensor]) -> list[Tensor] | None:
     """``args`` prepared for a partial derivative by ``torch.autograd.grad`` in ``args[idx]``
-    with the other arguments held constant, or ``None`` where only ``torch.func`` can take it.
+    with the other arguments held constant, or ``None`` where only ``torch.func`` can take it
+    (inside ``torch.func`` transforms, legacy batched gradients, forward-mode duals).
     With grad mode off (a first-order backward) every argument is detached and the primals
     become leaves: nothing of the caller's graph is traversed. With grad mode on (the result
-    must be differentiable again) plain autograd is exact only if no argument carries history
-    (autograd would otherwise differentiate through it: a total, not a partial derivative);
-    leaves that require grad are then used as they are, so the result stays connected to them.
-    ``torch.autograd.grad`` costs about a quarter of a small product less than
-    ``torch.func.vjp``'s wrappers."""
+    must be differentiable again) every argument stays connected to the caller's graph, and each
+    primal that requires grad enters ``fn`` through a fresh alias (``view_as``):
+    ``torch.autograd.grad`` in the alias follows only the paths through that argument, so another
+    argument depending on the primal (z* on θ) is held constant, as a partial derivative needs,
+    while the result stays differentiable in everything. ``torch.autograd.grad`` costs about a
+    quarter of a small product less than ``torch.func.vjp``'s wrappers, and a double vjp by
+    ``torch.func`` twice that."""
     if not plain(*args, *cotangents) or _dual(*args, *cotangents):
         return None
     create = torch.is_grad_enabled()
-    if create and any(a.grad_fn is not None for a in args):
-        return None
     ins = [a if create and a.requires_grad else a.detach() for a in args]
     for i in idx:
-        if not ins[i].requires_grad:
-            ins[i] = ins[i].requires_grad_()
+        ins[i] = ins[i].view_as(ins[i]) if ins[i].requires_grad else ins[i].requires_grad_()
     return ins
 
 

@@ -36,6 +36,10 @@ def row_scales(magnitude: Tensor) -> Tensor | None:
     (``s = 1`` inside it and for rows of magnitude 0 or non-finite); ``None`` when every row is
     inside, the common case, which then costs nothing more."""
     lo, hi = _band(magnitude.dtype)
+    # the common case in one reduction: every magnitude inside the band, or exactly 0
+    least, most = torch.aminmax(magnitude.masked_fill(magnitude == 0, 1.0))
+    if float(least) >= lo and float(most) <= hi:
+        return None
     out = (magnitude > 0) & torch.isfinite(magnitude) & ((magnitude < lo) | (magnitude > hi))
     if not bool(out.any()):
         return None
