@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .anderson import anderson
-from .base import SolveInfo, Tracker, register_solver, row_norm
+from .base import ResidualTrace, SolveInfo, Tracker, register_solver, row_norm
 from .fixed_point_iteration import fixed_point_iteration
 
 
@@ -83,9 +83,11 @@ def forward_as_linear(forward: Callable, name: str) -> Callable:
         if not omega > 0:
             raise ValueError(f"{name}: relaxation omega must be > 0, got {omega}")
         bnorm = row_norm(b)
-        if x0 is None:  # the first step from x = 0 is g(0) = ωb exactly: no product with A
-            x = torch.zeros_like(b)
-            first = [(x, b.clone() if omega == 1.0 else omega * b)]
+        # from x = 0 the iteration's first step g(0) = ωb needs no product with A: the solver
+        # starts there, at iterate 1 (iterate 0 and its residual ‖b‖ are entered afterwards)
+        from_zero = x0 is None
+        if from_zero:
+            x, first = (b if omega == 1.0 else omega * b), []
         else:  # a given start, scaled per row to the least residual; its product serves g
             x, gx = scaled_start(op, b, x0, atol + tol * bnorm, omega)
             first = [(x, gx)]
@@ -110,22 +112,18 @@ def forward_as_linear(forward: Callable, name: str) -> Callable:
         g.row_subsets = getattr(op, "can_restrict", False)
         g.compact_from = LINEAR_COMPACT_FROM
         # from x = 0, rows with b = 0 stay at their answer 0 (g(0) = ωb): the loop need not watch them
-        g.static_rows = (bnorm == 0) if x0 is None else None
-        x, info = forward(
-            g,
-            x,
-            tol=tol,
-            atol=omega * atol,
-            max_iter=max_iter,
-            scale=omega * bnorm,
-            **options,
-        )
+        static = (bnorm == 0) if from_zero else None
+        g.static_rows = static
+        scale = bnorm if omega == 1.0 else omega * bnorm
+        x, info = forward(g, x, tol=tol, atol=omega * atol, max_iter=max_iter - from_zero, scale=scale, **options)
+        if from_zero:
+            info = _after_zero_start(info, scale, static)
         info = replace(
             info,
             solver=name,
             kind="linear",
             atol=atol,
-            residual=info.residual / omega,
+            residual=info.residual if omega == 1.0 else info.residual / omega,
             trace=info.trace.scaled(omega),
             extra={**info.extra, "omega": omega},
         )
@@ -137,6 +135,18 @@ def forward_as_linear(forward: Callable, name: str) -> Callable:
         f"g(x) = x + ω(b − A x) (relaxation ``omega`` > 0; other options go to the forward solver)."
     )
     return solve
+
+
+def _after_zero_start(info: SolveInfo, scale: Tensor, static: Tensor) -> SolveInfo:
+    """Statistics of a solve started at iterate 1, ``g(0)``, renumbered as from ``x = 0``:
+    iterate 0 (residual ``‖g(0) − 0‖ = scale``, relative 1) enters the trace and the trajectory,
+    and every row not static took one iteration more."""
+    trace = ResidualTrace(info.trace.S, info.trace.dtype, info.trace.device)
+    trace.append(None, scale, scale=scale)
+    trace._steps += info.trace._steps
+    traj = None if info.trajectory is None else [torch.zeros_like(info.trajectory[0]), *info.trajectory]
+    return replace(info, iterations=info.iterations + (~static).to(info.iterations.dtype), trace=trace,
+                   trajectory=traj)
 
 
 richardson = register_solver("richardson", "linear")(forward_as_linear(fixed_point_iteration, "richardson"))
