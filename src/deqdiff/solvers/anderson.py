@@ -195,10 +195,17 @@ def anderson(
                 grew = (res > restart * res_prev) & (restarts < max_restarts)
                 if bool(grew.any()):
                     restarts += grew
-                    hold = (~grew).to(F.dtype)[:, None]
-                    dF, dM = [c * hold for c in dF], [c * hold for c in dM]  # out of place: a recorded loop saved them
-                    gram = gram * hold[:, :, None]
-                    step = torch.where(grew[:, None], b * F, step)
+                    if recorded:  # out of place: the recorded loop saved them
+                        hold = (~grew).to(F.dtype)[:, None]
+                        dF, dM = [c * hold for c in dF], [c * hold for c in dM]
+                        gram = gram * hold[:, :, None]
+                        step = torch.where(grew[:, None], b * F, step)
+                    else:  # the loop owns its history: clear the few rows that grew in place
+                        idx = grew.nonzero().squeeze(1)
+                        for c in (*dF, *dM, gram):
+                            c.index_fill_(0, idx, 0.0)
+                        bF = F.index_select(0, idx)
+                        step.index_copy_(0, idx, bF * (b.index_select(0, idx) if isinstance(b, Tensor) else b))
         z_prev, F_prev, res_prev = z, F, res
         z = torch.where(running[:, None], z + step, z)
         if compact and compact_now(g, k, running):
