@@ -222,6 +222,10 @@ class Tracker:
         self.atol = atol if isinstance(atol, Tensor) else float(atol)
         self._z0 = z0
         self._result, self._owned = z0, False  # a reference to the latest iterate until a row freezes
+        # after that: the latest iterate of the running rows (iterate, its rows, their rows in the
+        # batch), written into the result when read: a running row's value is replaced at every
+        # iteration, so only the rows that freeze are copied as they go
+        self._pending: tuple[Tensor, Tensor, Tensor] | None = None
         self.static = static
         self.n_static = 0 if static is None else int(static.sum())
         if not self.n_static:
@@ -252,29 +256,11 @@ class Tracker:
             met = self._met(res_abs, scale, None)
             self.done = met if self.static is None else met | self.static
             running = ~self.done
-        elif rows is None:
-            self._settle(own=True)
-            running = ~self.done
-            rel = _relative(res_abs, scale)
-            self._residual = torch.where(running, res_abs, self._residual)
-            self._rel = torch.where(running, rel, self._rel)
-            if isinstance(k, int):
-                self._iterations = self._iterations.masked_fill(running, k)
-            else:
-                self._iterations = torch.where(running, torch.as_tensor(k, device=self._iterations.device),
-                                               self._iterations)
-            idx = self._record(running, res_abs, rel)
-            if idx is None:
-                self._result.copy_(z)
-            else:
-                self._result.index_copy_(0, idx, z.index_select(0, idx))
-            self.done = self.done | (running & self._met(res_abs, scale, None))
-            running = ~self.done
         else:
-            self._settle(own=True)
+            self._settle(own=True, pending=False)  # the result is ours; the pending iterate is superseded
             # one nonzero (one host sync) for the rows of z still live; gathers by index from there
-            live = (~self.done[rows]).nonzero().squeeze(1)
-            keep = rows.index_select(0, live)
+            live = (~self.done if rows is None else ~self.done[rows]).nonzero().squeeze(1)
+            keep = live if rows is None else rows.index_select(0, live)
             res_abs, scale = res_abs.index_select(0, live), scale.index_select(0, live)
             rel = _relative(res_abs, scale)
             self._residual = self._residual.index_put((keep,), res_abs)
@@ -284,18 +270,19 @@ class Tracker:
             else:
                 kk = torch.as_tensor(k, device=keep.device)
                 self._iterations = self._iterations.index_put((keep,), kk.index_select(0, live) if kk.ndim else kk)
-            self._result.index_copy_(0, keep, z.index_select(0, live))
             self.done = self.done.index_put((keep,), self._met(res_abs, scale, keep))
             self.trace.append(keep, res_abs, rel)
-            running = ~self.done[rows]
+            self._pending = (z, live, keep)
+            running = ~self.done if rows is None else ~self.done[rows]
         self.n_done = int(self.done.sum())
         if self.trajectory is not None:
             self.trajectory.append(self.result.clone())
         return running
 
-    def _settle(self, own: bool = False) -> None:
+    def _settle(self, own: bool = False, pending: bool = True) -> None:
         """Write the last whole-batch update's iteration count and relative residuals out and,
-        with ``own``, take a copy of the result (rows are about to be frozen in it)."""
+        with ``own``, take a copy of the result (rows are about to be frozen in it) and write the
+        pending iterate of the running rows into it (unless ``pending=False``: a new one replaces it)."""
         if self._k is not None:
             if isinstance(self._k, int):
                 self._iterations.fill_(self._k)
@@ -308,6 +295,14 @@ class Tracker:
             self._scale = None
         if own and not self._owned:
             self._result, self._owned = self._result.clone(), True
+        if self._pending is not None:
+            z, src, dst = self._pending
+            if not pending:  # only the rows that froze at that iteration keep its value
+                gone = self.done.index_select(0, dst).nonzero().squeeze(1)
+                src, dst = src.index_select(0, gone), dst.index_select(0, gone)
+            if dst.numel():
+                self._result.index_copy_(0, dst, z.index_select(0, src))
+            self._pending = None
 
     def _met(self, res_abs: Tensor, scale: Tensor, rows: Tensor | None) -> Tensor:
         if self._bound is not None and self._bound[0] is scale and rows is None:
@@ -346,6 +341,8 @@ class Tracker:
     def result(self) -> Tensor:
         """The answer per row: the iterate at which each row met the rule (the latest for rows
         still running); static rows keep their start."""
+        if self._pending is not None:
+            self._settle()
         r = self._result
         if r is self._z0 and not self._owned:
             r = r.clone()  # never hand the caller's own start back as the answer
