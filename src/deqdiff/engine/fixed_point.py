@@ -140,12 +140,15 @@ class _FixedPoint(torch.autograd.Function):
             w = solve_with_operator(op.T, z_bar, (z, *params))  # (I − J)ᵀ w = z̄
         finally:
             op.config["single_solve"] = False
-        if first_order:  # f's vjp graph at z* is freed before the parameters' vjp records another,
-            op.release()  # never both held at once
         idx = [i for i, n in enumerate(ctx.needs_input_grad[2:]) if n]
+        pulled = None
+        if first_order:  # the parameters' vjp from the solve's graph of f at z*, freed as it runs; or
+            pulled = op.held_param_vjp(w, idx) if idx else None
+            op.release()  # that graph is freed before the vjp records another: never both held
         grads: list[Tensor | None] = [None] * len(params)
         if idx:
-            pulled = vjp(ctx.spec.f, (z, *params), [i + 1 for i in idx], w)
+            if pulled is None:
+                pulled = vjp(ctx.spec.f, (z, *params), [i + 1 for i in idx], w)
             for i, g in zip(idx, pulled):
                 grads[i] = g
         return (None, None, *grads)

@@ -170,7 +170,11 @@ class LinearOperator:
         """Numeric ``A`` at ``params`` (plain tensors), cached when nothing is transformed."""
         if "lin" in self.cache:
             return self.cache["lin"]
-        params = tuple(p.detach() for p in params)
+        # leaves as they are (a map may recognise its own tensors); the rest cut from the caller's
+        # graph as leaves of their own that still require grad where they did: a recorded graph of
+        # f then also gives ∂f/∂θ (:meth:`FixedPointJacobian.held_param_vjp`)
+        params = tuple(p if p.grad_fn is None and not is_transformed(p) else
+                       p.detach().requires_grad_(p.requires_grad and not is_transformed(p)) for p in params)
         lin = self._linearize(params, like.detach())
         if not any(is_transformed(t) for t in (like, *params)):
             self.cache["lin"] = lin
@@ -249,6 +253,12 @@ class FixedPointJacobian(LinearOperator):
         if not self.transposed:
             return self.apply(x, z, *theta)
         return x - self._pullback(x, z, theta)
+
+    def held_param_vjp(self, u: Tensor, idx: Sequence[int]) -> tuple[Tensor, ...] | None:
+        """``(∂f/∂θᵢ)ᵀu`` (``idx`` into θ) from the graph of f that this point's solves hold, or
+        ``None`` (see :meth:`_Pullback.param_vjp`)."""
+        lin = self.cache.get("lin")
+        return None if lin is None else lin.graphs[1].param_vjp(u, idx)
 
     def _linearize(self, params, like) -> Linearization:
         """One vjp of ``f`` at z* gives ``Jᵀu``; the vjp of that linear map gives ``J v``
@@ -333,7 +343,9 @@ class _Pullback:
         return torch.func.vjp(lambda zz: f(zz, *theta), self.z)[1]
 
     def record(self) -> tuple[Tensor, Tensor]:
-        """f's graph at z for plain autograd, ``(z leaf, f(z leaf, θ))``: held when ``hold``."""
+        """f's graph at z for plain autograd, ``(z leaf, f(z leaf, θ))``: held when ``hold``. The
+        θ of a linearization are leaves (:meth:`LinearOperator.linearize`), so the same graph also
+        gives ∂f/∂θ (:meth:`param_vjp`)."""
         if self.graph is not None:
             return self.graph
         with torch.enable_grad():
@@ -342,6 +354,20 @@ class _Pullback:
         if self.hold:
             self.graph = graph
         return graph
+
+    def param_vjp(self, u: Tensor, idx: Sequence[int]) -> tuple[Tensor, ...] | None:
+        """``(∂f/∂θᵢ)ᵀu`` for ``i`` in ``idx`` from the held graph, freeing it (a first-order
+        backward: the adjoint solve's products recorded it, so f is not evaluated again); ``None``
+        where no plain graph is held or a result must be differentiable."""
+        if self.graph is None or torch.is_grad_enabled() or not plain(u):
+            return None
+        zz, out = self.graph
+        primals = [self.theta[i] for i in idx]
+        if not out.requires_grad or not all(t.requires_grad for t in primals):
+            return None
+        self.graph = None
+        grads = torch.autograd.grad(out, primals, u.reshape(out.shape), allow_unused=True)
+        return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(primals, grads))
 
     def by_autograd(self, u: Tensor, create_graph: bool = False) -> Tensor:
         """``Jᵀu`` by ``torch.autograd.grad`` through the graph of :meth:`record`."""

@@ -105,8 +105,11 @@ class DEQ(nn.Module):
         tied = len(names) != sum(1 for _ in cell.named_parameters(remove_duplicate=False)) + sum(
             1 for _ in cell.named_buffers(remove_duplicate=False))
 
+        in_call = [True]  # the cell holds `values` only until this call returns (a later call may
+        # draw new dropout masks, functional_call may have swapped tensors in for this one)
+
         def f(z: Tensor, x: Tensor, *tensors: Tensor) -> Tensor:
-            if len(tensors) == len(values) and all(t is v for t, v in zip(tensors, values)):
+            if in_call[0] and len(tensors) == len(values) and all(t is v for t, v in zip(tensors, values)):
                 return cell(z, x)  # the cell's own tensors (forward iterations): nothing to swap in
             return functional_call(cell, dict(zip(names, tensors)), (z, x), tie_weights=tied)
 
@@ -120,6 +123,9 @@ class DEQ(nn.Module):
             z0 = z0.float()
         if precision.active and options.get("backward_solver", "auto") == "auto":
             options["backward_solver"] = LOW_PRECISION_BACKWARD_SOLVER
-        with precision.solver_context():
-            z, self.last_info = fixed_point(precision.wrap(f), z0, x, *values, **options)
+        try:
+            with precision.solver_context():
+                z, self.last_info = fixed_point(precision.wrap(f), z0, x, *values, **options)
+        finally:
+            in_call[0] = False
         return z
