@@ -129,6 +129,13 @@ class ResidualTrace:
                                       for r, a, q, sc in other._steps]
         return trace
 
+    def after(self, res_abs: Tensor, scale: Tensor) -> "ResidualTrace":
+        """This trace preceded by one step of every row (absolute residuals ``res_abs``, their
+        scale ``scale``): a solve that started one iterate in reports the iterate it skipped."""
+        trace = ResidualTrace(self.S, self.dtype, self.device)
+        trace._steps = [(None, res_abs, None, scale), *self._steps]
+        return trace
+
     def scaled(self, factor: float | Tensor) -> "ResidualTrace":
         """The same trace with absolute residuals divided by ``factor`` (a number, or one
         per row of the batch); relative residuals are unchanged."""

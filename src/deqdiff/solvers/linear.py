@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .anderson import anderson
-from .base import ResidualTrace, SolveInfo, Tracker, register_solver, row_norm
+from .base import SolveInfo, Tracker, register_solver, row_norm
 from .fixed_point_iteration import fixed_point_iteration
 
 
@@ -141,12 +141,9 @@ def _after_zero_start(info: SolveInfo, scale: Tensor, static: Tensor) -> SolveIn
     """Statistics of a solve started at iterate 1, ``g(0)``, renumbered as from ``x = 0``:
     iterate 0 (residual ``‖g(0) − 0‖ = scale``, relative 1) enters the trace and the trajectory,
     and every row not static took one iteration more."""
-    trace = ResidualTrace(info.trace.S, info.trace.dtype, info.trace.device)
-    trace.append(None, scale, scale=scale)
-    trace._steps += info.trace._steps
     traj = None if info.trajectory is None else [torch.zeros_like(info.trajectory[0]), *info.trajectory]
-    return replace(info, iterations=info.iterations + (~static).to(info.iterations.dtype), trace=trace,
-                   trajectory=traj)
+    return replace(info, iterations=info.iterations + (~static).to(info.iterations.dtype),
+                   trace=info.trace.after(scale, scale), trajectory=traj)
 
 
 richardson = register_solver("richardson", "linear")(forward_as_linear(fixed_point_iteration, "richardson"))
