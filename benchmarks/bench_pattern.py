@@ -16,7 +16,9 @@ with f(z, A, Bt, b, t) = tanh(z Aᵀ + t Btᵀ + b), t = linspace(0, 5, N). The 
 same step through K plain iterations recorded by autograd, K = the iterations plain iteration
 needs to reach the same (global relative) tolerance. Each mode runs in its own process
 (float32, 1 thread): peak RSS above a baseline taken after a warm-up on a tiny batch, the
-median of ``--repeats`` timed steps, and a 20-step Adam run on the fixed collocation points.
+median of ``--repeats`` timed steps with the medians of their parts (the forward solve, the
+first-order backward for dy/dt, the second-order backward of the loss: the step as a multiple of
+its own forward solve), and a 20-step Adam run on the fixed collocation points.
 The deqdiff worker also runs the 20 training steps with ``deqdiff.WarmStart`` (forward and
 derivative solves start from the previous step's solutions). Gradients are compared with the
 unrolled ones and with a float64 reference at tol 1e-12. ``--flush-denormal`` runs both modes
@@ -80,10 +82,13 @@ def plain_iterations(A, Bt, b, t, tol: float) -> int:
     raise RuntimeError("plain iteration did not converge")
 
 
-def step(mode: str, params, K: int, tol: float, warm=None):
+def step(mode: str, params, K: int, tol: float, warm=None, phases: dict | None = None):
+    """One step of the pattern; ``phases`` (optional) receives the seconds of its three parts:
+    the forward solve, the first-order backward for dy/dt, the second-order backward of the loss."""
     import deqdiff
 
     A, Bt, b, C, t = params
+    t0 = time.perf_counter()
     if mode == "unrolled":
         z = torch.zeros(t.shape[0], A.shape[0], dtype=A.dtype)
         for _ in range(K):
@@ -91,10 +96,16 @@ def step(mode: str, params, K: int, tol: float, warm=None):
     else:
         z = deqdiff.fixed_point(f, torch.zeros(t.shape[0], A.shape[0], dtype=A.dtype), A, Bt, b, t, tol=tol,
                                 warm_start=warm)
+    t1 = time.perf_counter()
     y = z @ C.T
     dy = [torch.autograd.grad(y[:, i].sum(), t, create_graph=True)[0] for i in range(2)]
+    t2 = time.perf_counter()
     loss = van_der_pol_residual(y, dy)
-    return loss, torch.autograd.grad(loss, [A, Bt, b, C])
+    grads = torch.autograd.grad(loss, [A, Bt, b, C])
+    if phases is not None:
+        for name, s in (("forward", t1 - t0), ("dy_dt", t2 - t1), ("loss_grad", time.perf_counter() - t2)):
+            phases.setdefault(name, []).append(s)
+    return loss, grads
 
 
 def train(mode: str, params, K: int, spec: dict, warm) -> tuple[float, float]:
@@ -125,9 +136,11 @@ def worker(spec: dict) -> dict:
         first["grads"] = step(mode, params, K, spec["tol"])[1]
 
     peak = harness.peak_rss_growth(first_step).peak_mib
-    times = harness.repeat_times(lambda: step(mode, params, K, spec["tol"]), repeats)
+    phases: dict = {}
+    times = harness.repeat_times(lambda: step(mode, params, K, spec["tol"], phases=phases), repeats)
     train_s, loss = train(mode, params, K, spec, None)
     out = dict(regime=regime, mode=mode, K=K, step_median_s=statistics.median(times), step_times_s=times,
+               phases_median_s={k: statistics.median(v) for k, v in phases.items()},
                peak_mib=peak, train_s=train_s, train_final_loss=loss, machine_ms=harness.tanh_layer_ms(30, warmup=0),
                grads=[gi.double().flatten().tolist() for gi in first["grads"]])
     if mode == "deqdiff":  # the same training with warm-started solves (deqdiff.WarmStart)
@@ -209,6 +222,9 @@ def main() -> None:
             train_final_loss=[u["train_final_loss"], d["train_final_loss"], d["train_warm_final_loss"]],
             grad_rel_deqdiff_vs_unrolled=rel(d["grads"], [torch.tensor(x, dtype=torch.float64) for x in u["grads"]]),
             grad_rel_deqdiff_vs_f64=rel(d["grads"], ref), grad_rel_unrolled_vs_f64=rel(u["grads"], ref),
+            # the step as a multiple of its own forward solve, and its parts (medians, s)
+            step_over_forward=[r["step_median_s"] / r["phases_median_s"]["forward"] for r in (u, d)],
+            phases_s={m: r["phases_median_s"] for m, r in rows.items()},
         )
         for r in rows.values():
             r.pop("grads")
