@@ -150,7 +150,7 @@ def anderson(
         recorded = recorded or gz.requires_grad
         F = gz - z
         sc = row_norm(gz) if scale is None else (scale if rows is None else scale[rows])
-        res = row_norm(F, track.static if rows is None else None)
+        res = track.residual_norm(F, rows)
         running = track.update(k, z, res, sc, rows)
         if track.finished or k == max_iter:
             break

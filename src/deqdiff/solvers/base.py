@@ -38,6 +38,7 @@ __all__ = [
     "compact_rows_",
     "compact_now",
     "static_rows",
+    "stopping_bound",
     "merge_rows",
     "concat_rows",
 ]
@@ -199,6 +200,14 @@ class SolveInfo:
         )
 
 
+def stopping_bound(tol: float, atol: float | Tensor, scale: Tensor) -> Tensor:
+    """The stopping rule's bound ``atol + tol·scale`` per row: a residual meets it when
+    ``res ≤ bound``. Capped at the largest finite number: an overflowed iterate has res = scale
+    = inf and inf ≤ tol·inf would hold; NaN compares false either way."""
+    bound = tol * scale if isinstance(atol, float) and atol == 0.0 else atol + tol * scale
+    return bound.clamp(max=torch.finfo(bound.dtype).max)
+
+
 def _relative(res_abs: Tensor, scale: Tensor) -> Tensor:
     return res_abs / scale.clamp_min(torch.finfo(scale.dtype).tiny)
 
@@ -317,29 +326,25 @@ class Tracker:
         atol = self.atol
         if isinstance(atol, Tensor) and rows is not None:
             atol = atol[rows]
-        # capped at the largest finite number: an overflowed iterate has res = scale = inf and
-        # inf ≤ tol·inf would hold; NaN compares false either way
-        bound = self.tol * scale if isinstance(atol, float) and atol == 0.0 else atol + self.tol * scale
-        bound = bound.clamp(max=torch.finfo(bound.dtype).max)
+        bound = stopping_bound(self.tol, atol, scale)
         if rows is None:
             self._bound = (scale, bound)
         return res_abs <= bound
+
+    def residual_norm(self, F: Tensor, rows: Tensor | None = None) -> Tensor:
+        """``row_norm`` of the residuals ``F`` of the rows ``rows`` (None: all), not recomputing
+        the static rows, whose norm is not used."""
+        return row_norm(F, self.static if rows is None else None)
 
     def note(self, res_abs: Tensor, scale: Tensor) -> None:
         """Record residual estimates of the running rows in the traces, without freezing
         any row (for solvers whose iterate is formed only now and then, e.g. GMRES)."""
         rel = _relative(res_abs, scale)
-        self._record(~self.done, res_abs, rel)
-
-    def _record(self, running: Tensor, res_abs: Tensor, rel: Tensor) -> Tensor | None:
-        """Trace entry of the rows ``running`` (mask over the batch) updated by this
-        iteration; returns their indices (``None``: every row)."""
-        idx = running.nonzero().flatten()
-        if idx.numel() == running.numel():
+        idx = (~self.done).nonzero().flatten()
+        if idx.numel() == self.done.numel():
             self.trace.append(None, res_abs.clone(), rel.clone())
-            return None
-        self.trace.append(idx, res_abs[idx], rel[idx])
-        return idx
+        else:
+            self.trace.append(idx, res_abs[idx], rel[idx])
 
     def _static_rows(self, t: Tensor, value) -> Tensor:
         return t if self.static is None else t.masked_fill(self.static, value)

@@ -34,7 +34,7 @@ def fixed_point_iteration(
         gz = g(z) if rows is None else g(z, rows=rows)
         F = gz - z
         sc = row_norm(gz) if scale is None else (scale if rows is None else scale[rows])
-        running = track.update(k, z, row_norm(F, track.static if rows is None else None), sc, rows)
+        running = track.update(k, z, track.residual_norm(F, rows), sc, rows)
         if track.finished or k == max_iter:
             break
         z = gz if damping == 1.0 else z + damping * F

@@ -116,15 +116,20 @@ def forward_as_linear(forward: Callable, name: str) -> Callable:
         g.static_rows = static
         scale = bnorm if omega == 1.0 else omega * bnorm
         x, info = forward(g, x, tol=tol, atol=omega * atol, max_iter=max_iter - from_zero, scale=scale, **options)
-        if from_zero:
-            info = _after_zero_start(info, scale, static)
+        iterations, trace, traj = info.iterations, info.trace, info.trajectory
+        if from_zero:  # renumbered as from x = 0: iterate 0 (residual ‖g(0) − 0‖ = scale, relative 1)
+            iterations = iterations + (~static).to(iterations.dtype)  # rows not static took one more
+            trace = trace.after(scale, scale)
+            traj = None if traj is None else [torch.zeros_like(traj[0]), *traj]
         info = replace(
             info,
             solver=name,
             kind="linear",
             atol=atol,
+            iterations=iterations,
             residual=info.residual if omega == 1.0 else info.residual / omega,
-            trace=info.trace.scaled(omega),
+            trace=trace.scaled(omega),
+            trajectory=traj,
             extra={**info.extra, "omega": omega},
         )
         return x, info
@@ -135,15 +140,6 @@ def forward_as_linear(forward: Callable, name: str) -> Callable:
         f"g(x) = x + ω(b − A x) (relaxation ``omega`` > 0; other options go to the forward solver)."
     )
     return solve
-
-
-def _after_zero_start(info: SolveInfo, scale: Tensor, static: Tensor) -> SolveInfo:
-    """Statistics of a solve started at iterate 1, ``g(0)``, renumbered as from ``x = 0``:
-    iterate 0 (residual ``‖g(0) − 0‖ = scale``, relative 1) enters the trace and the trajectory,
-    and every row not static took one iteration more."""
-    traj = None if info.trajectory is None else [torch.zeros_like(info.trajectory[0]), *info.trajectory]
-    return replace(info, iterations=info.iterations + (~static).to(info.iterations.dtype),
-                   trace=info.trace.after(scale, scale), trajectory=traj)
 
 
 richardson = register_solver("richardson", "linear")(forward_as_linear(fixed_point_iteration, "richardson"))

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .anderson import anderson
-from .base import SolveInfo, register_solver, row_norm
+from .base import SolveInfo, register_solver, row_norm, stopping_bound
 
 __all__ = ["NeuralSolverConfig", "NeuralSolver", "Initializer", "KernelInitializer", "HyperAnderson", "LearnedSteps",
            "FallbackWarning", "neural_solver", "fit_learned_steps", "FORMAT", "INITIALIZERS"]
@@ -840,7 +840,7 @@ def _learned_steps(g, z: Tensor, steps: LearnedSteps, n: int, *, tol: float, ato
         res = row_norm(r)
         sc = row_norm(fz) if scale is None else scale[run]
         row_atol = atol[run] if isinstance(atol, Tensor) and atol.ndim else atol
-        ok = torch.isfinite(res) & (res <= row_atol + tol * sc)
+        ok = res <= stopping_bound(tol, row_atol, sc)
         done_at[run[ok]] = k
         update = steps.step(k, r)
         move = ~ok & torch.isfinite(update).all(1)

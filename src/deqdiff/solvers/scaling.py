@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .base import SolveInfo, row_norm
+from .base import SolveInfo, _extremes, row_norm
 
 __all__ = ["row_scales", "solve_forward_rescaled", "solve_linear_rescaled"]
 
@@ -37,8 +37,8 @@ def row_scales(magnitude: Tensor) -> Tensor | None:
     inside, the common case, which then costs nothing more."""
     lo, hi = _band(magnitude.dtype)
     # the common case in one reduction: every magnitude inside the band, or exactly 0
-    least, most = torch.aminmax(magnitude.masked_fill(magnitude == 0, 1.0))
-    if float(least) >= lo and float(most) <= hi:
+    least, most = _extremes(magnitude.masked_fill(magnitude == 0, 1.0))
+    if least >= lo and most <= hi:
         return None
     out = (magnitude > 0) & torch.isfinite(magnitude) & ((magnitude < lo) | (magnitude > hi))
     if not bool(out.any()):
