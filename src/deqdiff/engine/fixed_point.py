@@ -3,7 +3,10 @@
 By the implicit function theorem (Pacheco 2023, eq. deq-jacobian), with ``J = ∂f/∂z`` at z*:
 
 * forward mode:  ``ż = (I − J)⁻¹ (∂f/∂θ · θ̇)``;
-* reverse mode:  ``wᵀ = wᵀJ + z̄ᵀ`` (Pacheco 2023, eq. deq-backward-fixed-point), ``θ̄ = wᵀ ∂f/∂θ``.
+* reverse mode:  ``wᵀ = wᵀJ + z̄ᵀ`` (Pacheco 2023, eq. deq-backward-fixed-point), ``θ̄ = wᵀ ∂f/∂θ``;
+  where a backward pass wants only per-row scalar inputs (the time of a physics-informed DEQ),
+  ``θ̄ᵣ = ⟨z̄ᵣ, żᵣ⟩`` with the tangent ``ż = (I − J)⁻¹ ∂f/∂θ · 1``: one solve serves every
+  output differentiated (dy₁/dt, dy₂/dt, …) where reverse mode solves an adjoint per output.
 
 The solves go through the differentiable ``linear_solve`` with ``A = I − J(z*, θ)`` whose
 parameters are ``(z*, θ)``; z* itself is this node's output, so differentiating a
@@ -14,6 +17,7 @@ forward iterations run without a graph: nothing of them is kept.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable
@@ -133,6 +137,12 @@ class _FixedPoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, z_bar: Tensor):
         z, *params = ctx.saved_tensors
+        route = _row_tangent_route(ctx, params)
+        if route:
+            grads: list[Tensor | None] = [None] * len(params)
+            for i, z_dot in zip(route, _row_tangents(ctx, z, params, route)):
+                grads[i] = (z_bar * z_dot).reshape(z.shape[0], -1).sum(1).reshape(params[i].shape)
+            return (None, None, *grads)
         op = _operator(ctx, z, params)
         first_order = not torch.is_grad_enabled()  # no create_graph: this solve is the linearization's last
         op.config["single_solve"] = first_order  # so restricting it to rows frees the full graph first
@@ -171,6 +181,68 @@ class _FixedPoint(torch.autograd.Function):
         params = tuple(p if d is None else p.movedim(d, 0) for p, d in zip(params, p_dims))
         spec_v = spec.vmapped(tuple(None if d is None else 0 for d in p_dims), size)
         return _FixedPoint.apply(spec_v, z0, *params), 0
+
+
+def _engine_uses(ctx) -> list[bool]:
+    """Per input of this node: whether the running backward pass uses its gradient. ``True``
+    where that cannot be told (a captured leaf of ``autograd.grad``, which PyTorch's query
+    refuses, or no graph task)."""
+    out = []
+    for fn, _ in ctx.next_functions:
+        try:
+            out.append(fn is not None and bool(torch._C._will_engine_execute_node(fn)))
+        except RuntimeError:
+            out.append(True)
+    return out
+
+
+def _row_tangent_route(ctx, params) -> list[int]:
+    """The params whose gradients this backward pass wants, when they are all per-row scalars
+    (``row_params`` with one number per row, as the time or a coordinate of a physics-informed
+    DEQ): their cotangent is then ``θ̄ᵣ = ⟨z̄ᵣ, ∂zᵣ*/∂θᵣ⟩`` from one tangent solve per param
+    (forward mode), kept for every further backward pass through this node — one solve for all
+    outputs differentiated, where reverse mode solves an adjoint per output. ``[]`` otherwise."""
+    spec = ctx.spec
+    if spec.batch_ndim != 1 or not spec.row_params:
+        return []
+    uses = _engine_uses(ctx)[1:]  # edges of the tensor inputs: z0, then the params
+    if len(uses) != len(params):
+        return []
+    wanted = [i for i, (u, n) in enumerate(zip(uses, ctx.needs_input_grad[2:])) if u and n]
+    rows = ctx.saved_tensors[0].shape[0]
+    if not wanted or any(i not in spec.row_params or params[i].numel() != rows for i in wanted):
+        return []
+    return wanted
+
+
+def _row_tangents(ctx, z: Tensor, params, route: list[int]) -> list[Tensor]:
+    """``∂z*/∂θᵢ · 1 = (I − J)⁻¹ ∂f/∂θᵢ · 1`` for the per-row scalar params ``route``, cached on
+    the node: without a graph as they are; with one (a derivative to be differentiated again)
+    by weak reference, alive while a result that used them is (a strong reference would make a
+    cycle node → tangent → solve node → z* → node that only a full garbage collection frees)."""
+    create = torch.is_grad_enabled()
+    cache = ctx.__dict__.setdefault("row_tangents", {})
+    out = []
+    for i in route:
+        held = cache.get((i, True))
+        z_dot = held() if held is not None else None
+        if z_dot is not None and not create:
+            z_dot = z_dot.detach()
+        if z_dot is None and not create:
+            z_dot = cache.get((i, False))
+        if z_dot is None:
+            rhs = jvp_by_vjp(ctx.spec.f, (z, *params), [i + 1], [torch.ones_like(params[i])])
+            op = _operator(ctx, z, params)
+            op.config["single_solve"] = not create
+            try:
+                z_dot = solve_with_operator(op, rhs, (z, *params))  # (I − J) ż = ∂f/∂θᵢ·1
+            finally:
+                op.config["single_solve"] = False
+            if not create:
+                op.release()
+            cache[(i, create)] = weakref.ref(z_dot) if create else z_dot
+        out.append(z_dot)
+    return out
 
 
 def _operator(ctx, z: Tensor, params) -> FixedPointJacobian:
@@ -245,6 +317,11 @@ def fixed_point(
     (one evaluation's activations); each of their products evaluates ``f`` again (activation
     recomputation, Chen et al. 2016): less memory, about one more evaluation of ``f`` per
     iteration, the same derivatives to every order.
+
+    Reverse mode w.r.t. per-row scalar params only (``t`` of shape ``(S, 1)`` or ``(S,)`` in
+    ``row_params``, e.g. ``autograd.grad(y[:, i].sum(), t, create_graph=True)`` per output of a
+    physics-informed DEQ) solves the tangent ``∂z*/∂t`` once and serves every such backward pass
+    through this z* from it; a pass that also wants other gradients solves the adjoint.
 
     ``grad``: ``"exact"`` (implicit, every order) or ``"phantom"`` / a ``PhantomGrad(steps, damping)``
     (Geng et al. 2021: derivatives of k damped steps from z*; :mod:`deqdiff.engine.phantom`).
