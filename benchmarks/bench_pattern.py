@@ -82,23 +82,44 @@ def plain_iterations(A, Bt, b, t, tol: float) -> int:
     raise RuntimeError("plain iteration did not converge")
 
 
-def step(mode: str, params, K: int, tol: float, warm=None, phases: dict | None = None):
+#: how the step gets dy/dt: reverse mode per output (the pattern above), forward-mode AD
+#: (``torch.autograd.forward_ad``), or ``torch.func.jvp``; each with one tangent along t
+DY_DT = ("reverse", "forward", "jvp")
+
+
+def step(mode: str, params, K: int, tol: float, warm=None, phases: dict | None = None, dy_dt: str = "reverse"):
     """One step of the pattern; ``phases`` (optional) receives the seconds of its three parts:
-    the forward solve, the first-order backward for dy/dt, the second-order backward of the loss."""
+    the forward solve, the first-order backward for dy/dt, the second-order backward of the loss
+    (with forward-mode ``dy_dt`` the first two are one pass, counted as the forward solve)."""
     import deqdiff
 
     A, Bt, b, C, t = params
+
+    def output(t):
+        if mode == "unrolled":
+            z = torch.zeros(t.shape[0], A.shape[0], dtype=A.dtype)
+            for _ in range(K):
+                z = f(z, A, Bt, b, t)
+        else:
+            z = deqdiff.fixed_point(f, torch.zeros(t.shape[0], A.shape[0], dtype=A.dtype), A, Bt, b, t, tol=tol,
+                                    warm_start=warm)
+        return z @ C.T
+
     t0 = time.perf_counter()
-    if mode == "unrolled":
-        z = torch.zeros(t.shape[0], A.shape[0], dtype=A.dtype)
-        for _ in range(K):
-            z = f(z, A, Bt, b, t)
+    if dy_dt == "reverse":
+        y = output(t)
+        t1 = time.perf_counter()
+        dy = [torch.autograd.grad(y[:, i].sum(), t, create_graph=True)[0] for i in range(2)]
     else:
-        z = deqdiff.fixed_point(f, torch.zeros(t.shape[0], A.shape[0], dtype=A.dtype), A, Bt, b, t, tol=tol,
-                                warm_start=warm)
-    t1 = time.perf_counter()
-    y = z @ C.T
-    dy = [torch.autograd.grad(y[:, i].sum(), t, create_graph=True)[0] for i in range(2)]
+        if dy_dt == "forward":
+            import torch.autograd.forward_ad as fwAD
+
+            with fwAD.dual_level():
+                y, y_t = fwAD.unpack_dual(output(fwAD.make_dual(t, torch.ones_like(t))))
+        else:
+            y, y_t = torch.func.jvp(output, (t,), (torch.ones_like(t),))
+        t1 = time.perf_counter()
+        dy = [y_t[:, 0:1], y_t[:, 1:2]]
     t2 = time.perf_counter()
     loss = van_der_pol_residual(y, dy)
     grads = torch.autograd.grad(loss, [A, Bt, b, C])
@@ -114,7 +135,7 @@ def train(mode: str, params, K: int, spec: dict, warm) -> tuple[float, float]:
     opt = torch.optim.Adam(train_params[:4], lr=1e-3)
     t0 = time.perf_counter()
     for _ in range(spec["train_steps"]):
-        loss, g = step(mode, train_params, K, spec["tol"], warm)
+        loss, g = step(mode, train_params, K, spec["tol"], warm, dy_dt=spec.get("dy_dt", "reverse"))
         for p, gi in zip(train_params[:4], g):
             p.grad = gi
         opt.step()
@@ -125,19 +146,21 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(1)
     torch.set_flush_denormal(spec["flush_denormal"])
     regime, mode, repeats = spec["regime"], spec["mode"], spec["repeats"]
+    dy_dt = spec.get("dy_dt", "reverse")
     params = problem(regime, torch.float32)
     K = plain_iterations(*(p.detach() for p in (params[0], params[1], params[2], params[4])), spec["tol"])
     tiny = [p.detach().clone().requires_grad_() for p in params]
     tiny[4] = tiny[4][:16].detach().requires_grad_()
-    step(mode, tiny, 5, spec["tol"])  # warm-up: imports, lazy inits, the allocator's first pools
+    step(mode, tiny, 5, spec["tol"], dy_dt=dy_dt)  # warm-up: imports, lazy inits, the allocator's first pools
     first: dict = {}
 
     def first_step() -> None:
-        first["grads"] = step(mode, params, K, spec["tol"])[1]
+        first["grads"] = step(mode, params, K, spec["tol"], dy_dt=dy_dt)[1]
 
     peak = harness.peak_rss_growth(first_step).peak_mib
     phases: dict = {}
-    times = harness.repeat_times(lambda: step(mode, params, K, spec["tol"], phases=phases), repeats)
+    times = harness.repeat_times(lambda: step(mode, params, K, spec["tol"], phases=phases, dy_dt=dy_dt),
+                                 repeats)
     train_s, loss = train(mode, params, K, spec, None)
     out = dict(regime=regime, mode=mode, K=K, step_median_s=statistics.median(times), step_times_s=times,
                phases_median_s={k: statistics.median(v) for k, v in phases.items()},
@@ -195,6 +218,8 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--flush-denormal", action="store_true",
                     help="torch.set_flush_denormal(True) in both modes (off is PyTorch's default on CPU)")
+    ap.add_argument("--dy-dt", choices=DY_DT, default="reverse",
+                    help="how dy/dt is taken: reverse mode per output (the pattern), forward_ad, or torch.func.jvp")
     ap.add_argument("--table", action="store_true", help="print the markdown table of the saved results")
     args = ap.parse_args()
     if args.table:
@@ -202,12 +227,13 @@ def main() -> None:
         print(table([p for p in (res / "pattern.json", res / "pattern_flush.json") if p.exists()]))
         return
     regimes = ["hard"] if args.quick else list(REGIMES)
-    out: dict = {"command": " ".join(["python", *sys.argv]), "flush_denormal": args.flush_denormal, "regimes": {}}
+    out: dict = {"command": " ".join(["python", *sys.argv]), "flush_denormal": args.flush_denormal,
+                 "dy_dt": args.dy_dt, "regimes": {}}
     for regime in regimes:
         rows = {}
         for mode in ("unrolled", "deqdiff"):
             spec = dict(regime=regime, mode=mode, repeats=2 if args.quick else args.repeats, tol=args.tol,
-                        train_steps=3 if args.quick else 20, flush_denormal=args.flush_denormal)
+                        train_steps=3 if args.quick else 20, flush_denormal=args.flush_denormal, dy_dt=args.dy_dt)
             rows[mode] = harness.call_isolated(worker, spec).data  # each mode in a fresh process
         ref = reference_grads(regime)
         u, d = rows["unrolled"], rows["deqdiff"]
@@ -230,7 +256,8 @@ def main() -> None:
             r.pop("grads")
         out["regimes"][regime] = dict(summary=summary, runs=rows)
         print(regime, json.dumps(summary, indent=1), flush=True)
-    name = "pattern" + ("_flush" if args.flush_denormal else "") + ("_quick" if args.quick else "")
+    name = ("pattern" + ("_flush" if args.flush_denormal else "") + ("" if args.dy_dt == "reverse" else f"_{args.dy_dt}")
+            + ("_quick" if args.quick else ""))
     path = harness.write_json(Path(__file__).parent / "results" / f"{name}.json", out)
     print("wrote", path)
 

@@ -40,6 +40,46 @@ def test_a_shared_param_whose_dim0_matches_the_batch_is_not_per_sample():
     assert infer_rows(f, torch.zeros(S, n), (W, X), None, want_batch=True) == (1, (1,))
 
 
+@pytest.mark.parametrize("transform", ["jvp", "grad", "vjp"])
+def test_the_batch_is_found_inside_shape_keeping_transforms(transform):
+    """``torch.func.jvp(model, (x,), (ẋ,))`` and friends: the probe sees the plain values."""
+    found = []
+
+    def model(x):
+        z, info = deqdiff.fixed_point(per_sample, torch.zeros(S, n), A, x, tol=1e-12, return_info=True)
+        found.append(info.forward.converged.shape)
+        return z
+
+    x, ones = X.clone(), torch.ones_like(X)
+    if transform == "jvp":
+        _, got = torch.func.jvp(model, (x,), (ones,))
+    elif transform == "grad":
+        got = torch.func.grad(lambda x: model(x).pow(2).sum())(x)
+    else:
+        got = torch.func.vjp(model, x)[1](ones)[0]
+    assert found == [(S,)]
+    flat = lambda xx: per_sample(deqdiff.fixed_point(per_sample, torch.zeros(S * n).reshape(S, n), A, xx,  # noqa: E731
+                                                     tol=1e-12, batch_ndim=0), A, xx)
+    if transform == "grad":
+        x_ = x.clone().requires_grad_()
+        (ref,) = torch.autograd.grad(flat(x_).pow(2).sum(), x_)
+    else:
+        ref = torch.func.jvp(flat, (x,), (ones,))[1] if transform == "jvp" else torch.func.vjp(flat, x)[1](ones)[0]
+    assert torch.allclose(got, ref, atol=1e-9)
+
+
+def test_vmap_keeps_the_conservative_reading():
+    found = []
+
+    def model(x):
+        z, info = deqdiff.fixed_point(per_sample, torch.zeros(S, n), A, x, tol=1e-12, return_info=True)
+        found.append(info.forward.converged.shape)
+        return z
+
+    torch.func.vmap(model)(X.expand(2, S, n))
+    assert found == [(2,)]  # each vmapped copy is one problem of S·n unknowns
+
+
 @pytest.mark.parametrize("kind", COUPLED)
 def test_coupled_samples_stay_one_problem(kind):
     assert infer_rows(COUPLED[kind], torch.zeros(S, n), (A, X), None, want_batch=True) == (0, None)

@@ -126,7 +126,7 @@ def test_pideq_setup_implicit_training_tracks_unrolled():
     needed 49), the unconverged rows gave a gradient of norm 1e9 and the implicit training
     derailed (loss 0.45 vs 0.06 at epoch 40)."""
     common = dict(epochs=30, lr=1e-3, lr_final=1e-3)
-    cfgs = {"pideq": VdPConfig.for_setup("pideq", model="pideq", **common),
+    cfgs = {"pideq": VdPConfig.for_setup("pideq", model="pideq", solver="anderson", **common),
             "unrolled": VdPConfig.for_setup("pideq", model="unrolled", solver="fixed_point", **common)}
     runs = {}
     for m, cfg in cfgs.items():
@@ -143,11 +143,11 @@ def test_pideq_setup_implicit_training_tracks_unrolled():
 
 
 def test_unrolled_baseline_records_the_same_solver_and_its_options():
-    """``--model unrolled`` differentiates the loop of the configured forward solver (Anderson
-    by default: PIDEQ's own approach), with that solver's options."""
+    """``--model unrolled`` differentiates the loop of the configured forward solver (here
+    Anderson: PIDEQ's own approach), with that solver's options."""
     from deqdiff.physics.vdp import build_model
 
-    model = build_model(VdPConfig.for_setup("pideq", model="unrolled", width=6, dtype="float64"))
+    model = build_model(VdPConfig.for_setup("pideq", model="unrolled", solver="anderson", width=6, dtype="float64"))
     assert model.mode == "unrolled" and model.unrolled_solver == "anderson"
     model.deq.solver_options["m"] = 0  # reaches the solver: Anderson rejects it
     with pytest.raises(ValueError, match="memory m"):

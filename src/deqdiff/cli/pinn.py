@@ -73,7 +73,8 @@ def _register_vdp(problems) -> None:
       help="conditioned: order of the exact Taylor skip (the DEQ learns the O(Δ^(order+1)) remainder)")
     a("--spectral-norm", type=float, default=None, help="bound ρ on the DEQ's ‖A‖₂ (cached power iteration)")
     a("--tol", type=float, default=None, help="forward solver tolerance (relative residual)")
-    a("--solver", default=None, help="forward solver (anderson, broyden, fixed_point, …)")
+    a("--solver", default=None, help="forward solver (auto, anderson, broyden, fixed_point, …; default: anderson "
+      "conditioned, auto pideq — the paper's Anderson is --solver anderson)")
     a("--dtype", choices=("float32", "float64"), default=None)
     # 1 thread: the matrices are tiny (width 64, 256 points), so more intra-op threads spend CPU
     # on synchronization (measured: 2 threads used >3× the CPU time of 1 for the default run).

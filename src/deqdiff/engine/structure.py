@@ -14,8 +14,11 @@ than one N·n-unknown problem. The probe, at a random point ``z_p`` near ``f(z0)
 Dependence in either direction from the first and last sample (a batch mean or norm,
 attention, causal or anti-causal mixing along dim 0) shows up as a nonzero; only exact
 zeros count, so a false "independent" needs coupling that vanishes identically at a
-random point. Anything undecidable (values hidden by ``torch.func`` transforms, a per-sample
-parameter that is not floating point) keeps the conservative reading.
+random point. Inside ``torch.func`` transforms that keep shapes (``grad``, ``jvp``, ``vjp``, the
+forward-mode pattern ``jvp(model, (t,), (1,))``) the probe runs on the plain values under the
+wrappers, outside the transforms. Anything undecidable (``vmap``'s batched values, a map that
+fails outside the transforms, a per-sample parameter that is not floating point) keeps the
+conservative reading.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from .validation import all_finite, is_transformed
 
@@ -52,9 +57,36 @@ def infer_rows(f: Callable[..., Tensor], z0: Tensor, params: Sequence[Tensor], f
     samples; ``None`` when some cannot be classified (the forward solve then evaluates
     all rows each iteration)."""
     S = z0.shape[0] if z0.ndim else 0
-    transformed = torch._C._functorch.maybe_current_level() is not None  # inside vmap/grad/jvp
-    if S < 2 or z0.ndim < 2 or transformed or is_transformed(z0) or any(is_transformed(p) for p in params):
-        return (0 if want_batch else 1), None
+    conservative = (0 if want_batch else 1), None
+    if S < 2 or z0.ndim < 2:
+        return conservative
+    if torch._C._functorch.maybe_current_level() is not None or any(map(is_transformed, (z0, *params))):
+        values = [_unwrapped(t) for t in (z0, *params, *([] if fz0 is None else [fz0]))]
+        if any(v is None for v in values):
+            return conservative
+        try:
+            with temporarily_clear_interpreter_stack():
+                return _probe(f, values[0], values[1 : 1 + len(params)], None if fz0 is None else values[-1],
+                              want_batch)
+        except RuntimeError:  # f holds values of the transforms it was called under
+            return conservative
+    return _probe(f, z0, params, fz0, want_batch)
+
+
+def _unwrapped(t: Tensor) -> Tensor | None:
+    """The plain tensor under ``torch.func`` wrappers that keep values and shape (``grad``,
+    ``jvp``), or ``None`` under ``vmap`` (its batched tensors have another shape)."""
+    fc = torch._C._functorch
+    while is_transformed(t):
+        if fc.is_batchedtensor(t):
+            return None
+        t = fc.get_unwrapped(t)
+    return t
+
+
+def _probe(f: Callable[..., Tensor], z0: Tensor, params: Sequence[Tensor], fz0: Tensor | None,
+           want_batch: bool) -> tuple[int, tuple[int, ...] | None]:
+    S = z0.shape[0]
     gen = torch.Generator().manual_seed(0x5EED)
     zp = _probe_point(z0, fz0, gen)
     diff = [i for i, p in enumerate(params) if p.is_floating_point()]
