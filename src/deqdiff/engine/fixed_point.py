@@ -188,7 +188,7 @@ def _engine_uses(ctx) -> list[bool]:
     where that cannot be told (a captured leaf of ``autograd.grad``, which PyTorch's query
     refuses, or no graph task)."""
     out = []
-    for fn, _ in ctx.next_functions:
+    for fn, _ in getattr(ctx, "next_functions", ()):
         try:
             out.append(fn is not None and bool(torch._C._will_engine_execute_node(fn)))
         except RuntimeError:
