@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable
@@ -137,29 +138,25 @@ class _FixedPoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, z_bar: Tensor):
         z, *params = ctx.saved_tensors
-        route = _row_tangent_route(ctx, params)
-        if route:
+        wanted = _wanted_params(ctx, len(params))
+        if _row_tangent_route(ctx.spec, z, params, wanted):
             grads: list[Tensor | None] = [None] * len(params)
-            for i, z_dot in zip(route, _row_tangents(ctx, z, params, route)):
+            for i, z_dot in zip(wanted, _row_tangents(ctx, z, params, wanted)):
                 grads[i] = (z_bar * z_dot).reshape(z.shape[0], -1).sum(1).reshape(params[i].shape)
             return (None, None, *grads)
         op = _operator(ctx, z, params)
         first_order = not torch.is_grad_enabled()  # no create_graph: this solve is the linearization's last
-        op.config["single_solve"] = first_order  # so restricting it to rows frees the full graph first
-        try:
+        with _single_solve(op, first_order):
             w = solve_with_operator(op.T, z_bar, (z, *params))  # (I − J)ᵀ w = z̄
-        finally:
-            op.config["single_solve"] = False
-        idx = [i for i, n in enumerate(ctx.needs_input_grad[2:]) if n]
         pulled = None
         if first_order:  # the parameters' vjp from the solve's graph of f at z*, freed as it runs; or
-            pulled = op.held_param_vjp(w, idx) if idx else None
+            pulled = op.held_param_vjp(w, wanted) if wanted else None
             op.release()  # that graph is freed before the vjp records another: never both held
-        grads: list[Tensor | None] = [None] * len(params)
-        if idx:
+        grads = [None] * len(params)
+        if wanted:
             if pulled is None:
-                pulled = vjp(ctx.spec.f, (z, *params), [i + 1 for i in idx], w)
-            for i, g in zip(idx, pulled):
+                pulled = vjp(ctx.spec.f, (z, *params), [i + 1 for i in wanted], w)
+            for i, g in zip(wanted, pulled):
                 grads[i] = g
         return (None, None, *grads)
 
@@ -183,36 +180,46 @@ class _FixedPoint(torch.autograd.Function):
         return _FixedPoint.apply(spec_v, z0, *params), 0
 
 
-def _engine_uses(ctx) -> list[bool]:
-    """Per input of this node: whether the running backward pass uses its gradient. ``True``
-    where that cannot be told (a captured leaf of ``autograd.grad``, which PyTorch's query
-    refuses, or no graph task)."""
-    out = []
-    for fn, _ in getattr(ctx, "next_functions", ()):
+def _wanted_params(ctx, n: int) -> list[int]:
+    """The params whose gradients the running backward pass uses: those that require grad,
+    less those whose edge the autograd engine will not execute (``autograd.grad(out, t)`` wants
+    ``t`` only). Kept where that cannot be told (a captured leaf of ``autograd.grad``, which
+    PyTorch's query refuses, or no graph task)."""
+    needs = ctx.needs_input_grad[2:]
+    edges = getattr(ctx, "next_functions", ())[1:]  # the tensor inputs: z0, then the params
+    if len(edges) != n:
+        return [i for i in range(n) if needs[i]]
+    wanted = []
+    for i, (fn, _) in enumerate(edges):
         try:
-            out.append(fn is not None and bool(torch._C._will_engine_execute_node(fn)))
+            used = fn is not None and bool(torch._C._will_engine_execute_node(fn))
         except RuntimeError:
-            out.append(True)
-    return out
-
-
-def _row_tangent_route(ctx, params) -> list[int]:
-    """The params whose gradients this backward pass wants, when they are all per-row scalars
-    (``row_params`` with one number per row, as the time or a coordinate of a physics-informed
-    DEQ): their cotangent is then ``θ̄ᵣ = ⟨z̄ᵣ, ∂zᵣ*/∂θᵣ⟩`` from one tangent solve per param
-    (forward mode), kept for every further backward pass through this node — one solve for all
-    outputs differentiated, where reverse mode solves an adjoint per output. ``[]`` otherwise."""
-    spec = ctx.spec
-    if spec.batch_ndim != 1 or not spec.row_params:
-        return []
-    uses = _engine_uses(ctx)[1:]  # edges of the tensor inputs: z0, then the params
-    if len(uses) != len(params):
-        return []
-    wanted = [i for i, (u, n) in enumerate(zip(uses, ctx.needs_input_grad[2:])) if u and n]
-    rows = ctx.saved_tensors[0].shape[0]
-    if not wanted or any(i not in spec.row_params or params[i].numel() != rows for i in wanted):
-        return []
+            used = True
+        if needs[i] and used:
+            wanted.append(i)
     return wanted
+
+
+def _row_tangent_route(spec: FixedPointSpec, z: Tensor, params, wanted: list[int]) -> bool:
+    """Whether the wanted params are all per-row scalars (``row_params`` with one number per row,
+    as the time or a coordinate of a physics-informed DEQ): their cotangent is then
+    ``θ̄ᵣ = ⟨z̄ᵣ, ∂zᵣ*/∂θᵣ⟩`` from one tangent solve per param (forward mode), kept for every
+    further backward pass through this node — one solve for all outputs differentiated, where
+    reverse mode solves an adjoint per output."""
+    if spec.batch_ndim != 1 or not spec.row_params or not wanted:
+        return False
+    return all(i in spec.row_params and params[i].numel() == z.shape[0] for i in wanted)
+
+
+@contextmanager
+def _single_solve(op: FixedPointJacobian, last: bool):
+    """Marks a solve as the last one of ``op``'s linearization (a first-order backward), so that
+    restricting it to rows frees the full graph first."""
+    op.config["single_solve"] = last
+    try:
+        yield
+    finally:
+        op.config["single_solve"] = False
 
 
 def _row_tangents(ctx, z: Tensor, params, route: list[int]) -> list[Tensor]:
@@ -233,11 +240,8 @@ def _row_tangents(ctx, z: Tensor, params, route: list[int]) -> list[Tensor]:
         if z_dot is None:
             rhs = jvp_by_vjp(ctx.spec.f, (z, *params), [i + 1], [torch.ones_like(params[i])])
             op = _operator(ctx, z, params)
-            op.config["single_solve"] = not create
-            try:
+            with _single_solve(op, not create):
                 z_dot = solve_with_operator(op, rhs, (z, *params))  # (I − J) ż = ∂f/∂θᵢ·1
-            finally:
-                op.config["single_solve"] = False
             if not create:
                 op.release()
             cache[(i, create)] = weakref.ref(z_dot) if create else z_dot
