@@ -193,7 +193,7 @@ def _wanted_params(ctx, n: int) -> list[int]:
     for i, (fn, _) in enumerate(edges):
         try:
             used = fn is not None and bool(torch._C._will_engine_execute_node(fn))
-        except RuntimeError:
+        except Exception:  # the query refused (a captured leaf, no graph task): keep it
             used = True
         if needs[i] and used:
             wanted.append(i)
