@@ -71,9 +71,11 @@ def test_output_gradient_is_per_sample_time_derivative():
     torch.testing.assert_close(y_fwd, m(t), rtol=1e-12, atol=1e-13)
 
 
-def test_forward_mode_physics_loss_needs_fewer_solves():
+def test_physics_loss_solves_per_derivative_mode():
     """∂y/∂t by forward mode: one tangent solve for both outputs, then two solves in the
-    weight gradient; reverse mode: one adjoint per output, then their transposes and z*'s."""
+    weight gradient. Reverse mode in the time alone (one number per sample): the engine answers
+    both outputs' passes from one tangent solve too. Reverse mode in a wider input: one adjoint
+    per output, then their transposes and z*'s."""
     t = torch.rand(6, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2
     counts = {}
     for mode in ("forward", "reverse"):
@@ -82,7 +84,12 @@ def test_forward_mode_physics_loss_needs_fewer_solves():
         total = loss(m, t).total
         torch.autograd.grad(total, list(m.parameters()))
         counts[mode] = len(m.deq.last_info.derivatives)
-    assert counts == {"forward": 3, "reverse": 5}
+    assert counts == {"forward": 3, "reverse": 3}
+    x = torch.cat([t, torch.ones_like(t)], 1)  # the time and a constant input column
+    m = _model(in_features=2)
+    loss = PhysicsLoss(lambda t, y: van_der_pol(t, y), ic_weight=0.0, derivative_mode="reverse")
+    torch.autograd.grad(loss(m, x).total, list(m.parameters()))
+    assert len(m.deq.last_info.derivatives) == 5
     # the initial condition joins the collocation rows: still one fixed point, three solves
     m = _model()
     ic = (torch.zeros(1, 1, dtype=torch.float64), torch.tensor([[0.0, 0.1]], dtype=torch.float64))

@@ -7,7 +7,8 @@ forward-mode pass with tangent ``e_t`` (``torch.autograd.forward_ad``): through
 :func:`deqdiff.fixed_point` that is one implicit solve ``(I − J) ż = ∂f/∂t`` for all outputs at
 once, and ``y`` comes from the same pass. ``"reverse"`` (:func:`output_gradient`) uses
 ``torch.autograd.grad(y[:, i].sum(), x, create_graph=True)``: one adjoint solve per output
-component. Either is kept in the graph. The gradient of the loss w.r.t. the weights then
+component, or, where ``x`` is the time alone (one number per sample), one tangent solve that the
+engine shares between the outputs. Either is kept in the graph. The gradient of the loss w.r.t. the weights then
 differentiates that derivative once more — Pacheco 2023, eq. hessian-t and "Computing gradients
 through derivatives of DEQs" — which the engine again does by implicit solves (never by
 unrolling). Because fixed points are
@@ -169,7 +170,8 @@ class PhysicsLoss:
     (optional, ``(B,)``) rescales each sample's residual, e.g. ``h²/Δ²`` for a flow map whose
     Taylor skip makes the residual ``O(Δ²)``, so that every collocation point counts.
     ``derivative_mode``: ``"forward"`` (one implicit tangent solve for ∂y/∂t, default) or
-    ``"reverse"`` (one adjoint solve per output); both exact, forward needs fewer solves."""
+    ``"reverse"`` (one adjoint solve per output, or one shared tangent solve where the input is
+    the time alone); both exact, forward needs no more solves."""
 
     rhs: Callable[..., Tensor]
     time_column: int = 0
