@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/bench_pattern.py            # both regimes (~5 min, 2 cores)
     PYTHONPATH=src python benchmarks/bench_pattern.py --quick    # smoke run
+    PYTHONPATH=src python benchmarks/bench_pattern.py --dy-dt forward   # dy/dt by forward_ad (or jvp: torch.func.jvp)
 
 The pattern (Pacheco 2023, "Second derivative (and further) of deep equilibrium models":
 dy/dt by an implicit solve, then the gradient of an ODE residual w.r.t. the weights)::
