@@ -27,7 +27,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from .validation import all_finite, is_transformed
