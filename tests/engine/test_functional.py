@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deqdiff.engine.functional import jvp_by_vjp, partial_in, vjp
+from deqdiff.engine.functional import jvp_by_vjp, live_tangents, partial_in, vjp
 
 
 def _problem():
@@ -62,3 +62,42 @@ def test_vjp_of_an_unused_argument_is_zero():
     f, z, W, x, gen = _problem()
     g = vjp(lambda z, W, x: z * 2.0, (z, W, x), [1], torch.ones(3, 4, dtype=torch.float64))
     assert torch.equal(g[0], torch.zeros_like(W))
+
+
+def test_live_tangents_drops_the_zeros_torch_func_jvp_adds_and_keeps_the_rest():
+    seen = []
+
+    def rule_inputs(a, b):  # what a jvp rule sees: torch.func's tangents of both inputs
+        class Spy(torch.autograd.Function):
+            generate_vmap_rule = True
+
+            @staticmethod
+            def forward(a, b):
+                return a * b
+
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                ctx.save_for_forward(*inputs)
+
+            @staticmethod
+            def jvp(ctx, a_dot, b_dot):
+                seen.append(live_tangents([a_dot, b_dot]))
+                a, b = ctx.saved_tensors
+                return a_dot * b + a * b_dot
+
+        return Spy.apply(a, b)
+
+    a, b = torch.ones(3), torch.full((3,), 2.0)
+    torch.func.jvp(lambda a: rule_inputs(a, b), (a,), (torch.ones(3),))
+    assert seen[-1][0] is not None and seen[-1][1] is None  # b's zero tangent is dropped
+    torch.func.jvp(lambda a: rule_inputs(a, b), (a,), (torch.zeros(3),))
+    assert seen[-1] == [None, None]  # an untracked zero is no tangent either
+    # a zero tangent that is differentiated (its derivative is asked for) stays
+    torch.func.grad(lambda v: torch.func.jvp(lambda a: rule_inputs(a, b), (a,), (v,))[1].sum())(torch.zeros(3))
+    assert seen[-1][0] is not None
+    v = torch.zeros(3, requires_grad=True)
+    assert live_tangents([v, None, torch.zeros(2), torch.ones(2)])[0] is v
+    assert live_tangents([torch.zeros(2), torch.ones(2)])[0] is None
+    # batched tangents (vmap) are kept whatever their values
+    torch.func.vmap(lambda v: torch.func.jvp(lambda a: rule_inputs(a, b), (a,), (v,))[1])(torch.zeros(2, 3))
+    assert seen[-1][0] is not None

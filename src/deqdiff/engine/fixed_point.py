@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..solvers.base import SolveInfo, get_solver, report_failure
 from ..solvers.scaling import solve_forward_rescaled
-from .functional import forbid_nested_forward, jvp_by_vjp, vjp
+from .functional import forbid_nested_forward, jvp_by_vjp, live_tangents, vjp
 from .linear_solve import solve_with_operator
 from .operators import FixedPointJacobian
 from .phantom import PhantomGrad, backward_mode
@@ -164,6 +164,7 @@ class _FixedPoint(torch.autograd.Function):
     def jvp(ctx, _, z0_dot, *p_dot):
         forbid_nested_forward()
         z, *params = ctx.saved_tensors
+        p_dot = live_tangents(p_dot)
         idx = [i for i, t in enumerate(p_dot) if t is not None]
         if not idx:
             return torch.zeros_like(z)

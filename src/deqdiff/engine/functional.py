@@ -11,7 +11,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .validation import is_transformed
 
-__all__ = ["jvp_by_vjp", "vjp", "plain", "partial_in", "forbid_nested_forward", "zero_point"]
+__all__ = ["jvp_by_vjp", "vjp", "plain", "partial_in", "forbid_nested_forward", "zero_point", "live_tangents"]
 
 
 def zero_point(like: Tensor, shape=None) -> Tensor:
@@ -138,3 +138,21 @@ def forbid_nested_forward() -> None:
             "jacrev(jacfwd(...)), or repeated torch.autograd.grad(create_graph=True) instead; "
             "they are exact."
         )
+
+
+def live_tangents(tangents: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """``tangents`` with ``None`` for the exact zeros that carry no graph: ``torch.func.jvp`` hands
+    a jvp rule a zero tangent for every input it does not differentiate (the weights, when only
+    ``t`` is), and each would cost a term of the rule's right-hand side. A tangent under ``vmap``
+    (batched) or one that requires grad (its derivative may be asked for) is kept."""
+    fc = torch._C._functorch
+    out: list[Tensor | None] = []
+    for t in tangents:
+        base, tracked = t, False
+        while base is not None and not tracked and is_transformed(base) and not fc.is_batchedtensor(base):
+            tracked = base.requires_grad  # a grad transform differentiates it at this level
+            base = fc.get_unwrapped(base)
+        dead = (base is not None and not tracked and not is_transformed(base) and not base.requires_grad
+                and not fc.is_legacy_batchedtensor(base) and not bool(base.any()))
+        out.append(None if dead else t)
+    return out

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..solvers.base import ResidualTrace, SolveInfo, concat_rows, get_solver, merge_rows, report_failure, row_norm
 from ..solvers.scaling import solve_linear_rescaled
-from .functional import forbid_nested_forward, jvp_by_vjp, vjp
+from .functional import forbid_nested_forward, jvp_by_vjp, live_tangents, vjp
 from .validation import check_solve_options
 from .operators import BoundOperator, FunctionOperator, LinearOperator, VmappedOperator
 
@@ -301,6 +301,7 @@ class _LinearSolve(torch.autograd.Function):
     def jvp(ctx, _, b_dot: Tensor | None, *p_dot: Tensor | None) -> Tensor:
         forbid_nested_forward()
         x, *params = ctx.saved_tensors
+        p_dot = live_tangents(p_dot)
         rhs = b_dot if b_dot is not None else torch.zeros_like(x)
         if any(t is not None for t in p_dot):
             rhs = rhs - _operator_tangent(ctx.op, x, params, p_dot)
