@@ -136,7 +136,7 @@ def train(mode: str, params, K: int, spec: dict, warm) -> tuple[float, float]:
     opt = torch.optim.Adam(train_params[:4], lr=1e-3)
     t0 = time.perf_counter()
     for _ in range(spec["train_steps"]):
-        loss, g = step(mode, train_params, K, spec["tol"], warm, dy_dt=spec.get("dy_dt", "reverse"))
+        loss, g = step(mode, train_params, K, spec["tol"], warm, dy_dt=spec["dy_dt"])
         for p, gi in zip(train_params[:4], g):
             p.grad = gi
         opt.step()
@@ -147,7 +147,7 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(1)
     torch.set_flush_denormal(spec["flush_denormal"])
     regime, mode, repeats = spec["regime"], spec["mode"], spec["repeats"]
-    dy_dt = spec.get("dy_dt", "reverse")
+    dy_dt = spec["dy_dt"]
     params = problem(regime, torch.float32)
     K = plain_iterations(*(p.detach() for p in (params[0], params[1], params[2], params[4])), spec["tol"])
     tiny = [p.detach().clone().requires_grad_() for p in params]

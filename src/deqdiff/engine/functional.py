@@ -9,7 +9,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-from .validation import is_transformed
+from .validation import is_transformed, unwrapped
 
 __all__ = ["jvp_by_vjp", "vjp", "plain", "partial_in", "forbid_nested_forward", "zero_point", "live_tangents"]
 
@@ -145,14 +145,10 @@ def live_tangents(tangents: Sequence[Tensor | None]) -> list[Tensor | None]:
     a jvp rule a zero tangent for every input it does not differentiate (the weights, when only
     ``t`` is), and each would cost a term of the rule's right-hand side. A tangent under ``vmap``
     (batched) or one that requires grad (its derivative may be asked for) is kept."""
-    fc = torch._C._functorch
     out: list[Tensor | None] = []
     for t in tangents:
-        base, tracked = t, False
-        while base is not None and not tracked and is_transformed(base) and not fc.is_batchedtensor(base):
-            tracked = base.requires_grad  # a grad transform differentiates it at this level
-            base = fc.get_unwrapped(base)
-        dead = (base is not None and not tracked and not is_transformed(base) and not base.requires_grad
-                and not fc.is_legacy_batchedtensor(base) and not bool(base.any()))
+        base, tracked = (None, False) if t is None else unwrapped(t)
+        dead = (base is not None and not tracked and not base.requires_grad
+                and not torch._C._functorch.is_legacy_batchedtensor(base) and not bool(base.any()))
         out.append(None if dead else t)
     return out

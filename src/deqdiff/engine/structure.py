@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
-from .validation import all_finite, is_transformed
+from .validation import all_finite, is_transformed, unwrapped
 
 __all__ = ["infer_rows"]
 
@@ -60,7 +60,7 @@ def infer_rows(f: Callable[..., Tensor], z0: Tensor, params: Sequence[Tensor], f
     if S < 2 or z0.ndim < 2:
         return conservative
     if torch._C._functorch.maybe_current_level() is not None or any(map(is_transformed, (z0, *params))):
-        values = [_unwrapped(t) for t in (z0, *params, *([] if fz0 is None else [fz0]))]
+        values = [unwrapped(t)[0] for t in (z0, *params, *([] if fz0 is None else [fz0]))]
         if any(v is None for v in values):
             return conservative
         try:
@@ -70,17 +70,6 @@ def infer_rows(f: Callable[..., Tensor], z0: Tensor, params: Sequence[Tensor], f
         except RuntimeError:  # f holds values of the transforms it was called under
             return conservative
     return _probe(f, z0, params, fz0, want_batch)
-
-
-def _unwrapped(t: Tensor) -> Tensor | None:
-    """The plain tensor under ``torch.func`` wrappers that keep values and shape (``grad``,
-    ``jvp``), or ``None`` under ``vmap`` (its batched tensors have another shape)."""
-    fc = torch._C._functorch
-    while is_transformed(t):
-        if fc.is_batchedtensor(t):
-            return None
-        t = fc.get_unwrapped(t)
-    return t
 
 
 def _probe(f: Callable[..., Tensor], z0: Tensor, params: Sequence[Tensor], fz0: Tensor | None,

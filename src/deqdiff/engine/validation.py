@@ -18,6 +18,20 @@ def is_transformed(t: Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
+def unwrapped(t: Tensor) -> tuple[Tensor | None, bool]:
+    """The plain tensor under the ``torch.func`` wrappers that keep values and shape (``grad``,
+    ``jvp``) — ``None`` under ``vmap``, whose batched tensors have another shape — and whether a
+    wrapper level requires grad (a ``grad`` transform differentiates it there)."""
+    fc = torch._C._functorch
+    tracked = False
+    while is_transformed(t):
+        if fc.is_batchedtensor(t):
+            return None, tracked
+        tracked = tracked or t.requires_grad
+        t = fc.get_unwrapped(t)
+    return t, tracked
+
+
 def all_finite(*tensors: Tensor) -> bool:
     """Whether every entry of the floating-point ``tensors`` is finite: one min/max reduction
     per tensor (NaN propagates through it, ±∞ is its own extreme) and one test of those
